@@ -1,0 +1,531 @@
+"""Numba CPU kernels: row-wise softmax and the fused response loss with its gradient.
+
+Private module. Every loss of the library runs through :func:`response_kernel`, specialised at compile
+time on the divergence kind, the cross-entropy mode and whether a linear (MSE/cosine) term exists, so
+each compiled variant holds only the loops it needs. A row is processed in at most four streaming
+passes over its logits, each one a branch-free, vectorizable loop:
+
+1. maxima of ``t`` and ``s`` (and a NaN flag);
+2. sums of exponentials and the cross terms of the forward/reverse KL (float64 accumulators);
+   cross-entropy normaliser, label-smoothing sum, MSE/cosine dot products when present;
+3. (mixture divergences and TVD only) the loss terms that need normalised probabilities;
+4. (gradient only) one fused write of the gradient of every term.
+
+Rows are spread over threads with ``prange``; when there are fewer rows than threads, each pass of a
+row is split into column chunks spread over threads instead, so one huge row still
+uses every core. Nothing of size ``rows x classes`` is allocated besides the gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
+
+from .._spec import (
+    DIV_FORWARD_KL,
+    DIV_MIXTURE,
+    DIV_NONE,
+    DIV_REVERSE_KL,
+    DIV_TVD,
+    P_COS_W,
+    P_CP,
+    P_CQ,
+    P_DIV_W,
+    P_HARD_W,
+    P_LAM,
+    P_MSE_W,
+    P_SMOOTH,
+    P_TAU,
+)
+from ._math import fexp, masked
+
+# nnan/ninf are left out on purpose: -inf logits are masked classes and NaN must propagate.
+FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
+JIT = dict(cache=True, fastmath=FLAGS, error_model="numpy", nogil=True)
+
+CE_NONE = 0  # no hard-label term
+CE_SHARED = 1  # cross-entropy at the divergence's temperature (tau == 1): shares its normaliser
+CE_OWN = 2  # cross-entropy with its own normaliser
+
+# statistics of one row (float64 vector), filled by the passes
+S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_KP, S_KQ, S_R, S_T, S_G = range(18)
+N_STATS = 18
+# statistics that are maxima (merged with max) and those that are sums (merged with +)
+N_MAX = 2
+
+# columns per chunk when a row is split across threads
+CHUNK = 16384
+
+
+def as_type_of(ref, v):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """``v`` converted to the float type of ``ref``."""
+    return v
+
+
+@overload(as_type_of, jit_options={"cache": True})
+def _as_type_of_impl(ref, v):  # type: ignore[no-untyped-def]
+    if ref == types.float32:
+        return lambda ref, v: np.float32(v)
+    return lambda ref, v: np.float64(v)
+
+
+# ---------------------------------------------------------------- pass 1: maxima
+
+
+@njit(inline="always", **JIT)
+def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
+    mt = -np.inf
+    ms = -np.inf
+    nan = 0.0
+    for j in range(lo, hi):
+        tj = t[j]
+        sj = s[j]
+        mt = tj if tj > mt else mt
+        ms = sj if sj > ms else ms
+        nan += 0.0 if (tj == tj and sj == sj) else 1.0
+    st[S_MT] = max(st[S_MT], mt)
+    st[S_MS] = max(st[S_MS], ms)
+    st[S_NAN] += nan
+
+
+# ---------------------------------------------------------------- pass 2: sums
+
+
+@njit(inline="always", **JIT)
+def _pass_sums(s, t, lo, hi, st, P, div, ce, lin):  # type: ignore[no-untyped-def]
+    x0 = s[lo]
+    invt = as_type_of(x0, 1.0 / P[P_TAU])
+    mt = as_type_of(x0, st[S_MT])
+    ms = as_type_of(x0, st[S_MS])
+    if div != DIV_NONE:
+        sa = 0.0
+        sb = 0.0
+        sx = 0.0
+        for j in range(lo, hi):
+            tj = t[j]
+            sj = s[j]
+            wa = fexp((tj - mt) * invt)
+            wb = fexp((sj - ms) * invt)
+            sa += wa
+            sb += wb
+            if div == DIV_FORWARD_KL:
+                sx += masked(wa, tj - sj)
+            elif div == DIV_REVERSE_KL:
+                sx += masked(wb, sj - tj)
+        st[S_SA] += sa
+        st[S_SB] += sb
+        if div == DIV_FORWARD_KL:
+            st[S_SX] += sx
+        elif div == DIV_REVERSE_KL:
+            st[S_SY] += sx
+    if ce == CE_OWN:
+        s1 = 0.0
+        for j in range(lo, hi):
+            s1 += fexp(s[j] - ms)
+        st[S_S1] += s1
+    if ce != CE_NONE and P[P_SMOOTH] != 0.0:
+        ssum = 0.0
+        for j in range(lo, hi):
+            ssum += s[j]
+        st[S_SSUM] += ssum
+    if lin:
+        d2 = 0.0
+        dst = 0.0
+        dss = 0.0
+        dtt = 0.0
+        for j in range(lo, hi):
+            tj = t[j]
+            sj = s[j]
+            d = tj - sj
+            d2 += d * d
+            dst += sj * tj
+            dss += sj * sj
+            dtt += tj * tj
+        st[S_D2] += d2
+        st[S_ST] += dst
+        st[S_SS] += dss
+        st[S_TT] += dtt
+
+
+# ---------------------------------------------------------------- pass 3: mixture / TVD terms
+
+
+@njit(inline="always", **JIT)
+def _logaddexp(x, y):  # type: ignore[no-untyped-def]
+    m = max(x, y)
+    if m == -np.inf:
+        return m
+    return m + math.log(math.exp(x - m) + math.exp(y - m))
+
+
+@njit(inline="always", **JIT)
+def _mix_logs(sj, tj, mt, ms, invt, lsa, lsb, loglam, log1mlam):  # type: ignore[no-untyped-def]
+    lp = (tj - mt) * invt - lsa
+    lq = (sj - ms) * invt - lsb
+    lm = _logaddexp(loglam + lp, log1mlam + lq)
+    return lp, lq, lm
+
+
+@njit(inline="always", **JIT)
+def _pass_div2(s, t, lo, hi, st, P, div):  # type: ignore[no-untyped-def]
+    """Loss terms of divergences that need normalised probabilities (float64 math)."""
+    mt = st[S_MT]
+    ms = st[S_MS]
+    invt = 1.0 / P[P_TAU]
+    lsa = math.log(st[S_SA])
+    lsb = math.log(st[S_SB])
+    if div == DIV_MIXTURE:
+        lam = P[P_LAM]
+        cp = P[P_CP]
+        cq = P[P_CQ]
+        loglam = math.log(lam) if lam > 0.0 else -np.inf
+        log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
+        kp = 0.0
+        kq = 0.0
+        r = 0.0
+        for j in range(lo, hi):
+            lp, lq, lm = _mix_logs(np.float64(s[j]), np.float64(t[j]), mt, ms, invt, lsa, lsb, loglam, log1mlam)
+            p = math.exp(lp)
+            q = math.exp(lq)
+            kp += masked(p, lp - lm)
+            kq += masked(q, lq - lm)
+            r += masked(q, (cp * p + cq * q) * math.exp(-lm))
+        st[S_KP] += kp
+        st[S_KQ] += kq
+        st[S_R] += r
+    elif div == DIV_TVD:
+        tv = 0.0
+        g = 0.0
+        for j in range(lo, hi):
+            p = math.exp((np.float64(t[j]) - mt) * invt - lsa)
+            q = math.exp((np.float64(s[j]) - ms) * invt - lsb)
+            tv += abs(p - q)
+            g += q * 0.5 * np.sign(q - p)
+        st[S_T] += tv
+        st[S_G] += g
+
+
+# ---------------------------------------------------------------- row loss from the statistics
+
+
+@njit(inline="always", **JIT)
+def _lse1(st, ce):  # type: ignore[no-untyped-def]
+    """log-sum-exp of the student row at temperature 1."""
+    return st[S_MS] + math.log(st[S_SB] if ce == CE_SHARED else st[S_S1])
+
+
+@njit(inline="always", **JIT)
+def _cos_parts(st):  # type: ignore[no-untyped-def]
+    """(cosine similarity, |s|*|t|); a zero-norm row has similarity 0 and no gradient."""
+    den = math.sqrt(st[S_SS]) * math.sqrt(st[S_TT])
+    return (st[S_ST] / den if den > 0.0 else 0.0), den
+
+
+@njit(inline="always", **JIT)
+def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped-def]
+    """The weighted row loss from its statistics (float64). ``hard``: the row has a hard-label term."""
+    if st[S_NAN] != 0.0:
+        return np.nan
+    invt = 1.0 / P[P_TAU]
+    mt = st[S_MT]
+    ms = st[S_MS]
+    loss = 0.0
+    dw = P[P_DIV_W]
+    if div == DIV_FORWARD_KL:
+        loss += dw * (invt * st[S_SX] / st[S_SA] - ((mt - ms) * invt + math.log(st[S_SA] / st[S_SB])))
+    elif div == DIV_REVERSE_KL:
+        loss += dw * (invt * st[S_SY] / st[S_SB] - ((ms - mt) * invt + math.log(st[S_SB] / st[S_SA])))
+    elif div == DIV_MIXTURE:
+        loss += dw * (P[P_CP] * st[S_KP] + P[P_CQ] * st[S_KQ])
+    elif div == DIV_TVD:
+        loss += dw * 0.5 * st[S_T]
+    if ce != CE_NONE and hard:
+        lse1 = _lse1(st, ce)
+        eps = P[P_SMOOTH]
+        h = (1.0 - eps) * (lse1 - s_label)
+        if eps != 0.0:
+            h += eps * (lse1 - st[S_SSUM] / n)
+        loss += P[P_HARD_W] * h
+    if lin:
+        loss += P[P_MSE_W] * st[S_D2] / n
+        cos, _ = _cos_parts(st)
+        loss += P[P_COS_W] * (1.0 - cos)
+    return loss
+
+
+# ---------------------------------------------------------------- pass 4: gradient
+
+
+@njit(inline="always", **JIT)
+def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: ignore[no-untyped-def]
+    """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g[lo:hi]``.
+
+    One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself. The
+    one-hot part of the cross-entropy gradient is left to the caller.
+    """
+    x0 = s[lo]
+    invt64 = 1.0 / P[P_TAU]
+    invt = as_type_of(x0, invt64)
+    mt64 = st[S_MT]
+    ms64 = st[S_MS]
+    mt = as_type_of(x0, mt64)
+    ms = as_type_of(x0, ms64)
+    zero = as_type_of(x0, 0.0)
+    # divergence: d row loss / d s = div_w / tau * d D / d b
+    cd64 = scale * P[P_DIV_W] * invt64
+    cd = as_type_of(x0, cd64)
+    isa = as_type_of(x0, 1.0 / st[S_SA]) if div != DIV_NONE else zero
+    isb = as_type_of(x0, 1.0 / st[S_SB]) if div != DIV_NONE else zero
+    lsa = math.log(st[S_SA]) if div != DIV_NONE else 0.0
+    lsb = math.log(st[S_SB]) if div != DIV_NONE else 0.0
+    roff = zero  # reverse KL: dD/db = q * (log q - log p - D)
+    if div == DIV_REVERSE_KL:
+        d = invt64 * st[S_SY] / st[S_SB] - ((ms64 - mt64) * invt64 + lsb - lsa)
+        roff = as_type_of(x0, lsa - lsb - d)
+    lam = P[P_LAM]
+    cp = P[P_CP]
+    cq = P[P_CQ]
+    loglam = math.log(lam) if lam > 0.0 else -np.inf
+    log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
+    big_g = 0.0
+    if div == DIV_MIXTURE:
+        big_g = cq * st[S_KQ] - (1.0 - lam) * st[S_R]
+    elif div == DIV_TVD:
+        big_g = st[S_G]
+    # cross-entropy: softmax(s) - eps / n (the one-hot part is the caller's)
+    counted_ce = ce != CE_NONE and hard
+    ch = as_type_of(x0, scale * P[P_HARD_W] if counted_ce else 0.0)
+    ceps = as_type_of(x0, scale * P[P_HARD_W] * P[P_SMOOTH] / n if counted_ce else 0.0)
+    is1 = as_type_of(x0, 1.0 / st[S_S1]) if ce == CE_OWN else zero
+    # linear (MSE + cosine): g += A * s + B * t
+    a_s = zero
+    b_t = zero
+    if lin:
+        cos, den = _cos_parts(st)
+        a64 = 2.0 * P[P_MSE_W] / n
+        b64 = -a64
+        if den > 0.0:
+            a64 += P[P_COS_W] * cos / st[S_SS]
+            b64 -= P[P_COS_W] / den
+        a_s = as_type_of(x0, scale * a64)
+        b_t = as_type_of(x0, scale * b64)
+    for j in range(lo, hi):
+        sj = s[j]
+        tj = t[j]
+        acc = zero
+        q = zero
+        if div != DIV_NONE:
+            q = fexp((sj - ms) * invt) * isb
+        if div == DIV_FORWARD_KL:
+            acc += cd * (q - fexp((tj - mt) * invt) * isa)
+        elif div == DIV_REVERSE_KL:
+            acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
+        elif div == DIV_MIXTURE:
+            lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
+            p64 = math.exp(lp)
+            q64 = math.exp(lq)
+            gk = cq * (lq - lm) - (1.0 - lam) * (cp * p64 + cq * q64) * math.exp(-lm)
+            acc += as_type_of(x0, cd64 * masked(q64, gk - big_g))
+        elif div == DIV_TVD:
+            p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
+            q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
+            acc += as_type_of(x0, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
+        if ce == CE_SHARED:
+            acc += ch * q - ceps
+        elif ce == CE_OWN:
+            acc += ch * fexp(sj - ms) * is1 - ceps
+        if lin:
+            acc += a_s * sj + b_t * tj
+        g[j] = acc
+
+
+# ---------------------------------------------------------------- whole rows
+
+
+@njit(inline="always", **JIT)
+def _hard(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-def]
+    """(counted, label) of row r: ignored rows are not counted; label -1 when there are no labels."""
+    if not has_labels:
+        return True, -1
+    lab = labels[r]
+    return lab != ignore_index, lab
+
+
+@njit(inline="always", **JIT)
+def _one_row(s, t, g, st, P, div, ce, lin, lab, want_grad, scale, n):  # type: ignore[no-untyped-def]
+    """Statistics, loss and (optionally) gradient of one counted row, all columns in this thread."""
+    _pass_max(s, t, 0, n, st)
+    _pass_sums(s, t, 0, n, st, P, div, ce, lin)
+    if div == DIV_MIXTURE or div == DIV_TVD:
+        _pass_div2(s, t, 0, n, st, P, div)
+    hard = lab >= 0
+    s_label = np.float64(s[lab]) if hard else 0.0
+    loss = _row_loss(st, P, div, ce, lin, hard, s_label, n)
+    if want_grad:
+        _pass_grad(s, t, g, 0, n, st, P, div, ce, lin, hard, scale, n)
+        if ce != CE_NONE and hard:
+            g[lab] -= as_type_of(s[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
+    return loss
+
+
+@njit(inline="always", **JIT)
+def _reset(st):  # type: ignore[no-untyped-def]
+    for k in range(N_MAX):
+        st[k] = -np.inf
+    for k in range(N_MAX, N_STATS):
+        st[k] = 0.0
+
+
+_KERNELS: dict = {}
+
+
+def response_kernel(div: int, ce: int, lin: bool):  # type: ignore[no-untyped-def]
+    """The compiled response kernel for one (divergence, cross-entropy mode, linear term) variant.
+
+    ``kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads)``:
+    ``s``, ``t`` C-contiguous ``(rows, n)`` float32/float64; ``labels`` int64 ``(rows,)`` (ignored when
+    ``has_labels`` is false); ``P`` the packed float64 parameters; ``scale`` multiplies the gradient
+    (the reduction factor); ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored
+    rows); ``grad`` (same shape/dtype as ``s``, may be ``s`` itself) receives the gradient when
+    ``want_grad``; ``nthreads`` is the caller's thread count (rows fewer than that are split across
+    threads). Labels must already be validated.
+    """
+    key = (div, ce, lin)
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = _make_response_kernel(div, ce, lin)
+    return k
+
+
+def _make_response_kernel(div, ce, lin):  # type: ignore[no-untyped-def]
+    two_pass_div = div == DIV_MIXTURE or div == DIV_TVD
+
+    @njit(parallel=True, **JIT)
+    def kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads):  # type: ignore[no-untyped-def]
+        rows, n = s.shape
+        if rows >= nthreads or n < 2 * CHUNK:
+            for r in prange(rows):
+                counted, lab = _hard(has_labels, labels, r, ignore_index)
+                if not counted:
+                    out_loss[r] = 0.0
+                    if want_grad:
+                        grad[r, :] = 0
+                    continue
+                st = np.empty(N_STATS, dtype=np.float64)
+                _reset(st)
+                out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, lab, want_grad, scale, n)
+            return
+        # fewer rows than threads: each pass of a row runs over column chunks in parallel, then merges
+        nchunks = (n + CHUNK - 1) // CHUNK
+        part = np.empty((nchunks, N_STATS), dtype=np.float64)
+        st = np.empty(N_STATS, dtype=np.float64)
+        for r in range(rows):
+            counted, lab = _hard(has_labels, labels, r, ignore_index)
+            if not counted:
+                out_loss[r] = 0.0
+                if want_grad:
+                    grad[r, :] = 0
+                continue
+            sr = s[r]
+            tr = t[r]
+            gr = grad[r]
+            for c in prange(nchunks):
+                pc = part[c]
+                _reset(pc)
+                _pass_max(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc)
+            _reset(st)
+            _merge(st, part, 0, S_SA)
+            for c in prange(nchunks):
+                pc = part[c]
+                _copy_head(pc, st, S_SA)
+                _pass_sums(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc, P, div, ce, lin)
+            _merge(st, part, S_SA, S_KP)
+            if two_pass_div:
+                for c in prange(nchunks):
+                    pc = part[c]
+                    _copy_head(pc, st, S_KP)
+                    _pass_div2(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc, P, div)
+                _merge(st, part, S_KP, N_STATS)
+            hard = lab >= 0
+            s_label = np.float64(sr[lab]) if hard else 0.0
+            out_loss[r] = _row_loss(st, P, div, ce, lin, hard, s_label, n)
+            if want_grad:
+                for c in prange(nchunks):
+                    _pass_grad(sr, tr, gr, c * CHUNK, min(n, (c + 1) * CHUNK), st, P, div, ce, lin, hard, scale, n)
+                if ce != CE_NONE and hard:
+                    gr[lab] -= as_type_of(sr[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
+
+    return kernel
+
+
+@njit(inline="always", **JIT)
+def _merge(st, part, k0, k1):  # type: ignore[no-untyped-def]
+    for k in range(k0, k1):
+        if k < N_MAX:
+            v = -np.inf
+            for c in range(part.shape[0]):
+                v = max(v, part[c, k])
+            st[k] = v
+        else:
+            v = 0.0
+            for c in range(part.shape[0]):
+                v += part[c, k]
+            st[k] = v
+
+
+@njit(inline="always", **JIT)
+def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
+    """Give a chunk the merged statistics ``[0, k1)`` and reset its later sums."""
+    for k in range(k1):
+        dst[k] = src[k]
+    for k in range(k1, N_STATS):
+        dst[k] = 0.0
+
+
+# ---------------------------------------------------------------- softmax
+
+
+_SOFTMAX: dict = {}
+
+
+def softmax_kernel(log: bool):  # type: ignore[no-untyped-def]
+    """``kernel(x, invt, out)``: row-wise (log-)softmax of ``x * invt`` into ``out`` (may be ``x``)."""
+    k = _SOFTMAX.get(log)
+    if k is None:
+        k = _SOFTMAX[log] = _make_softmax_kernel(log)
+    return k
+
+
+def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
+    @njit(parallel=True, **JIT)
+    def kernel(x, invt, out):  # type: ignore[no-untyped-def]
+        rows, n = x.shape
+        for r in prange(rows):
+            xr = x[r]
+            orow = out[r]
+            m = -np.inf
+            nan = 0.0
+            for j in range(n):
+                v = xr[j]
+                m = v if v > m else m
+                nan += 0.0 if v == v else 1.0
+            it = as_type_of(xr[0], invt)
+            mm = as_type_of(xr[0], m)
+            ssum = 0.0
+            for j in range(n):
+                ssum += fexp((xr[j] - mm) * it)
+            if nan != 0.0:
+                ssum = np.nan
+            if log:
+                off = as_type_of(xr[0], math.log(ssum))
+                for j in range(n):
+                    orow[j] = (xr[j] - mm) * it - off
+            else:
+                inv = as_type_of(xr[0], 1.0 / ssum)
+                for j in range(n):
+                    orow[j] = fexp((xr[j] - mm) * it) * inv
+
+    return kernel

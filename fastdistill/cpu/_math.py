@@ -1,0 +1,75 @@
+"""Branch-free scalar math for the CPU kernels.
+
+``math.exp`` does not vectorize under Numba's LLVM (no SVML in the pip llvmlite), so float32 kernels use
+:func:`fexp`: a Cephes-style ``2**n * P(r)`` exponential whose scale ``2**n`` is built from exponent bits,
+with selects instead of branches so that loops calling it vectorize. Relative error below 2e-7 on
+``[-87, 0]``; it returns exactly 0 below -87.3 (and for ``-inf``), which is how masked classes vanish.
+float64 kernels use ``math.exp`` (their accuracy target is 1e-10).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """Reinterpret an int32 as a float32 (LLVM bitcast)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def fexp(x):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
+    """exp(x) for x <= 0, vectorizable (jitted code only)."""
+    return math.exp(x)
+
+
+@overload(fexp, jit_options={"cache": True})
+def _fexp_impl(x):  # type: ignore[no-untyped-def]
+    if x == types.float32:
+        lo = np.float32(-87.3)
+        log2e = np.float32(1.4426950408889634)
+        half = np.float32(0.5)
+        c1 = np.float32(0.693359375)
+        c2 = np.float32(-2.12194440e-4)
+        p0 = np.float32(1.9875691500e-4)
+        p1 = np.float32(1.3981999507e-3)
+        p2 = np.float32(8.3334519073e-3)
+        p3 = np.float32(4.1665795894e-2)
+        p4 = np.float32(1.6666665459e-1)
+        p5 = np.float32(5.0000001201e-1)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+
+        def impl(x):  # type: ignore[no-untyped-def]
+            xc = x if x > lo else lo
+            n = math.floor(xc * log2e + half)
+            r = xc - n * c1 - n * c2
+            z = r * r
+            y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * z + r + one
+            scale = _bits_as_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+            return y * scale if x > lo else zero
+
+        return impl
+    if x == types.float64:
+
+        def impl64(x):  # type: ignore[no-untyped-def]
+            return math.exp(x)
+
+        return impl64
+    return None
+
+
+@njit(cache=True)
+def masked(w, v):  # type: ignore[no-untyped-def]
+    """``w * v`` where the weight ``w`` is positive, 0 where it is 0 (so 0 * inf is 0, not NaN)."""
+    return w * v if w > 0 else w * 0
