@@ -5,11 +5,18 @@ dtype, labels as int64 or ``None``.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
 from .._spec import DIV_NONE, Terms
 from . import _kernels as K
+
+# Calls from several Python (or C) threads at once need a thread-safe threading layer (workqueue aborts
+# the process): prefer OpenMP, then TBB. The caller's NUMBA_THREADING_LAYER(_PRIORITY) setting wins.
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _NO_LABELS = np.zeros(0, dtype=np.int64)
 

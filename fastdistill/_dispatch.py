@@ -1,0 +1,135 @@
+"""Backend choice and the round trip of the caller's arrays.
+
+Two operations cover the whole library: :func:`response` (every loss, with its gradient) and
+:func:`softmax`. Both validate through :mod:`fastdistill._validate`, then run on the CPU kernels
+(imported on first use, so ``import fastdistill`` stays light) or hand the validated call to the CUDA
+backend (imported only when a GPU path is taken).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from . import _validate as V
+from ._spec import Terms
+from .errors import BackendUnavailableError
+
+TermsLike = Union[Terms, Callable[[], Terms]]
+
+
+def _cpu():  # type: ignore[no-untyped-def]
+    from . import cpu
+
+    return cpu
+
+
+def cuda_backend():  # type: ignore[no-untyped-def]
+    """The CUDA backend module, or :class:`BackendUnavailableError` saying why it cannot run."""
+    try:
+        from . import cuda
+    except ImportError as exc:  # numba-cuda missing
+        raise BackendUnavailableError(
+            f"backend='cuda' needs numba-cuda (pip install 'fastdistill[cuda]'): {exc}"
+        ) from exc
+    ok, reason = cuda.status()
+    if not ok:
+        raise BackendUnavailableError(f"backend='cuda' is not usable here: {reason}")
+    return cuda
+
+
+def use_cuda(backend: str, *arrays: Any) -> bool:
+    """Whether a call runs on the GPU: asked for, or ``auto`` with an input on a CUDA device."""
+    if backend == "cuda":
+        return True
+    if backend == "cpu":
+        if any(V.is_device(a) for a in arrays if a is not None):
+            raise V.InvalidParameterError(
+                "backend='cpu' got an array that lives on a CUDA device; move it to the host first "
+                "or use backend='auto'/'cuda'"
+            )
+        return False
+    return any(V.is_device(a) for a in arrays if a is not None)
+
+
+def response(
+    student: Any,
+    teacher: Any,
+    labels: Any,
+    terms: TermsLike,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Any = None,
+    want_grad: bool = False,
+    grad_out: Any = None,
+    backend: str = "auto",
+    needs_labels: bool = False,
+) -> tuple[Any, Any]:
+    """Validate, run one response loss, reduce. Returns ``(loss, grad or None)``.
+
+    ``terms`` may be a callable, evaluated after the input checks (so a bad parameter is reported after
+    a bad input, in the contract's order). ``needs_labels``: the loss has a hard-label term.
+    """
+    s_shape, s_dtype = V.shape_dtype(student)
+    t_shape, t_dtype = V.shape_dtype(teacher)
+    V.check_pair(s_shape, s_dtype, t_shape, t_dtype)
+    if labels is not None:
+        l_shape, l_dtype = V.shape_dtype(labels)
+        V.check_labels_meta(l_shape, l_dtype, s_shape)
+    on_gpu = use_cuda(V.backend(backend), student, teacher, labels, grad_out)
+    if on_gpu:
+        return cuda_backend().response(
+            student, teacher, labels, terms, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+            want_grad=want_grad, grad_out=grad_out, needs_labels=needs_labels,
+        )
+    s = V.host_array(student, "student")
+    t = V.host_array(teacher, "teacher")
+    lab = V.host_labels(labels, s_shape, ignore_index) if labels is not None else None
+    terms, red, n_items = resolve_params(terms, reduction, num_items, labels, needs_labels)
+    if t.dtype != s.dtype:
+        t = t.astype(s.dtype)  # computed in the student's precision
+    g_out = V.grad_out(grad_out, s_shape, s_dtype, (t, lab)) if (want_grad and grad_out is not None) else None
+    s2 = V.rows_2d(s)
+    t2 = V.rows_2d(t)
+    n_counted = s2.shape[0] if lab is None else int(np.count_nonzero(lab != ignore_index))
+    div = V.divisor(n_counted, red, n_items)
+    scale = 1.0 / div if div > 0 else 0.0
+    g2 = g_out.reshape(s2.shape) if g_out is not None else None
+    rows, grad = _cpu().response(s2, t2, lab, terms, ignore_index, scale, want_grad, g2)
+    if want_grad:
+        grad = g_out if g_out is not None else grad.reshape(s_shape)
+    return reduce_rows(rows, red, scale, s_shape, s_dtype), grad
+
+
+def resolve_params(
+    terms: TermsLike, reduction: str, num_items: Any, labels: Any, needs_labels: bool
+) -> tuple[Terms, str, float | None]:
+    """The call's parameters, checked after its inputs (contract order)."""
+    resolved = terms() if callable(terms) else terms
+    red = V.reduction(reduction)
+    n_items = V.num_items(num_items, red)
+    if needs_labels and labels is None:
+        raise V.InvalidParameterError(
+            f"labels are required when hard_label_weight is non-zero (it is {resolved.hard_w})"
+        )
+    return resolved, red, n_items
+
+
+def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """The reduced loss: a Python float, or the per-row array (the student's leading shape)."""
+    if red == "none":
+        return rows.astype(dtype, copy=False).reshape(s_shape[:-1])
+    return float(rows.sum() * scale) if red == "mean" else float(rows.sum())
+
+
+def softmax(x: Any, temperature: Any, *, log: bool, backend: str = "auto") -> Any:
+    """Row-wise (log-)softmax of ``x / temperature``; the result has ``x``'s shape and dtype."""
+    shape, dtype = V.shape_dtype(x)
+    V.check_logits(shape, dtype, "x")
+    on_gpu = use_cuda(V.backend(backend), x)
+    tau = V.temperature(temperature)
+    if on_gpu:
+        return cuda_backend().softmax(x, tau, log=log)
+    a = V.rows_2d(V.host_array(x, "x"))
+    return _cpu().softmax(a, tau, log).reshape(shape)

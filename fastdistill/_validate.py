@@ -1,0 +1,230 @@
+"""Every input check of the library, in one place.
+
+The façade calls these in the contract's order -- empty input, shape mismatch, labels length, label
+range, parameters -- before any kernel runs. Messages name the argument and the numbers involved.
+Device arrays (anything with ``__cuda_array_interface__``) are checked from their metadata only; their
+label range is checked by the CUDA backend with :func:`label_range_error`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import (
+    DimensionMismatchError,
+    EmptyInputError,
+    InvalidParameterError,
+    LabelOutOfRangeError,
+    TeacherStudentMismatchError,
+)
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "cpu", "cuda")
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def is_device(x: Any) -> bool:
+    """True for arrays that live on a CUDA device (numba device arrays, CuPy, PyTorch CUDA tensors)."""
+    return hasattr(x, "__cuda_array_interface__")
+
+
+def shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a host or device array without copying it."""
+    if is_device(x):
+        cai = x.__cuda_array_interface__
+        return tuple(int(d) for d in cai["shape"]), np.dtype(cai["typestr"])
+    a = np.asarray(x)
+    return a.shape, a.dtype
+
+
+def host_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a NumPy array (no copy for NumPy input or CPU tensors)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a CPU torch tensor
+        return x.detach().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from exc
+
+
+def check_float_dtype(dtype: np.dtype, name: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {dtype}")
+
+
+def check_logits(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
+    """One logits array: at least 1-D, no zero-sized dimension, float32/float64."""
+    if len(shape) == 0:
+        raise DimensionMismatchError(
+            expected=1, got=0, message=f"{name} must have at least one dimension (classes), got a scalar"
+        )
+    if 0 in shape:
+        raise EmptyInputError(f"{name} is empty: shape {shape} has a zero-sized dimension")
+    check_float_dtype(dtype, name)
+
+
+def check_pair(
+    s_shape: tuple[int, ...], s_dtype: np.dtype, t_shape: tuple[int, ...], t_dtype: np.dtype,
+    student: str = "student", teacher: str = "teacher",
+) -> None:
+    """Empty, then shape mismatch, then dtype, for a student/teacher pair."""
+    for shape, name in ((s_shape, student), (t_shape, teacher)):
+        if len(shape) > 0 and 0 in shape:
+            raise EmptyInputError(f"{name} is empty: shape {shape} has a zero-sized dimension")
+    if s_shape != t_shape:
+        if len(s_shape) == 1 and len(t_shape) == 1:
+            raise TeacherStudentMismatchError(
+                teacher=t_shape[0], student=s_shape[0],
+                message=f"{teacher} has {t_shape[0]} logits but {student} has {s_shape[0]}",
+            )
+        raise TeacherStudentMismatchError(
+            teacher=t_shape, student=s_shape,
+            message=f"{teacher} shape {t_shape} differs from {student} shape {s_shape}",
+        )
+    check_logits(s_shape, s_dtype, student)
+    check_logits(t_shape, t_dtype, teacher)
+
+
+def rows_2d(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous ``(rows, classes)`` view of a host array (a copy only if it is not contiguous)."""
+    n = a.shape[-1]
+    return np.ascontiguousarray(a).reshape(-1, n)
+
+
+def label_shape_ok(l_shape: tuple[int, ...], s_shape: tuple[int, ...]) -> bool:
+    rows = int(np.prod(s_shape[:-1], dtype=np.int64))
+    return l_shape == tuple(s_shape[:-1]) or (len(l_shape) == 1 and l_shape[0] == rows) or (
+        len(s_shape) == 1 and l_shape in ((), (1,))
+    )
+
+
+def check_labels_meta(l_shape: tuple[int, ...], l_dtype: np.dtype, s_shape: tuple[int, ...]) -> None:
+    """Labels: an integer array with one label per row of the student."""
+    if l_dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {l_dtype}")
+    if not label_shape_ok(l_shape, s_shape):
+        rows = int(np.prod(s_shape[:-1], dtype=np.int64))
+        got = int(np.prod(l_shape, dtype=np.int64)) if l_shape else 1
+        raise DimensionMismatchError(
+            expected=rows, got=got,
+            message=f"labels must hold one label per row: expected {rows} labels "
+            f"(student shape {s_shape}), got {got} (labels shape {l_shape})",
+        )
+
+
+def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> LabelOutOfRangeError | None:
+    """The error for the first label outside ``[0, n_classes)`` that is not ``ignore_index``, or None."""
+    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= n_classes)
+    if not bad.any():
+        return None
+    i = int(np.flatnonzero(bad)[0])
+    lab = int(labels[i])
+    return LabelOutOfRangeError(
+        label=lab, n_classes=n_classes,
+        message=f"labels[{i}] = {lab} is out of range for {n_classes} classes "
+        f"(valid: 0..{n_classes - 1}, or ignore_index {ignore_index})",
+    )
+
+
+def host_labels(labels: Any, s_shape: tuple[int, ...], ignore_index: int) -> np.ndarray:
+    """Validated labels as a contiguous int64 vector (one per row)."""
+    lab = host_array(labels, "labels")
+    check_labels_meta(lab.shape, lab.dtype, s_shape)
+    lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
+    err = label_range_error(lab, s_shape[-1], ignore_index)
+    if err is not None:
+        raise err
+    return lab
+
+
+# ------------------------------------------------------------------ parameters
+
+
+def finite(value: Any, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"{name} must be a real number, got {value!r}") from exc
+    if not math.isfinite(v):
+        raise InvalidParameterError(f"{name} must be finite, got {v}")
+    return v
+
+
+def temperature(value: Any, name: str = "temperature") -> float:
+    v = finite(value, name)
+    if v <= 0.0:
+        raise InvalidParameterError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def unit_interval(value: Any, name: str) -> float:
+    v = finite(value, name)
+    if not 0.0 <= v <= 1.0:
+        raise InvalidParameterError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
+def label_smoothing(value: Any) -> float:
+    v = finite(value, "label_smoothing")
+    if not 0.0 <= v < 1.0:
+        raise InvalidParameterError(f"label_smoothing must be in [0, 1), got {v}")
+    return v
+
+
+def integer(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidParameterError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def reduction(value: Any) -> str:
+    if value not in REDUCTIONS:
+        raise InvalidParameterError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return str(value)
+
+
+def backend(value: Any) -> str:
+    if value not in BACKENDS:
+        raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {value!r}")
+    return str(value)
+
+
+def num_items(value: Any, red: str) -> float | None:
+    if value is None:
+        return None
+    if red != "mean":
+        raise InvalidParameterError(f"num_items only applies to reduction='mean', got reduction={red!r}")
+    v = finite(value, "num_items")
+    if v <= 0:
+        raise InvalidParameterError(f"num_items must be > 0, got {value!r}")
+    return v
+
+
+def divisor(n_counted: int, red: str, n_items: float | None) -> float:
+    """What the summed row losses are divided by (0 means: every row ignored, the result is 0)."""
+    if red != "mean":
+        return 1.0
+    return float(n_items) if n_items is not None else float(n_counted)
+
+
+def grad_out(g: Any, s_shape: tuple[int, ...], s_dtype: np.dtype, others: tuple[Any, ...] = ()) -> np.ndarray:
+    """A caller's gradient buffer: the student's shape and dtype, C-contiguous, writable."""
+    if not isinstance(g, np.ndarray):
+        raise TypeError(f"grad_out must be a NumPy array for host inputs, got {type(g).__name__}")
+    if g.shape != tuple(s_shape):
+        raise DimensionMismatchError(
+            expected=int(np.prod(s_shape)), got=int(g.size),
+            message=f"grad_out shape {g.shape} differs from student shape {tuple(s_shape)}",
+        )
+    if g.dtype != s_dtype:
+        raise TypeError(f"grad_out dtype {g.dtype} differs from student dtype {s_dtype}")
+    if not g.flags.c_contiguous or not g.flags.writeable:
+        raise InvalidParameterError("grad_out must be a writable C-contiguous array")
+    for o in others:
+        if isinstance(o, np.ndarray) and np.shares_memory(g, o):
+            raise InvalidParameterError("grad_out must not share memory with the teacher logits or labels")
+    return g

@@ -1,0 +1,147 @@
+"""``DistilLoss``: the soft (teacher-matching) losses, as immutable value objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import _dispatch
+from . import _validate as V
+from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, DIV_TVD, Terms
+
+KINDS = (
+    "kl_divergence", "mse", "cosine", "combined",
+    "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd",
+)
+
+
+@dataclass(frozen=True)
+class DistilLoss:
+    """A distillation loss between student and teacher logits (argument order: student, teacher).
+
+    Build one with a constructor (``DistilLoss.kl_divergence(4.0)``, ``DistilLoss.mse()``, ...).
+    Temperature-based losses compare ``p = softmax(teacher / T)`` with ``q = softmax(student / T)``;
+    KL-type losses are scaled by ``T**2`` (Hinton), TVD is not.
+    """
+
+    kind: str
+    temperature: float = 1.0
+    kl_weight: float = 0.0
+    mse_weight: float = 0.0
+    beta: float = 0.5
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise V.InvalidParameterError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "temperature", V.temperature(self.temperature))
+        object.__setattr__(self, "kl_weight", V.finite(self.kl_weight, "kl_weight"))
+        object.__setattr__(self, "mse_weight", V.finite(self.mse_weight, "mse_weight"))
+        object.__setattr__(self, "beta", V.unit_interval(self.beta, "beta"))
+        object.__setattr__(self, "alpha", V.unit_interval(self.alpha, "alpha"))
+
+    # ------------------------------------------------------------ constructors
+
+    @classmethod
+    def kl_divergence(cls, temperature: float = 1.0) -> DistilLoss:
+        """Forward KL, ``T**2 * sum p (log p - log q)`` (PyTorch ``kl_div(..., 'batchmean')`` times T**2)."""
+        return cls("kl_divergence", temperature, kl_weight=1.0)
+
+    @classmethod
+    def mse(cls) -> DistilLoss:
+        """Mean over classes of ``(t - s)**2`` on raw logits."""
+        return cls("mse", 1.0, mse_weight=1.0)
+
+    @classmethod
+    def cosine(cls) -> DistilLoss:
+        """``1 - cos(s, t)`` on raw logits; a zero-norm row gives 1.0."""
+        return cls("cosine")
+
+    @classmethod
+    def combined(cls, kl_weight: float, mse_weight: float, temperature: float = 1.0) -> DistilLoss:
+        """``kl_weight * KL-term + mse_weight * MSE-term``."""
+        return cls("combined", temperature, kl_weight=kl_weight, mse_weight=mse_weight)
+
+    @classmethod
+    def reverse_kl(cls, temperature: float = 1.0) -> DistilLoss:
+        """Reverse KL, ``T**2 * sum q (log q - log p)`` (MiniLLM, torchtune)."""
+        return cls("reverse_kl", temperature, kl_weight=1.0)
+
+    @classmethod
+    def jsd(cls, beta: float = 0.5, temperature: float = 1.0) -> DistilLoss:
+        """Generalized JSD of GKD/TRL: ``beta*KL(p||m) + (1-beta)*KL(q||m)``, ``m = beta*p + (1-beta)*q``.
+
+        ``beta = 0`` is forward KL and ``beta = 1`` reverse KL, as in TRL and Liger-Kernel. Times T**2.
+        """
+        return cls("jsd", temperature, kl_weight=1.0, beta=beta)
+
+    @classmethod
+    def skew_kl(cls, alpha: float = 0.1, temperature: float = 1.0) -> DistilLoss:
+        """Skew KL of DistiLLM: ``T**2 * KL(p || alpha*p + (1-alpha)*q)``."""
+        return cls("skew_kl", temperature, kl_weight=1.0, alpha=alpha)
+
+    @classmethod
+    def skew_reverse_kl(cls, alpha: float = 0.1, temperature: float = 1.0) -> DistilLoss:
+        """Skew reverse KL of DistiLLM: ``T**2 * KL(q || (1-alpha)*p + alpha*q)``."""
+        return cls("skew_reverse_kl", temperature, kl_weight=1.0, alpha=alpha)
+
+    @classmethod
+    def tvd(cls, temperature: float = 1.0) -> DistilLoss:
+        """Total variation distance ``0.5 * sum |p - q|`` (not scaled by T**2)."""
+        return cls("tvd", temperature, kl_weight=1.0)
+
+    # ------------------------------------------------------------ kernel description
+
+    def terms(self, weight: float = 1.0, **extra: Any) -> Terms:
+        """This loss, times ``weight``, as kernel terms (``extra`` sets the hard-label fields)."""
+        tau = self.temperature
+        t2 = tau * tau
+        div, div_w, lam, c_p, c_q = DIV_NONE, 0.0, 0.0, 0.0, 0.0
+        mse_w = cos_w = 0.0
+        k = self.kind
+        if k in ("kl_divergence", "combined"):
+            div, div_w = DIV_FORWARD_KL, self.kl_weight * t2
+            mse_w = self.mse_weight if k == "combined" else 0.0
+        elif k == "mse":
+            mse_w = self.mse_weight
+        elif k == "cosine":
+            cos_w = 1.0
+        elif k == "reverse_kl":
+            div, div_w = DIV_REVERSE_KL, t2
+        elif k == "jsd":
+            b = self.beta
+            if b == 0.0:
+                div = DIV_FORWARD_KL
+            elif b == 1.0:
+                div = DIV_REVERSE_KL
+            else:
+                div, lam, c_p, c_q = DIV_MIXTURE, b, b, 1.0 - b
+            div_w = t2
+        elif k == "skew_kl":
+            a = self.alpha
+            div = DIV_FORWARD_KL if a == 0.0 else DIV_MIXTURE
+            div_w, lam, c_p, c_q = t2, a, 1.0, 0.0
+        elif k == "skew_reverse_kl":
+            a = self.alpha
+            div = DIV_REVERSE_KL if a == 0.0 else DIV_MIXTURE
+            div_w, lam, c_p, c_q = t2, 1.0 - a, 0.0, 1.0
+        elif k == "tvd":
+            div, div_w = DIV_TVD, 1.0
+        return Terms(
+            div=div, tau=tau, div_w=div_w * weight, mse_w=mse_w * weight, cos_w=cos_w * weight,
+            lam=lam, c_p=c_p, c_q=c_q, **extra,
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def compute(self, student: Any, teacher: Any, *, reduction: str = "mean", num_items: Any = None,
+                backend: str = "auto") -> Any:
+        """The loss between ``student`` and ``teacher`` logits (float, or per-row array for 'none')."""
+        loss, _ = _dispatch.response(student, teacher, None, self.terms(), reduction=reduction,
+                                     num_items=num_items, backend=backend)
+        return loss
+
+    def compute_with_grad(self, student: Any, teacher: Any, *, reduction: str = "mean", grad_out: Any = None,
+                          num_items: Any = None, backend: str = "auto") -> tuple[Any, Any]:
+        """``(loss, d loss / d student)``; ``grad_out`` may be a preallocated buffer (even ``student``)."""
+        return _dispatch.response(student, teacher, None, self.terms(), reduction=reduction,
+                                  num_items=num_items, want_grad=True, grad_out=grad_out, backend=backend)
