@@ -105,16 +105,17 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin):  # type: ignore[no-untyped-de
         sb = 0.0
         sx = 0.0
         for j in range(lo, hi):
-            tj = t[j]
-            sj = s[j]
-            wa = fexp((tj - mt) * invt)
-            wb = fexp((sj - ms) * invt)
+            dt = t[j] - mt
+            ds = s[j] - ms
+            wa = fexp(dt * invt)
+            wb = fexp(ds * invt)
             sa += wa
             sb += wb
+            # cross terms relative to the maxima: (mt - ms) cancels analytically in the loss
             if div == DIV_FORWARD_KL:
-                sx += masked(wa, tj - sj)
+                sx += masked(wa, dt - ds)
             elif div == DIV_REVERSE_KL:
-                sx += masked(wb, sj - tj)
+                sx += masked(wb, ds - dt)
         st[S_SA] += sa
         st[S_SB] += sb
         if div == DIV_FORWARD_KL:
@@ -230,14 +231,13 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
     if st[S_NAN] != 0.0:
         return np.nan
     invt = 1.0 / P[P_TAU]
-    mt = st[S_MT]
     ms = st[S_MS]
     loss = 0.0
     dw = P[P_DIV_W]
     if div == DIV_FORWARD_KL:
-        loss += dw * (invt * st[S_SX] / st[S_SA] - ((mt - ms) * invt + math.log(st[S_SA] / st[S_SB])))
+        loss += dw * (invt * st[S_SX] / st[S_SA] - math.log(st[S_SA] / st[S_SB]))
     elif div == DIV_REVERSE_KL:
-        loss += dw * (invt * st[S_SY] / st[S_SB] - ((ms - mt) * invt + math.log(st[S_SB] / st[S_SA])))
+        loss += dw * (invt * st[S_SY] / st[S_SB] - math.log(st[S_SB] / st[S_SA]))
     elif div == DIV_MIXTURE:
         loss += dw * (P[P_CP] * st[S_KP] + P[P_CQ] * st[S_KQ])
     elif div == DIV_TVD:
@@ -283,7 +283,7 @@ def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: i
     lsb = math.log(st[S_SB]) if div != DIV_NONE else 0.0
     roff = zero  # reverse KL: dD/db = q * (log q - log p - D)
     if div == DIV_REVERSE_KL:
-        d = invt64 * st[S_SY] / st[S_SB] - ((ms64 - mt64) * invt64 + lsb - lsa)
+        d = invt64 * st[S_SY] / st[S_SB] - (lsb - lsa)
         roff = as_type_of(x0, lsa - lsb - d)
     lam = P[P_LAM]
     cp = P[P_CP]

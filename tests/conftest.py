@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+IGNORE = -100
+
+
+def make_batch(rows, n, dtype, seed=0, *, mask=True, big=False, ignore=True, scale=2.0):
+    """Random student/teacher logits and labels: masked (-inf) classes shared by both, optional +-1e4
+    logits, some ignored rows. Labels never point at a masked class."""
+    rng = np.random.default_rng(seed)
+    s = rng.normal(scale=scale, size=(rows, n))
+    t = rng.normal(scale=scale, size=(rows, n))
+    y = rng.integers(0, n, size=rows)
+    if mask and n >= 3:
+        m = rng.random((rows, n)) < 0.15
+        m[np.arange(rows), y] = False
+        s[m] = -np.inf
+        t[m] = -np.inf
+    if big and n >= 3:
+        b = (rng.random((rows, n)) < 0.02) & np.isfinite(s)
+        b[np.arange(rows), y] = False
+        s[b] = rng.choice([-1e4, 1e4], size=b.sum())
+        t[b] = rng.choice([-1e4, 1e4], size=b.sum())
+    if ignore and rows >= 3:
+        y[rng.random(rows) < 0.25] = IGNORE
+    return s.astype(dtype), t.astype(dtype), y
+
+
+def rel_err(got, ref):
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    scale = max(np.max(np.abs(ref)), 1e-30)
+    return float(np.max(np.abs(got - ref)) / scale)
+
+
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")

@@ -1,0 +1,159 @@
+"""The fused response loss (alpha*CE + beta*tau^2*KL) and its gradient against float64 references."""
+import numpy as np
+import pytest
+
+import fastdistill as fd
+from conftest import IGNORE, TOL, make_batch, rel_err
+from reference import cross_entropy, divergence, log_softmax, numeric_grad, reduce, response_rows
+
+SHAPES = [(1, 1), (1, 17), (9, 1), (7, 13), (256, 1000), (3, 50000), (1, 70000)]
+
+
+def np_response_grad(s, t, y, hard_w, soft_w, tau, scale, eps=0.0):
+    """Analytic gradient of hard_w*CE + soft_w*tau^2*KL (float64), ignored rows zero."""
+    s = s.astype(np.float64)
+    t = t.astype(np.float64)
+    q1 = np.exp(log_softmax(s))
+    q = np.exp(log_softmax(s / tau))
+    p = np.exp(log_softmax(t / tau))
+    g = soft_w * tau * (q - p)
+    if y is not None:
+        keep = y != IGNORE
+        onehot = np.zeros_like(s)
+        onehot[np.arange(len(y))[keep], y[keep]] = 1.0
+        n = s.shape[-1]
+        g = g + hard_w * (q1 - (1 - eps) * onehot - eps / n)
+        g[~keep] = 0.0
+    return g * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0, 20.0])
+def test_response_loss_and_grad(dtype, shape, tau):
+    rows, n = shape
+    big = n >= 13 and tau == 0.5
+    s, t, y = make_batch(rows, n, dtype, seed=rows * 7 + n, big=big)
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(tau), 0.5, 0.5)
+    ref_rows, keep = response_rows(s, t, y, 0.5, 0.5, "kl_divergence", tau)
+    s_before = s.copy()
+    for red in ("mean", "sum", "none"):
+        loss, grad = d.loss_and_grad(s, t, y, reduction=red)
+        ref = reduce(ref_rows, keep, red)
+        if red == "none":
+            assert loss.dtype == dtype and loss.shape == (rows,)
+            assert rel_err(loss, ref) <= TOL[dtype]
+        else:
+            assert isinstance(loss, float)
+            assert abs(loss - ref) <= TOL[dtype] * max(abs(ref), 1e-12)
+        scale = 1.0 / keep.sum() if (red == "mean" and keep.sum()) else (0.0 if red == "mean" else 1.0)
+        g_ref = np_response_grad(s, t, y, 0.5, 0.5, tau, scale)
+        assert grad.dtype == dtype and grad.shape == s.shape
+        assert np.all(np.isfinite(grad))
+        assert rel_err(grad, g_ref) <= TOL[dtype] or np.abs(g_ref).max() == 0
+        assert np.all(grad[~keep] == 0)
+        assert loss_close(d.loss(s, t, y, reduction=red), loss)
+    np.testing.assert_array_equal(s, s_before)  # inputs untouched
+
+
+def loss_close(a, b):
+    return np.allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_vocab_high_temperature_accuracy(dtype):
+    # the contract's hardest accuracy case: 1e5 classes at tau = 20
+    s, t, y = make_batch(4, 100_000, dtype, seed=3, mask=False, ignore=False)
+    for tau in (20.0, 1.0):
+        loss, grad = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(tau), 0.3, 0.7).loss_and_grad(s, t, y)
+        rows, keep = response_rows(s, t, y, 0.3, 0.7, "kl_divergence", tau)
+        assert abs(loss - rows.mean()) <= TOL[dtype] * abs(rows.mean())
+        assert rel_err(grad, np_response_grad(s, t, y, 0.3, 0.7, tau, 0.25)) <= TOL[dtype]
+
+
+def test_gradient_by_finite_differences():
+    s, t, y = make_batch(3, 6, np.float64, seed=11, mask=False, ignore=False)
+    y[1] = IGNORE
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.4, 0.6, label_smoothing=0.1)
+    _, g = d.loss_and_grad(s, t, y)
+    num = numeric_grad(lambda x: d.loss(x, t, y), s)
+    assert rel_err(g, num) < 1e-7
+
+
+def test_grad_out_and_in_place():
+    s, t, y = make_batch(64, 300, np.float32, seed=5)
+    d = fd.ResponseDistiller.balanced()
+    loss, g = d.loss_and_grad(s, t, y)
+    buf = np.full_like(s, 7.0)
+    loss2, g2 = d.loss_and_grad(s, t, y, grad_out=buf)
+    assert g2 is buf and loss2 == loss
+    np.testing.assert_array_equal(buf, g)
+    s_inplace = s.copy()
+    loss3, g3 = d.loss_and_grad(s_inplace, t, y, grad_out=s_inplace)
+    assert g3 is s_inplace and loss3 == loss
+    np.testing.assert_array_equal(s_inplace, g)
+
+
+def test_leading_dims_are_rows():
+    s, t, y = make_batch(24, 50, np.float32, seed=6)
+    d = fd.ResponseDistiller.balanced()
+    l2, g2 = d.loss_and_grad(s, t, y, reduction="none")
+    l3, g3 = d.loss_and_grad(s.reshape(2, 12, 50), t.reshape(2, 12, 50), y.reshape(2, 12), reduction="none")
+    assert l3.shape == (2, 12) and g3.shape == (2, 12, 50)
+    np.testing.assert_array_equal(l3.reshape(-1), l2)
+    np.testing.assert_array_equal(g3.reshape(24, 50), g2)
+
+
+def test_non_contiguous_inputs():
+    s, t, y = make_batch(20, 40, np.float64, seed=8)
+    sf = np.asfortranarray(s)
+    d = fd.ResponseDistiller.balanced()
+    assert d.loss(sf, t[:, :], y) == d.loss(s, t, y)
+    assert d.loss(s[::2], t[::2], y[::2]) == pytest.approx(d.loss(s[::2].copy(), t[::2].copy(), y[::2]), rel=1e-15)
+
+
+def test_all_rows_ignored_gives_zero():
+    s, t, _ = make_batch(5, 8, np.float32, seed=9)
+    y = np.full(5, IGNORE)
+    loss, g = fd.ResponseDistiller.balanced().loss_and_grad(s, t, y)
+    assert loss == 0.0 and not np.any(g)
+
+
+def test_custom_ignore_index_and_num_items():
+    s, t, y = make_batch(10, 12, np.float64, seed=10, ignore=False)
+    y[[2, 5]] = 3
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 1.0, 1.0, ignore_index=3)
+    rows, keep = response_rows(s, t, y, 1.0, 1.0, "kl_divergence", 2.0, ignore_index=3)
+    n_counted = int(keep.sum())
+    assert n_counted <= 8
+    assert d.loss(s, t, y) == pytest.approx(rows.sum() / n_counted, rel=1e-12)
+    loss, g = d.loss_and_grad(s, t, y, num_items=40)
+    assert loss == pytest.approx(rows.sum() / 40, rel=1e-12)
+    _, g_mean = d.loss_and_grad(s, t, y)
+    np.testing.assert_allclose(g * 40, g_mean * n_counted, rtol=1e-12, atol=1e-15)
+
+
+def test_nan_propagates():
+    s, t, y = make_batch(4, 9, np.float32, seed=12, mask=False, ignore=False)
+    s[1, 3] = np.nan
+    rows = fd.ResponseDistiller.balanced().loss(s, t, y, reduction="none")
+    assert np.isnan(rows[1]) and np.all(np.isfinite(rows[[0, 2, 3]]))
+
+
+def test_one_sided_masks():
+    # teacher-only -inf: forward KL is finite; student -inf where the teacher has mass: infinite
+    s, t, _ = make_batch(3, 10, np.float64, seed=13, mask=False)
+    t[:, 2] = -np.inf
+    kl = fd.kl_divergence(s, t, 2.0, reduction="none")
+    np.testing.assert_allclose(kl, divergence("kl_divergence", s, t, 2.0), rtol=1e-12)
+    s2 = s.copy()
+    s2[0, 4] = -np.inf
+    assert np.isinf(fd.kl_divergence(s2, t, reduction="none")[0])
+
+
+def test_cross_entropy_function_matches_reference():
+    s, _, y = make_batch(50, 30, np.float64, seed=14)
+    keep = y != IGNORE
+    for eps in (0.0, 0.2):
+        ref = cross_entropy(s[keep], y[keep], eps).mean()
+        assert fd.cross_entropy(s, y, label_smoothing=eps) == pytest.approx(ref, rel=1e-12)
