@@ -126,8 +126,12 @@ def torch_response(s, t, y, hard_w, soft_w, kind, tau, param=0.5, eps=0.0, ignor
     t2 = tau * tau
 
     def kl(a, la, lb):
-        return torch.where(a > 0, a * (la - lb), torch.zeros_like(a)).sum(-1)
+        # select before multiplying: 0 * (-inf - -inf) would leak NaN into the gradient
+        return (a * torch.where(a > 0, la - lb, torch.zeros_like(a))).sum(-1)
 
+    # mixtures: finite stand-ins for log 0 keep autograd free of NaN (their terms are selected away)
+    lps = torch.where(p > 0, lp, torch.full_like(lp, -1e30))
+    lqs = torch.where(q > 0, lq, torch.full_like(lq, -1e30))
     if kind == "kl_divergence":
         soft = t2 * kl(p, lp, lq)
     elif kind == "reverse_kl":
@@ -139,16 +143,13 @@ def torch_response(s, t, y, hard_w, soft_w, kind, tau, param=0.5, eps=0.0, ignor
         elif b == 1:
             soft = t2 * kl(q, lq, lp)
         else:
-            lm = torch.logsumexp(torch.stack([lp + np.log(b), lq + np.log(1 - b)]), 0)
+            lm = torch.logsumexp(torch.stack([lps + np.log(b), lqs + np.log(1 - b)]), 0)
             soft = t2 * (b * kl(p, lp, lm) + (1 - b) * kl(q, lq, lm))
     elif kind in ("skew_kl", "skew_reverse_kl"):
         a = param
-        if kind == "skew_kl":
-            lm = torch.log(a * p + (1 - a) * q)
-            soft = t2 * kl(p, lp, lm)
-        else:
-            lm = torch.log((1 - a) * p + a * q)
-            soft = t2 * kl(q, lq, lm)
+        m = a * p + (1 - a) * q if kind == "skew_kl" else (1 - a) * p + a * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        soft = t2 * (kl(p, lp, lm) if kind == "skew_kl" else kl(q, lq, lm))
     elif kind == "tvd":
         soft = 0.5 * (p - q).abs().sum(-1)
     elif kind == "mse":
@@ -171,10 +172,10 @@ def torch_response(s, t, y, hard_w, soft_w, kind, tau, param=0.5, eps=0.0, ignor
         out = rows.detach().numpy()
     elif reduction == "sum":
         total = rows.sum()
-        out = float(total)
+        out = float(total.detach())
     else:
         div = num_items if num_items is not None else count
         total = rows.sum() / div if div else rows.sum() * 0
-        out = float(total)
+        out = float(total.detach())
     total.backward()
     return out, st.grad.numpy()

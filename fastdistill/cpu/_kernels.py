@@ -138,8 +138,8 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin):  # type: ignore[no-untyped-de
         dss = 0.0
         dtt = 0.0
         for j in range(lo, hi):
-            tj = t[j]
-            sj = s[j]
+            tj = np.float64(t[j])  # products in float64: cosine of (anti)parallel rows is exact
+            sj = np.float64(s[j])
             d = tj - sj
             d2 += d * d
             dst += sj * tj
