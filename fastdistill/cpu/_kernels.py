@@ -58,6 +58,8 @@ N_MAX = 2
 
 # columns per chunk when a row is split across threads
 CHUNK = 16384
+# batches of at most this many logits run in the calling thread (a parallel launch costs more)
+SERIAL_MAX = 1 << 15
 
 
 def as_type_of(ref, v):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
@@ -372,6 +374,19 @@ def _one_row(s, t, g, st, P, div, ce, lin, lab, want_grad, scale, n):  # type: i
 
 
 @njit(inline="always", **JIT)
+def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin):  # type: ignore[no-untyped-def]
+    """Row ``r`` in this thread: ignored rows get loss 0 (and a zero gradient row)."""
+    counted, lab = _hard(has_labels, labels, r, ignore_index)
+    if not counted:
+        out_loss[r] = 0.0
+        if want_grad:
+            grad[r, :] = 0
+        return
+    _reset(st)
+    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, lab, want_grad, scale, s.shape[1])
+
+
+@njit(inline="always", **JIT)
 def _reset(st):  # type: ignore[no-untyped-def]
     for k in range(N_MAX):
         st[k] = -np.inf
@@ -406,17 +421,18 @@ def _make_response_kernel(div, ce, lin):  # type: ignore[no-untyped-def]
     @njit(parallel=True, **JIT)
     def kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads):  # type: ignore[no-untyped-def]
         rows, n = s.shape
+        if rows * n <= SERIAL_MAX or nthreads == 1:
+            # small batches: a parallel launch costs more than the work
+            stats = np.empty((rows, N_STATS), dtype=np.float64)
+            for r in range(rows):
+                _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,
+                           stats[r], r, div, ce, lin)
+            return
         if rows >= nthreads or n < 2 * CHUNK:
+            stats = np.empty((rows, N_STATS), dtype=np.float64)
             for r in prange(rows):
-                counted, lab = _hard(has_labels, labels, r, ignore_index)
-                if not counted:
-                    out_loss[r] = 0.0
-                    if want_grad:
-                        grad[r, :] = 0
-                    continue
-                st = np.empty(N_STATS, dtype=np.float64)
-                _reset(st)
-                out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, lab, want_grad, scale, n)
+                _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,
+                           stats[r], r, div, ce, lin)
             return
         # fewer rows than threads: each pass of a row runs over column chunks in parallel, then merges
         nchunks = (n + CHUNK - 1) // CHUNK
