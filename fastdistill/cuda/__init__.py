@@ -1,0 +1,379 @@
+"""CUDA backend: host launchers around the ``@cuda.jit`` kernels in ``_kernels``.
+
+Private package, reached through ``backend="cuda"`` (or ``"auto"`` with device inputs). Importing it is
+cheap: ``numba.cuda`` is imported by :func:`status`, the kernels on the first call that needs them.
+
+Arrays cross over without copies: anything with ``__cuda_array_interface__`` (numba device arrays,
+CuPy arrays, PyTorch CUDA tensors) is wrapped as a numba device array view (``sync=False``), kernels are
+launched on the producer's current stream (PyTorch's or CuPy's current stream, else numba's default
+stream), and results are allocated by the caller's library (``torch.empty``, ``cupy.empty``, else
+``numba.cuda.device_array``) so they come back as the caller's array kind. NumPy inputs are copied to
+the device and the results copied back. The only host synchronisation is the read of a three-number
+buffer ``[counted rows, bad labels, loss]`` when a Python float must be returned or labels checked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .. import _validate as V
+from .._spec import DIV_NONE, Terms
+
+_ALLOW_SIM_VAR = "NUMBA_FASTDISTILL_ALLOW_SIM"
+
+# Launch geometry: rows of at most ``small_n`` classes get ``group`` threads each (a warp), several rows
+# per block of ``block_small`` threads; longer rows get a whole block (``block_mid`` threads up to
+# ``large_n`` classes, ``block_large`` beyond). ``max_grid`` caps the grid (blocks walk rows grid-stride).
+# The simulator uses tiny blocks (its threads are Python threads); tests may edit these dicts.
+GPU_LAUNCH = {"small_n": 2048, "group": 32, "block_small": 256, "block_mid": 256, "large_n": 16384,
+              "block_large": 512, "max_grid": 65535}
+SIM_LAUNCH = {"small_n": 16, "group": 4, "block_small": 8, "block_mid": 8, "large_n": 64,
+              "block_large": 16, "max_grid": 4}
+
+_gpu_status: tuple[bool, str] | None = None
+
+
+def _simulated() -> bool:
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # older numba-cuda
+        from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def status() -> tuple[bool, str]:
+    """``(ok, reason)``: whether numba-cuda imports and a CUDA GPU works here."""
+    global _gpu_status
+    try:
+        from numba import cuda
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no backend
+        return False, f"numba-cuda cannot be imported ({type(exc).__name__}: {exc})"
+    if _simulated():
+        if os.environ.get(_ALLOW_SIM_VAR) == "1":
+            return True, f"CUDA simulator (allowed by {_ALLOW_SIM_VAR}=1)"
+        return False, "CUDA simulator"
+    if _gpu_status is None:
+        try:
+            if not cuda.is_available():
+                _gpu_status = (False, "no CUDA driver or GPU found")
+            else:
+                dev = cuda.get_current_device()
+                name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+                cc = dev.compute_capability
+                _gpu_status = (True, f"{name} (compute capability {cc[0]}.{cc[1]})")
+        except Exception as exc:  # noqa: BLE001 - a broken driver is "not usable", with the reason
+            _gpu_status = (False, f"CUDA initialisation failed ({type(exc).__name__}: {exc})")
+    return _gpu_status
+
+
+# ------------------------------------------------------------------ arrays and streams
+
+
+def _cuda():  # type: ignore[no-untyped-def]
+    from numba import cuda
+
+    return cuda
+
+
+def _K():  # type: ignore[no-untyped-def]
+    from . import _kernels
+
+    return _kernels
+
+
+def _kind(x: Any) -> str:
+    """'torch', 'cupy', 'numba' (or another ``__cuda_array_interface__`` producer) or 'host'."""
+    if x is None or isinstance(x, np.ndarray):
+        return "host"
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        return "torch" if getattr(x, "is_cuda", False) else "host"
+    if hasattr(x, "__cuda_array_interface__") or getattr(x, "__cuda_ndarray__", False):
+        return "cupy" if mod == "cupy" else "numba"
+    return "host"
+
+
+_streams: dict = {}
+
+
+def _stream(kind: str, x: Any):  # type: ignore[no-untyped-def]
+    """The stream the producer of ``x`` works on (cached wrappers of external streams)."""
+    if _simulated():
+        return 0
+    cuda = _cuda()
+    ptr = 0
+    if kind == "torch":
+        import torch
+
+        ptr = int(torch.cuda.current_stream(x.device).cuda_stream)
+    elif kind == "cupy":
+        import cupy
+
+        ptr = int(cupy.cuda.get_current_stream().ptr)
+    if ptr == 0:
+        return cuda.default_stream()
+    st = _streams.get(ptr)
+    if st is None:
+        st = _streams[ptr] = cuda.external_stream(ptr)
+    return st
+
+
+def _view(x: Any, kind: str, stream: Any, name: str):  # type: ignore[no-untyped-def]
+    """A numba device array for ``x``: a zero-copy view of device arrays, a copy of host arrays."""
+    cuda = _cuda()
+    if kind == "host":
+        a = np.ascontiguousarray(V.host_array(x, name))
+        return cuda.to_device(a, stream=stream)
+    if kind == "torch" and not x.is_contiguous():
+        x = x.contiguous()
+    elif kind == "cupy" and not x.flags.c_contiguous:
+        import cupy
+
+        x = cupy.ascontiguousarray(x)
+    if getattr(x, "__cuda_ndarray__", False):
+        v = x
+    else:
+        v = cuda.as_cuda_array(x, sync=False)
+    if not v.is_c_contiguous():
+        # a strided numba array or foreign producer: one contiguous copy through the host
+        v = cuda.to_device(np.ascontiguousarray(v.copy_to_host()), stream=stream)
+    return v
+
+
+def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any):  # type: ignore[no-untyped-def]
+    """(native array of the caller's kind, numba view of it)."""
+    cuda = _cuda()
+    dtype = np.dtype(dtype)
+    if kind == "torch":
+        import torch
+
+        tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[dtype]
+        a = torch.empty(shape, dtype=tdt, device=like.device)
+        return a, cuda.as_cuda_array(a, sync=False)
+    if kind == "cupy":
+        import cupy
+
+        a = cupy.empty(shape, dtype=dtype)
+        return a, cuda.as_cuda_array(a, sync=False)
+    a = cuda.device_array(shape, dtype=dtype, stream=stream)
+    return a, a
+
+
+_params: dict = {}
+_dummies: dict = {}
+
+
+def _device_params(terms: Terms, stream: Any):  # type: ignore[no-untyped-def]
+    """The packed parameters on the device, cached per distinct loss (read-only)."""
+    dev = 0 if _simulated() else _cuda().get_current_device().id
+    key = (terms, dev)
+    p = _params.get(key)
+    if p is None:
+        if len(_params) > 256:
+            _params.clear()
+        p = _params[key] = _cuda().to_device(terms.pack(), stream=stream)
+    return p
+
+
+def _dummy(dtype: Any):  # type: ignore[no-untyped-def]
+    """A one-element device array standing in for an absent (never read) argument."""
+    dev = 0 if _simulated() else _cuda().get_current_device().id
+    key = (np.dtype(dtype).str, dev)
+    d = _dummies.get(key)
+    if d is None:
+        d = _dummies[key] = _cuda().to_device(np.zeros(1, dtype=dtype))
+    return d
+
+
+def _launch(rows: int, n: int) -> tuple[int, int, int]:
+    """(grid, block, threads per row) for a ``rows x n`` problem."""
+    cfg = SIM_LAUNCH if _simulated() else GPU_LAUNCH
+    if n <= cfg["small_n"]:
+        block = cfg["block_small"]
+        g = min(cfg["group"], block)
+    else:
+        block = cfg["block_mid"] if n <= cfg["large_n"] else cfg["block_large"]
+        g = block
+    per_block = block // g
+    grid = max(1, min((rows + per_block - 1) // per_block, cfg["max_grid"]))
+    return grid, block, g
+
+
+def _ptr_range(v: Any) -> tuple[int, int]:
+    if _simulated():
+        a = v._ary
+        return a.__array_interface__["data"][0], a.nbytes
+    return v.device_ctypes_pointer.value or 0, v.nbytes
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    pa, na = _ptr_range(a)
+    pb, nb = _ptr_range(b)
+    return pa < pb + nb and pb < pa + na
+
+
+def _result(native: Any, kind: str, shape: tuple[int, ...], stream: Any) -> Any:
+    if kind == "host":
+        return native.copy_to_host(stream=stream).reshape(shape)
+    return native.reshape(shape)
+
+
+def _ce_mode(terms: Terms, has_labels: bool) -> int:
+    K = _K()
+    if terms.hard_w == 0.0 or not has_labels:
+        return K.CE_NONE
+    if terms.div_kind != DIV_NONE and terms.tau == 1.0:
+        return K.CE_SHARED
+    return K.CE_OWN
+
+
+def _read_info(info: Any, stream: Any) -> np.ndarray:
+    h = info.copy_to_host(stream=stream)
+    if not _simulated():
+        stream.synchronize()
+    return h
+
+
+def _raise_bad_labels(lab_view: Any, n: int, ignore_index: int, stream: Any) -> None:
+    err = V.label_range_error(lab_view.copy_to_host(stream=stream).astype(np.int64), n, ignore_index)
+    if err is not None:
+        raise err
+
+
+# ------------------------------------------------------------------ operations
+
+
+def response(
+    student: Any,
+    teacher: Any,
+    labels: Any,
+    terms: Any,
+    ignore_index: int,
+    *,
+    reduction: str,
+    num_items: Any,
+    want_grad: bool,
+    grad_out: Any,
+    needs_labels: bool,
+) -> tuple[Any, Any]:
+    """One response loss on the GPU: ``(loss, grad or None)`` in the caller's array kind."""
+    from .. import _dispatch
+
+    K = _K()
+    s_shape, s_dtype = V.shape_dtype(student)
+    n = int(s_shape[-1])
+    rows = int(np.prod(s_shape[:-1], dtype=np.int64))
+    kind = _kind(student)
+    stream = _stream(kind, student)
+    s = _view(student, kind, stream, "student").reshape(rows, n)
+    t = _view(teacher, _kind(teacher), stream, "teacher").reshape(rows, n)
+    has_labels = labels is not None
+    info_native = None
+    info = None
+    if has_labels:
+        lab = _view(labels, _kind(labels), stream, "labels").reshape(rows)
+        info_native, info = _alloc(kind, student, (3,), np.float64, stream)
+        K.label_kernel[1, K.RED_BLOCK, stream](lab, n, int(ignore_index), info)
+    else:
+        lab = _dummy(np.int64)
+    try:
+        terms, red, n_items = _dispatch.resolve_params(terms, reduction, num_items, labels, needs_labels)
+    except V.InvalidParameterError:
+        if has_labels and _read_info(info, stream)[1] > 0:  # contract order: label range first
+            _raise_bad_labels(lab, n, ignore_index, stream)
+        raise
+    # gradient buffer
+    g_native = None
+    g = s  # never written unless want_grad
+    g_host = None
+    if want_grad:
+        if grad_out is not None:
+            g_kind = _kind(grad_out)
+            if g_kind == "host":
+                g_host = V.grad_out(V.host_array(grad_out, "grad_out"), s_shape, s_dtype,
+                                    (V.host_array(teacher, "teacher") if _kind(teacher) == "host" else None,))
+                g_native = _cuda().device_array((rows, n), dtype=s_dtype, stream=stream)
+                g = g_native
+            else:
+                g_shape, g_dtype = V.shape_dtype(grad_out)
+                if tuple(g_shape) != tuple(s_shape):
+                    raise V.DimensionMismatchError(
+                        expected=rows * n, got=int(np.prod(g_shape, dtype=np.int64)),
+                        message=f"grad_out shape {tuple(g_shape)} differs from student shape {tuple(s_shape)}",
+                    )
+                if g_dtype != s_dtype:
+                    raise TypeError(f"grad_out dtype {g_dtype} differs from student dtype {s_dtype}")
+                gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else _cuda().as_cuda_array(
+                    grad_out, sync=False)
+                if not gv.is_c_contiguous():
+                    raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
+                g = gv.reshape(rows, n)
+                if _overlaps(g, t) or (has_labels and _overlaps(g, lab)):
+                    raise V.InvalidParameterError("grad_out must not share memory with the teacher logits or labels")
+                g_native = grad_out
+        else:
+            g_native, g = _alloc(kind, student, (rows, n), s_dtype, stream)
+            g_kind = kind
+    # row losses: the result itself for 'none', a float64 partials buffer otherwise
+    if red == "none":
+        rows_native, row_buf = _alloc(kind, student, (rows,), s_dtype, stream)
+    else:
+        rows_native, row_buf = _alloc(kind, student, (rows,), np.float64, stream)
+        if info is None:
+            info_native, info = _alloc(kind, student, (3,), np.float64, stream)
+    red_mean = red == "mean"
+    nit = float(n_items) if n_items is not None else 0.0
+    info_arg = info if info is not None else _dummy(np.float64)
+    kernel = K.response_kernel(terms.div_kind, _ce_mode(terms, has_labels),
+                               terms.mse_w != 0.0 or terms.cos_w != 0.0, s_dtype == np.float32)
+    grid, block, G = _launch(rows, n)
+    kernel[grid, block, stream](s, t, lab, has_labels, int(ignore_index), _device_params(terms, stream), info_arg,
+                                red_mean, nit, bool(want_grad), row_buf, g, G)
+    loss: Any = None
+    if red != "none":
+        K.sum_kernel[1, K.RED_BLOCK, stream](row_buf, has_labels, red_mean, nit, info)
+    if info is not None:
+        h = _read_info(info, stream)
+        if has_labels and h[1] > 0:
+            _raise_bad_labels(lab, n, ignore_index, stream)
+        if red != "none":
+            loss = float(h[2])
+    if red == "none":
+        loss = _result(rows_native, kind, tuple(s_shape[:-1]), stream)
+    grad = None
+    if want_grad:
+        if g_host is not None:
+            g_native.copy_to_host(g_host.reshape(rows, n), stream=stream)
+            if not _simulated():
+                stream.synchronize()
+            grad = g_host
+        elif grad_out is not None:
+            grad = grad_out
+        else:
+            grad = _result(g_native, g_kind, tuple(s_shape), stream)
+    if kind == "host" and not _simulated():
+        stream.synchronize()
+    return loss, grad
+
+
+def softmax(x: Any, tau: float, *, log: bool) -> Any:
+    """Row-wise (log-)softmax of ``x / tau`` on the GPU, in ``x``'s array kind, shape and dtype."""
+    K = _K()
+    shape, dtype = V.shape_dtype(x)
+    n = int(shape[-1])
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    kind = _kind(x)
+    stream = _stream(kind, x)
+    xv = _view(x, kind, stream, "x").reshape(rows, n)
+    out_native, out = _alloc(kind, x, (rows, n), dtype, stream)
+    grid, block, G = _launch(rows, n)
+    K.softmax_kernel(bool(log), dtype == np.float32)[grid, block, stream](xv, float(1.0 / tau), out, G)
+    res = _result(out_native, kind, tuple(shape), stream)
+    if kind == "host" and not _simulated():
+        stream.synchronize()
+    return res
+
+
+__all__ = ["status", "response", "softmax"]

@@ -1,0 +1,595 @@
+"""CUDA kernels: the fused response loss with its gradient, row-wise softmax, labels and reduction.
+
+Private module, imported only once :func:`fastdistill.cuda.status` found a usable device (or the CUDA
+simulator was explicitly allowed). Every kernel works on *row groups*: ``G`` consecutive threads of a
+block share one row (``G`` = 32, a warp, for short rows; ``G`` = the block for long rows) and the blocks
+walk over the rows grid-stride. All loop counters and offsets are int64. Per row:
+
+1. one streaming pass with an *online* softmax: each thread keeps running maxima of ``t`` and ``s`` and
+   rescales its sums when a maximum grows, so the maxima, the exponential sums, the KL cross terms, the
+   cross-entropy normaliser, the label-smoothing sum and the MSE/cosine dot products all come from one
+   read; the group then merges maxima, rescales and sums;
+2. (mixture divergences and TVD only) the terms that need the normalised probabilities (float64 math);
+3. (gradient only) one fused write of the gradient, read-before-write per element, so the gradient may
+   be the student array itself.
+
+Elementwise exponentials run in the input precision; every accumulator and every reduction is float64,
+and reductions combine values in a fixed order (no atomics), so results are deterministic run to run.
+The semantics are those of the CPU kernels (``fastdistill.cpu._kernels``).
+
+On a real GPU, group reductions use warp shuffles (plus one shared-memory step across the warps of a
+block). The CUDA simulator has no shuffles: when it is active (``SIM``, decided once at import) the
+reductions go through shared memory instead; nothing else differs.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, float64, int64
+try:
+    from numba.cuda.core import config as _config
+except ImportError:  # older numba-cuda
+    from numba.core import config as _config
+
+from .._spec import (
+    DIV_FORWARD_KL,
+    DIV_MIXTURE,
+    DIV_NONE,
+    DIV_REVERSE_KL,
+    DIV_TVD,
+    P_COS_W,
+    P_CP,
+    P_CQ,
+    P_DIV_W,
+    P_HARD_W,
+    P_LAM,
+    P_MSE_W,
+    P_SMOOTH,
+    P_TAU,
+)
+
+SIM = bool(_config.ENABLE_CUDASIM)
+
+CE_NONE = 0
+CE_SHARED = 1  # cross-entropy at tau == 1 next to a divergence: shares the student normaliser
+CE_OWN = 2
+
+WARP = 32
+FULL_MASK = 0xFFFFFFFF
+NK = 10  # values reduced at once
+# shared-memory columns of the group reduction: one per warp on a GPU (<= 1024 threads), one per thread
+# in the simulator (whose blocks are kept small)
+SH = 64 if SIM else 32
+MAX_BLOCK = SH if SIM else 1024
+RED_BLOCK = 8 if SIM else 256  # threads of the single-block label / final-sum kernels
+
+NEG_INF = -np.inf
+
+_JIT = {} if SIM else {"cache": True}
+# the response kernel is register-hungry (float64 statistics); capping registers keeps blocks of up to
+# 512 threads launchable (512 x 128 = 64K registers per block)
+_JIT_RESPONSE = {} if SIM else {"cache": True, "max_registers": 128}
+
+
+# ---------------------------------------------------------------- group reductions
+
+
+@cuda.jit(device=True, inline=True)
+def _op(a, b, is_max):  # type: ignore[no-untyped-def]
+    if is_max:
+        return a if a > b else b
+    return a + b
+
+
+@cuda.jit(device=True)
+def _group_reduce(v, nk, is_max, sh, G):  # type: ignore[no-untyped-def]
+    """Reduce ``v[0:nk]`` over the ``G`` threads of each row group; every thread gets the results.
+
+    Must be reached by every thread of the block (it synchronises the block when ``G`` spans several
+    warps, and always in the simulator). Fixed combination order: deterministic.
+    """
+    tid = cuda.threadIdx.x
+    if SIM:
+        base = (tid // G) * G
+        cuda.syncthreads()
+        for k in range(nk):
+            sh[k, tid] = v[k]
+        cuda.syncthreads()
+        for k in range(nk):
+            acc = sh[k, base]
+            for i in range(1, G):
+                acc = _op(acc, sh[k, base + i], is_max)
+            v[k] = acc
+        cuda.syncthreads()
+    else:
+        width = G if G < WARP else WARP
+        for k in range(nk):
+            x = v[k]
+            off = width // 2
+            while off > 0:
+                x = _op(x, cuda.shfl_xor_sync(FULL_MASK, x, off), is_max)
+                off //= 2
+            v[k] = x
+        if G > WARP:  # G is the whole block here
+            nw = G // WARP
+            w = tid // WARP
+            cuda.syncthreads()
+            if tid % WARP == 0:
+                for k in range(nk):
+                    sh[k, w] = v[k]
+            cuda.syncthreads()
+            for k in range(nk):
+                acc = sh[k, 0]
+                for i in range(1, nw):
+                    acc = _op(acc, sh[k, i], is_max)
+                v[k] = acc
+
+
+@cuda.jit(device=True, inline=True)
+def _rescale(m_own, m_all, invt):  # type: ignore[no-untyped-def]
+    """Factor taking a sum of exp((x - m_own) * invt) to the reference m_all (1 when equal, incl. +-inf)."""
+    if m_own == m_all:
+        return 1.0
+    return math.exp((m_own - m_all) * invt)
+
+
+@cuda.jit(device=True, inline=True)
+def _logaddexp(x, y):  # type: ignore[no-untyped-def]
+    m = x if x > y else y
+    if m == NEG_INF:
+        return m
+    return m + math.log(math.exp(x - m) + math.exp(y - m))
+
+
+@cuda.jit(device=True, inline=True)
+def _mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
+    """``(cp * p + cq * q) / m`` without overflow (each ratio is bounded when its weight is non-zero)."""
+    r = 0.0
+    if cp != 0.0:
+        r += cp * math.exp(lp - lm)
+    if cq != 0.0:
+        r += cq * math.exp(lq - lm)
+    return r
+
+
+@cuda.jit(device=True, inline=True)
+def _sign(x):  # type: ignore[no-untyped-def]
+    if x > 0.0:
+        return 1.0
+    if x < 0.0:
+        return -1.0
+    return 0.0 * x
+
+
+@cuda.jit(device=True, inline=True)
+def _scale(has_labels, info, rows, red_mean, n_items):  # type: ignore[no-untyped-def]
+    """The reduction factor applied to the gradient (0 when no row is counted under 'mean')."""
+    if not red_mean:
+        return 1.0
+    d = n_items
+    if d <= 0.0:
+        d = info[0] if has_labels else float64(rows)
+    return 1.0 / d if d > 0.0 else 0.0
+
+
+# ---------------------------------------------------------------- response kernel
+
+
+_RESPONSE: dict = {}
+
+
+def response_kernel(div: int, ce: int, lin: bool, f32: bool):  # type: ignore[no-untyped-def]
+    """The kernel for one (divergence, cross-entropy mode, linear term, float32) variant.
+
+    ``kernel[grid, block, stream](s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items,
+    want_grad, out_loss, grad, G)``: ``s``, ``t`` 2-D ``(rows, n)``; ``labels`` 1-D integers; ``P`` the
+    packed float64 parameters; ``info`` float64 ``[counted rows, bad labels, loss]`` (``info[0]`` read
+    for 'mean' with labels); ``n_items`` <= 0 means none; ``out_loss`` receives the unscaled row losses
+    (0 for ignored rows); ``grad`` the gradient of the reduced loss when ``want_grad``; ``G`` threads
+    per row (a power of two dividing the block; > 32 only when equal to the block).
+    """
+    key = (div, ce, lin, f32)
+    k = _RESPONSE.get(key)
+    if k is None:
+        k = _RESPONSE[key] = _make_response(div, ce, lin, f32)
+    return k
+
+
+def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: C901
+    ft = float32 if F32 else float64
+    HAS_DIV = DIV != DIV_NONE
+    NEED_MS = HAS_DIV or CE != CE_NONE
+    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+
+    @cuda.jit(**_JIT_RESPONSE)
+    def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G):  # type: ignore[no-untyped-def]  # noqa: E501
+        rows = int64(s.shape[0])
+        n = int64(s.shape[1])
+        tid = int64(cuda.threadIdx.x)
+        gpb = int64(cuda.blockDim.x) // G
+        lane = tid % G
+        sh = cuda.shared.array((NK, SH), float64)
+        v = cuda.local.array(NK, float64)
+        scale = _scale(has_labels, info, rows, red_mean, n_items)
+        tau = P[P_TAU]
+        invt64 = 1.0 / tau
+        invt = ft(invt64)
+        zero = ft(0.0)
+        eps = P[P_SMOOTH]
+        nf = float64(n)
+        step = int64(cuda.gridDim.x) * gpb
+        for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):  # uniform across the block
+            r = base + tid // G
+            counted = r < rows
+            lab = int64(-1)
+            if counted and has_labels:
+                lab = int64(labels[r])
+                counted = lab != ignore_index
+            hard = counted and lab >= 0 and lab < n and CE != CE_NONE
+            # ---- pass 1: online maxima and sums
+            mt = ft(NEG_INF)
+            ms = ft(NEG_INF)
+            sa = 0.0
+            sb = 0.0
+            sx = 0.0
+            s1 = 0.0
+            ssum = 0.0
+            d2 = 0.0
+            dst = 0.0
+            dss = 0.0
+            dtt = 0.0
+            nan = 0.0
+            if counted:
+                for j in range(lane, n, G):
+                    tj = ft(t[r, j])
+                    sj = ft(s[r, j])
+                    if not (tj == tj and sj == sj):
+                        nan += 1.0
+                    if HAS_DIV:
+                        if tj > mt:
+                            c = float64(math.exp((mt - tj) * invt))
+                            sa *= c
+                            if DIV == DIV_FORWARD_KL:
+                                sx *= c
+                            mt = tj
+                        wa = zero if tj == NEG_INF else math.exp((tj - mt) * invt)
+                        sa += wa
+                        if DIV == DIV_FORWARD_KL and wa > zero:
+                            sx += float64(wa * (tj - sj))
+                    if NEED_MS:
+                        if sj > ms:
+                            if HAS_DIV:
+                                c = float64(math.exp((ms - sj) * invt))
+                                sb *= c
+                                if DIV == DIV_REVERSE_KL:
+                                    sx *= c
+                            if CE == CE_OWN:
+                                s1 *= float64(math.exp(ms - sj))
+                            ms = sj
+                        if HAS_DIV:
+                            wb = zero if sj == NEG_INF else math.exp((sj - ms) * invt)
+                            sb += wb
+                            if DIV == DIV_REVERSE_KL and wb > zero:
+                                sx += float64(wb * (sj - tj))
+                        if CE == CE_OWN:
+                            s1 += zero if sj == NEG_INF else math.exp(sj - ms)
+                    if CE != CE_NONE:
+                        ssum += sj
+                    if LIN:
+                        d = tj - sj
+                        d2 += d * d
+                        dst += sj * tj
+                        dss += sj * sj
+                        dtt += tj * tj
+            v[0] = mt
+            v[1] = ms
+            _group_reduce(v, 2, True, sh, G)
+            MT = v[0]
+            MS = v[1]
+            if HAS_DIV:
+                fa = _rescale(float64(mt), MT, invt64)
+                fb = _rescale(float64(ms), MS, invt64)
+                sa *= fa
+                sb *= fb
+                if DIV == DIV_FORWARD_KL:
+                    sx *= fa
+                elif DIV == DIV_REVERSE_KL:
+                    sx *= fb
+            if CE == CE_OWN:
+                s1 *= _rescale(float64(ms), MS, 1.0)
+            v[0] = sa
+            v[1] = sb
+            v[2] = sx
+            v[3] = s1
+            v[4] = ssum
+            v[5] = d2
+            v[6] = dst
+            v[7] = dss
+            v[8] = dtt
+            v[9] = nan
+            _group_reduce(v, NK, False, sh, G)
+            SA = v[0]
+            SB = v[1]
+            SX = v[2]
+            S1 = v[3]
+            SSUM = v[4]
+            D2 = v[5]
+            DST = v[6]
+            DSS = v[7]
+            DTT = v[8]
+            NAN = v[9]
+            # a row masked entirely (-inf everywhere) has no distribution: NaN, as on the CPU
+            if MT == NEG_INF:
+                SA = np.nan
+            if MS == NEG_INF:
+                SB = np.nan
+                S1 = np.nan
+            if CE == CE_SHARED:
+                S1 = SB
+            lsa = math.log(SA) if HAS_DIV else 0.0
+            lsb = math.log(SB) if HAS_DIV else 0.0
+            # ---- pass 2: mixture / TVD terms (float64)
+            lam = P[P_LAM]
+            cp = P[P_CP]
+            cq = P[P_CQ]
+            loglam = math.log(lam) if lam > 0.0 else NEG_INF
+            log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
+            KP = 0.0
+            KQ = 0.0
+            R = 0.0
+            if TWO_PASS:
+                kp = 0.0
+                kq = 0.0
+                rr = 0.0
+                if counted:
+                    for j in range(lane, n, G):
+                        lp = (float64(t[r, j]) - MT) * invt64 - lsa
+                        lq = (float64(s[r, j]) - MS) * invt64 - lsb
+                        p = math.exp(lp)
+                        q = math.exp(lq)
+                        if DIV == DIV_MIXTURE:
+                            lm = _logaddexp(loglam + lp, log1mlam + lq)
+                            if p > 0.0:
+                                kp += p * (lp - lm)
+                            if q > 0.0:
+                                kq += q * (lq - lm)
+                                rr += q * _mix_ratio(lp, lq, lm, cp, cq)
+                        else:
+                            kp += abs(p - q)
+                            kq += q * 0.5 * _sign(q - p)
+                v[0] = kp
+                v[1] = kq
+                v[2] = rr
+                _group_reduce(v, 3, False, sh, G)
+                KP = v[0]
+                KQ = v[1]
+                R = v[2]
+            # ---- row loss (float64)
+            if counted:
+                loss = 0.0
+                dw = P[P_DIV_W]
+                if DIV == DIV_FORWARD_KL:
+                    loss += dw * (invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
+                elif DIV == DIV_REVERSE_KL:
+                    loss += dw * (invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
+                elif DIV == DIV_MIXTURE:
+                    loss += dw * (cp * KP + cq * KQ)
+                elif DIV == DIV_TVD:
+                    loss += dw * 0.5 * KP
+                lse1 = 0.0
+                if CE != CE_NONE:
+                    lse1 = MS + math.log(S1)
+                    if hard:
+                        h = (1.0 - eps) * (lse1 - float64(s[r, lab]))
+                        if eps != 0.0:
+                            h += eps * (lse1 - SSUM / nf)
+                        loss += P[P_HARD_W] * h
+                cos = 0.0
+                den = 0.0
+                if LIN:
+                    den = math.sqrt(DSS) * math.sqrt(DTT)
+                    cos = DST / den if den > 0.0 else 0.0
+                    loss += P[P_MSE_W] * D2 / nf + P[P_COS_W] * (1.0 - cos)
+                if NAN != 0.0:
+                    loss = np.nan
+                if lane == 0:
+                    out_loss[r] = loss
+                # ---- pass 3: gradient
+                if want_grad:
+                    cd64 = scale * P[P_DIV_W] * invt64
+                    cd = ft(cd64)
+                    mtf = ft(MT)
+                    msf = ft(MS)
+                    isa = ft(1.0 / SA) if HAS_DIV else zero
+                    isb = ft(1.0 / SB) if HAS_DIV else zero
+                    roff = zero
+                    if DIV == DIV_REVERSE_KL:
+                        dd = invt64 * SX / SB - ((MS - MT) * invt64 + lsb - lsa)
+                        roff = ft(lsa - lsb - dd)
+                    big_g = 0.0
+                    if DIV == DIV_MIXTURE:
+                        big_g = cq * KQ - (1.0 - lam) * R
+                    elif DIV == DIV_TVD:
+                        big_g = KQ
+                    ch = ft(scale * P[P_HARD_W]) if hard else zero
+                    ceps = ft(scale * P[P_HARD_W] * eps / nf) if hard else zero
+                    c_lab = ft(scale * P[P_HARD_W] * (1.0 - eps)) if hard else zero
+                    is1 = ft(1.0 / S1) if CE == CE_OWN else zero
+                    a_s = zero
+                    b_t = zero
+                    if LIN:
+                        a64 = 2.0 * P[P_MSE_W] / nf
+                        b64 = -a64
+                        if den > 0.0:
+                            a64 += P[P_COS_W] * cos / DSS
+                            b64 -= P[P_COS_W] / den
+                        a_s = ft(scale * a64)
+                        b_t = ft(scale * b64)
+                    for j in range(lane, n, G):
+                        sj = ft(s[r, j])
+                        tj = ft(t[r, j])
+                        acc = zero
+                        q = zero
+                        if HAS_DIV:
+                            q = math.exp((sj - msf) * invt) * isb
+                        if DIV == DIV_FORWARD_KL:
+                            acc += cd * (q - math.exp((tj - mtf) * invt) * isa)
+                        elif DIV == DIV_REVERSE_KL:
+                            if q > zero:
+                                acc += cd * (q * ((sj - msf) * invt - (tj - mtf) * invt + roff))
+                            else:
+                                acc += cd * (q * zero)
+                        elif DIV == DIV_MIXTURE:
+                            lp = (float64(tj) - MT) * invt64 - lsa
+                            lq = (float64(sj) - MS) * invt64 - lsb
+                            lm = _logaddexp(loglam + lp, log1mlam + lq)
+                            q64 = math.exp(lq)
+                            if q64 > 0.0:
+                                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
+                                acc += ft(cd64 * (q64 * (gk - big_g)))
+                            else:
+                                acc += ft(cd64 * (q64 * 0.0))
+                        elif DIV == DIV_TVD:
+                            p64 = math.exp((float64(tj) - MT) * invt64 - lsa)
+                            q64 = math.exp((float64(sj) - MS) * invt64 - lsb)
+                            acc += ft(cd64 * q64 * (0.5 * _sign(q64 - p64) - big_g))
+                        if CE == CE_SHARED:
+                            acc += ch * q - ceps
+                        elif CE == CE_OWN:
+                            acc += ch * math.exp(sj - msf) * is1 - ceps
+                        if CE != CE_NONE and j == lab:
+                            acc -= c_lab
+                        if LIN:
+                            acc += a_s * sj + b_t * tj
+                        grad[r, j] = acc
+            elif r < rows:
+                if lane == 0:
+                    out_loss[r] = 0.0
+                if want_grad:
+                    for j in range(lane, n, G):
+                        grad[r, j] = zero
+
+    return kernel
+
+
+# ---------------------------------------------------------------- softmax
+
+
+_SOFTMAX: dict = {}
+
+
+def softmax_kernel(log: bool, f32: bool):  # type: ignore[no-untyped-def]
+    """``kernel[grid, block, stream](x, invt, out, G)``: row-wise (log-)softmax of ``x * invt``."""
+    key = (log, f32)
+    k = _SOFTMAX.get(key)
+    if k is None:
+        k = _SOFTMAX[key] = _make_softmax(log, f32)
+    return k
+
+
+def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
+    ft = float32 if F32 else float64
+
+    @cuda.jit(**_JIT)
+    def kernel(x, invt64, out, G):  # type: ignore[no-untyped-def]
+        rows = int64(x.shape[0])
+        n = int64(x.shape[1])
+        tid = int64(cuda.threadIdx.x)
+        gpb = int64(cuda.blockDim.x) // G
+        lane = tid % G
+        sh = cuda.shared.array((NK, SH), float64)
+        v = cuda.local.array(NK, float64)
+        invt = ft(invt64)
+        zero = ft(0.0)
+        step = int64(cuda.gridDim.x) * gpb
+        for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):
+            r = base + tid // G
+            active = r < rows
+            m = ft(NEG_INF)
+            ssum = 0.0
+            nan = 0.0
+            if active:
+                for j in range(lane, n, G):
+                    xj = ft(x[r, j])
+                    if xj != xj:
+                        nan += 1.0
+                    if xj > m:
+                        ssum *= float64(math.exp((m - xj) * invt))
+                        m = xj
+                    ssum += zero if xj == NEG_INF else math.exp((xj - m) * invt)
+            v[0] = m
+            _group_reduce(v, 1, True, sh, G)
+            M = v[0]
+            v[0] = ssum * _rescale(float64(m), M, invt64)
+            v[1] = nan
+            _group_reduce(v, 2, False, sh, G)
+            S = v[0]
+            if v[1] != 0.0 or M == NEG_INF:
+                S = np.nan
+            if active:
+                mf = ft(M)
+                if LOG:
+                    off = ft(math.log(S))
+                    for j in range(lane, n, G):
+                        out[r, j] = (ft(x[r, j]) - mf) * invt - off
+                else:
+                    inv = ft(1.0 / S)
+                    for j in range(lane, n, G):
+                        out[r, j] = math.exp((ft(x[r, j]) - mf) * invt) * inv
+
+    return kernel
+
+
+# ---------------------------------------------------------------- labels and the final sum
+
+
+@cuda.jit(device=True)
+def _block_sum(x, buf):  # type: ignore[no-untyped-def]
+    """Sum of ``x`` over the block (fixed tree order); thread 0 gets the result. Block size: power of 2."""
+    tid = cuda.threadIdx.x
+    buf[tid] = x
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            buf[tid] = buf[tid] + buf[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    return buf[0]
+
+
+@cuda.jit(**_JIT)
+def label_kernel(labels, n, ignore_index, info):  # type: ignore[no-untyped-def]
+    """One block: ``info[0]`` = rows whose label is not ``ignore_index``, ``info[1]`` = bad labels."""
+    buf = cuda.shared.array(RED_BLOCK, float64)
+    tid = int64(cuda.threadIdx.x)
+    rows = int64(labels.shape[0])
+    cnt = 0.0
+    bad = 0.0
+    for i in range(tid, rows, int64(cuda.blockDim.x)):
+        lab = int64(labels[i])
+        if lab != ignore_index:
+            cnt += 1.0
+            if lab < 0 or lab >= n:
+                bad += 1.0
+    c = _block_sum(cnt, buf)
+    cuda.syncthreads()
+    b = _block_sum(bad, buf)
+    if tid == 0:
+        info[0] = c
+        info[1] = b
+
+
+@cuda.jit(**_JIT)
+def sum_kernel(row_loss, has_labels, red_mean, n_items, info):  # type: ignore[no-untyped-def]
+    """One block: ``info[2]`` = the reduced loss (fixed-order sum of the row losses, times the factor)."""
+    buf = cuda.shared.array(RED_BLOCK, float64)
+    tid = int64(cuda.threadIdx.x)
+    rows = int64(row_loss.shape[0])
+    acc = 0.0
+    for i in range(tid, rows, int64(cuda.blockDim.x)):
+        acc += row_loss[i]
+    total = _block_sum(acc, buf)
+    if tid == 0:
+        info[2] = total * _scale(has_labels, info, rows, red_mean, n_items)
