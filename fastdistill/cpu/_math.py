@@ -17,15 +17,19 @@ from numba.extending import intrinsic, overload
 
 
 @intrinsic
-def _bits_as_f32(typingctx, bits):  # type: ignore[no-untyped-def]
-    """Reinterpret an int32 as a float32 (LLVM bitcast)."""
-    if bits != types.int32:
+def _pow2(typingctx, nf):  # type: ignore[no-untyped-def]
+    """``2**n`` for an integral float32 ``n`` in [-126, 127]: exponent bits built in int32 (LLVM IR, so
+    no int64 promotion gets in the way of vectorization)."""
+    if nf != types.float32:
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.FloatType())
+        i32 = ir.IntType(32)
+        n = builder.fptosi(args[0], i32)
+        bits = builder.shl(builder.add(n, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
 
-    return types.float32(types.int32), codegen
+    return types.float32(types.float32), codegen
 
 
 def fexp(x):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
@@ -52,12 +56,11 @@ def _fexp_impl(x):  # type: ignore[no-untyped-def]
 
         def impl(x):  # type: ignore[no-untyped-def]
             xc = x if x > lo else lo
-            n = math.floor(xc * log2e + half)
+            n = np.floor(xc * log2e + half)  # nearest integer, kept in float32 (math.floor gives int64)
             r = xc - n * c1 - n * c2
             z = r * r
             y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * z + r + one
-            scale = _bits_as_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
-            return y * scale if x > lo else zero
+            return y * _pow2(n) if x > lo else zero
 
         return impl
     if x == types.float64:
