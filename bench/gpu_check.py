@@ -124,7 +124,7 @@ def _time(torch, fn, reps, warm=3):
     return statistics.median(out)
 
 
-def check(torch, fd, shapes, quick, lines):
+def check(torch, fd, shapes, quick, lines, only=None, cpu=True):
     """(a): correctness. Appends table lines, returns the worst errors."""
     dev = "cuda"
     sub = 32 if quick else 64
@@ -139,12 +139,16 @@ def check(torch, fd, shapes, quick, lines):
         y = torch.randint(0, n, (rows,), device=dev, generator=g)
         y[::7] = IGNORE
         for name, make, with_labels in _losses(fd):
+            if only and name not in only:
+                continue
             obj = make()
             lab = y if with_labels else None
             if with_labels:
+                obj.loss_and_grad(s, t, lab, reduction="none")  # the first call compiles; check the second
                 r32, g32 = obj.loss_and_grad(s, t, lab, reduction="none")
                 r64, g64 = obj.loss_and_grad(s[:sub].double(), t[:sub].double(), lab[:sub], reduction="none")
             else:
+                obj.compute_with_grad(s, t, reduction="none")
                 r32, g32 = obj.compute_with_grad(s, t, reduction="none")
                 r64, g64 = obj.compute_with_grad(s[:sub].double(), t[:sub].double(), reduction="none")
             assert isinstance(r32, torch.Tensor) and r32.is_cuda and g32.shape == s.shape
@@ -155,7 +159,7 @@ def check(torch, fd, shapes, quick, lines):
             e_64 = max(_rel(r32[:sub], r64), _rel(g32[:sub], g64))
             e_ref64 = max(_rel(r64, ref.detach()), _rel(g64, ss.grad))
             e_cpu = float("nan")
-            if name in ("kl", "jsd.5", "mse", "ce+kl t=4"):  # CPU compiles are slow: a few variants
+            if cpu and name in ("kl", "jsd.5", "mse", "ce+kl t=4"):  # CPU compiles are slow: a few variants
                 sc, tc = s[:cpu_sub].cpu().numpy(), t[:cpu_sub].cpu().numpy()
                 if with_labels:
                     rc, gc = obj.loss_and_grad(sc, tc, y[:cpu_sub].cpu().numpy(), reduction="none", backend="cpu")
@@ -295,6 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--skip-check", action="store_true", help="timings only")
     ap.add_argument("--skip-speed", action="store_true", help="correctness only")
+    ap.add_argument("--losses", default="", help="check only these losses (comma-separated names)")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the comparison with the CPU backend")
+    ap.add_argument("--check-quick", action="store_true", help="check at the --quick shapes, time at the full ones")
     args = ap.parse_args(argv)
     import warnings
 
@@ -322,7 +329,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     worst = 0.0
     if not args.skip_check:
-        worst = check(torch, fd, shapes, args.quick, lines)
+        only = {x.strip() for x in args.losses.split(",") if x.strip()}
+        worst = check(torch, fd, QUICK_SHAPES if args.check_quick else shapes, args.quick, lines, only,
+                      not args.no_cpu)
         lines.append("")
         lines.append(f"worst relative error of float32 results against the references: {worst:.2e} "
                      f"({'OK' if worst < 1e-5 else 'ABOVE 1e-5'}); check took {time.time() - t0:.0f} s")
@@ -331,7 +340,7 @@ def main(argv=None) -> int:
         speed(torch, fd, shapes, args.quick, not args.no_compile, lines)
         overhead(torch, fd, lines, args.quick)
         lines.append("")
-        lines.append(f"timings took {time.time() - t1:.0f} s")
+        lines.append(f"timings took {time.time() - t1:.0f} s; kernel launches: {fc.launch_path()}")
     table = "\n".join(lines)
     print("\n" + table, flush=True)
     if args.out is not None:

@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 from .. import _validate as V
+
+# numba-cuda 0.30 still references ``np.row_stack``, which NumPy 2.5 removed; an alias keeps it importable
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack  # type: ignore[attr-defined]
 from .._spec import DIV_NONE, Terms
 
 _ALLOW_SIM_VAR = "NUMBA_FASTDISTILL_ALLOW_SIM"
@@ -28,7 +32,7 @@ _ALLOW_SIM_VAR = "NUMBA_FASTDISTILL_ALLOW_SIM"
 # ``large_n`` classes, ``block_large`` beyond). ``max_grid`` caps the grid (blocks walk rows grid-stride).
 # The simulator uses tiny blocks (its threads are Python threads); tests may edit these dicts.
 GPU_LAUNCH = {"small_n": 2048, "group": 32, "block_small": 256, "block_mid": 256, "large_n": 16384,
-              "block_large": 512, "max_grid": 65535}
+              "block_large": 256, "max_grid": 65535}
 SIM_LAUNCH = {"small_n": 16, "group": 4, "block_small": 8, "block_mid": 8, "large_n": 64,
               "block_large": 16, "max_grid": 4}
 
@@ -120,18 +124,118 @@ def _stream(kind: str, x: Any):  # type: ignore[no-untyped-def]
     return st
 
 
-def _view(x: Any, kind: str, stream: Any, name: str):  # type: ignore[no-untyped-def]
-    """A numba device array for ``x``: a zero-copy view of device arrays, a copy of host arrays."""
+class _DevArg:
+    """A contiguous device buffer as a kernel argument, without numba's per-wrap driver calls.
+
+    numba's launcher takes any object with ``__cuda_memory__`` and reads the pointer, shape, dtype and
+    strides from ``_strided_memory_view_shim``; ``_numba_type_`` gives its type to the dispatcher.
+    ``obj`` keeps the producer's array alive (and serves the rare host copies).
+    """
+
+    __slots__ = ("obj", "ptr", "shape", "dtype", "size", "nbytes", "_layout", "_numba_type_")
+    __cuda_memory__ = True
+
+    def __init__(self, obj: Any, ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.obj = obj
+        self.ptr = ptr
+        self.shape = shape
+        self.dtype = dtype
+        size = 1
+        for d in shape:
+            size *= d
+        self.size = size
+        self.nbytes = size * dtype.itemsize
+        strides = []
+        acc = dtype.itemsize
+        for d in reversed(shape):
+            strides.append(acc)
+            acc *= d
+        self._layout = _Layout(tuple(reversed(strides)))
+        self._numba_type_ = _array_type(dtype, len(shape))
+
+    @property
+    def _strided_memory_view_shim(self) -> "_DevArg":
+        return self
+
+    def plain(self):  # type: ignore[no-untyped-def]
+        """The same buffer as a numba device array (the portable, slower wrap)."""
+        return _cuda().as_cuda_array(self.obj, sync=False).reshape(self.shape)
+
+    def copy_to_host(self, stream: Any = 0) -> np.ndarray:
+        o = self.obj
+        if type(o).__module__.split(".")[0] == "torch":
+            return o.detach().cpu().numpy().reshape(self.shape)
+        return np.asarray(self.plain().copy_to_host(stream=stream))
+
+
+class _Layout:
+    __slots__ = ("strides_in_bytes", "is_contiguous_c", "is_contiguous_f", "is_contiguous_any")
+
+    def __init__(self, strides: tuple[int, ...]) -> None:
+        self.strides_in_bytes = strides
+        self.is_contiguous_c = True
+        self.is_contiguous_f = len(strides) <= 1
+        self.is_contiguous_any = True
+
+
+_types: dict = {}
+
+
+def _array_type(dtype: np.dtype, ndim: int):  # type: ignore[no-untyped-def]
+    key = (dtype.str, ndim)
+    ty = _types.get(key)
+    if ty is None:
+        from numba.cuda import types
+        from numba.cuda.np.numpy_support import from_dtype
+
+        ty = _types[key] = types.Array(from_dtype(dtype), ndim, "C")
+    return ty
+
+
+_TORCH_DTYPES: dict = {}
+
+
+def _torch_dtype(x: Any):  # type: ignore[no-untyped-def]
+    """NumPy dtype of a torch tensor (None for dtypes the kernels do not take)."""
+    if not _TORCH_DTYPES:
+        import torch
+
+        for tdt, ndt in ((torch.float32, np.float32), (torch.float64, np.float64), (torch.int64, np.int64),
+                         (torch.int32, np.int32), (torch.int16, np.int16), (torch.int8, np.int8),
+                         (torch.uint8, np.uint8)):
+            _TORCH_DTYPES[tdt] = np.dtype(ndt)
+    return _TORCH_DTYPES.get(x.dtype)
+
+
+# the fast path (``_DevArg`` wraps, launches of the cached specialised kernel); switched off for the
+# process if it ever fails, the portable numba path then serves every call
+_FAST = {"on": os.environ.get("FASTDISTILL_CUDA_SLOW_LAUNCH") != "1"}
+
+
+def launch_path() -> str:
+    """'fast' or 'portable': how kernels are launched in this process (for benchmarks)."""
+    return "fast" if _FAST["on"] and not _simulated() else "portable"
+
+
+def _view(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """A kernel argument of ``shape`` for ``x``: a zero-copy view of device arrays, a copy of host arrays."""
     cuda = _cuda()
     if kind == "host":
         a = np.ascontiguousarray(V.host_array(x, name))
-        return cuda.to_device(a, stream=stream)
+        return cuda.to_device(a, stream=stream).reshape(shape)
     if kind == "torch" and not x.is_contiguous():
         x = x.contiguous()
     elif kind == "cupy" and not x.flags.c_contiguous:
         import cupy
 
         x = cupy.ascontiguousarray(x)
+    if _FAST["on"] and not _simulated():
+        if kind == "torch":
+            dt = _torch_dtype(x)
+            if dt is not None:
+                return _DevArg(x, x.data_ptr(), shape, dt)
+        elif kind == "cupy":
+            return _DevArg(x, int(x.data.ptr), shape, np.dtype(x.dtype))
     if getattr(x, "__cuda_ndarray__", False):
         v = x
     else:
@@ -139,7 +243,35 @@ def _view(x: Any, kind: str, stream: Any, name: str):  # type: ignore[no-untyped
     if not v.is_c_contiguous():
         # a strided numba array or foreign producer: one contiguous copy through the host
         v = cuda.to_device(np.ascontiguousarray(v.copy_to_host()), stream=stream)
-    return v
+    return v.reshape(shape)
+
+
+_SPEC: dict = {}
+
+
+def _plain(a: Any) -> Any:
+    return a.plain() if isinstance(a, _DevArg) else a
+
+
+def _go(disp: Any, key: Any, grid: int, block: int, stream: Any, args: tuple) -> None:
+    """Launch ``disp`` on ``args``: the cached specialised kernel when possible, else numba's dispatcher."""
+    if _simulated():
+        disp[grid, block, stream](*args)
+        return
+    if _FAST["on"]:
+        k = _SPEC.get(key)
+        try:
+            if k is None:
+                disp[grid, block, stream](*args)  # compiles (or loads from the cache) and launches
+                k = disp.overloads.get(tuple(disp.typeof_pyval(a) for a in args))
+                if k is not None:
+                    _SPEC[key] = k
+            else:
+                k.launch(args, (grid, 1, 1), (block, 1, 1), stream, 0)
+            return
+        except Exception:  # noqa: BLE001 - the fast path is an optimisation: fall back for good
+            _FAST["on"] = False
+    disp[grid, block, stream](*[_plain(a) for a in args])
 
 
 def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any):  # type: ignore[no-untyped-def]
@@ -151,11 +283,15 @@ def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any
 
         tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[dtype]
         a = torch.empty(shape, dtype=tdt, device=like.device)
+        if _FAST["on"] and not _simulated():
+            return a, _DevArg(a, a.data_ptr(), shape, dtype)
         return a, cuda.as_cuda_array(a, sync=False)
     if kind == "cupy":
         import cupy
 
         a = cupy.empty(shape, dtype=dtype)
+        if _FAST["on"] and not _simulated():
+            return a, _DevArg(a, int(a.data.ptr), shape, dtype)
         return a, cuda.as_cuda_array(a, sync=False)
     a = cuda.device_array(shape, dtype=dtype, stream=stream)
     return a, a
@@ -165,9 +301,16 @@ _params: dict = {}
 _dummies: dict = {}
 
 
-def _device_params(terms: Terms, stream: Any):  # type: ignore[no-untyped-def]
-    """The packed parameters on the device, cached per distinct loss (read-only)."""
-    dev = 0 if _simulated() else _cuda().get_current_device().id
+def _device_id(kind: str, x: Any) -> int:
+    if _simulated():
+        return 0
+    if kind == "torch":
+        return int(x.device.index or 0)
+    return int(_cuda().get_current_device().id)
+
+
+def _device_params(terms: Terms, stream: Any, dev: int):  # type: ignore[no-untyped-def]
+    """The packed parameters on the device, cached per distinct loss and device (read-only)."""
     key = (terms, dev)
     p = _params.get(key)
     if p is None:
@@ -177,9 +320,8 @@ def _device_params(terms: Terms, stream: Any):  # type: ignore[no-untyped-def]
     return p
 
 
-def _dummy(dtype: Any):  # type: ignore[no-untyped-def]
+def _dummy(dtype: Any, dev: int):  # type: ignore[no-untyped-def]
     """A one-element device array standing in for an absent (never read) argument."""
-    dev = 0 if _simulated() else _cuda().get_current_device().id
     key = (np.dtype(dtype).str, dev)
     d = _dummies.get(key)
     if d is None:
@@ -202,6 +344,8 @@ def _launch(rows: int, n: int) -> tuple[int, int, int]:
 
 
 def _ptr_range(v: Any) -> tuple[int, int]:
+    if isinstance(v, _DevArg):
+        return v.ptr, v.nbytes
     if _simulated():
         a = v._ary
         return a.__array_interface__["data"][0], a.nbytes
@@ -230,6 +374,8 @@ def _ce_mode(terms: Terms, has_labels: bool) -> int:
 
 
 def _read_info(info: Any, stream: Any) -> np.ndarray:
+    if isinstance(info, _DevArg) and type(info.obj).__module__.split(".")[0] == "torch":
+        return np.array(info.obj.tolist())  # waits for the tensor's (current) stream
     h = info.copy_to_host(stream=stream)
     if not _simulated():
         stream.synchronize()
@@ -267,17 +413,18 @@ def response(
     rows = int(np.prod(s_shape[:-1], dtype=np.int64))
     kind = _kind(student)
     stream = _stream(kind, student)
-    s = _view(student, kind, stream, "student").reshape(rows, n)
-    t = _view(teacher, _kind(teacher), stream, "teacher").reshape(rows, n)
+    dev = _device_id(kind, student)
+    s = _view(student, kind, stream, "student", (rows, n))
+    t = _view(teacher, _kind(teacher), stream, "teacher", (rows, n))
     has_labels = labels is not None
     info_native = None
     info = None
     if has_labels:
-        lab = _view(labels, _kind(labels), stream, "labels").reshape(rows)
+        lab = _view(labels, _kind(labels), stream, "labels", (rows,))
         info_native, info = _alloc(kind, student, (3,), np.float64, stream)
-        K.label_kernel[1, K.RED_BLOCK, stream](lab, n, int(ignore_index), info)
+        _go(K.label_kernel, ("label", lab.dtype.str), 1, K.RED_BLOCK, stream, (lab, n, int(ignore_index), info))
     else:
-        lab = _dummy(np.int64)
+        lab = _dummy(np.int64, dev)
     try:
         terms, red, n_items = _dispatch.resolve_params(terms, reduction, num_items, labels, needs_labels)
     except V.InvalidParameterError:
@@ -305,11 +452,16 @@ def response(
                     )
                 if g_dtype != s_dtype:
                     raise TypeError(f"grad_out dtype {g_dtype} differs from student dtype {s_dtype}")
-                gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else _cuda().as_cuda_array(
-                    grad_out, sync=False)
-                if not gv.is_c_contiguous():
-                    raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
-                g = gv.reshape(rows, n)
+                fast_t = (g_kind == "torch" and _FAST["on"] and not _simulated() and grad_out.is_contiguous()
+                          and _torch_dtype(grad_out) is not None)
+                if fast_t:
+                    g = _DevArg(grad_out, grad_out.data_ptr(), (rows, n), _torch_dtype(grad_out))
+                else:
+                    gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else _cuda().as_cuda_array(
+                        grad_out, sync=False)
+                    if not gv.is_c_contiguous():
+                        raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
+                    g = gv.reshape(rows, n)
                 if _overlaps(g, t) or (has_labels and _overlaps(g, lab)):
                     raise V.InvalidParameterError("grad_out must not share memory with the teacher logits or labels")
                 g_native = grad_out
@@ -325,15 +477,17 @@ def response(
             info_native, info = _alloc(kind, student, (3,), np.float64, stream)
     red_mean = red == "mean"
     nit = float(n_items) if n_items is not None else 0.0
-    info_arg = info if info is not None else _dummy(np.float64)
-    kernel = K.response_kernel(terms.div_kind, _ce_mode(terms, has_labels),
-                               terms.mse_w != 0.0 or terms.cos_w != 0.0, s_dtype == np.float32)
+    info_arg = info if info is not None else _dummy(np.float64, dev)
+    variant = (terms.div_kind, _ce_mode(terms, has_labels), terms.mse_w != 0.0 or terms.cos_w != 0.0,
+               s_dtype == np.float32)
+    kernel = K.response_kernel(*variant)
     grid, block, G = _launch(rows, n)
-    kernel[grid, block, stream](s, t, lab, has_labels, int(ignore_index), _device_params(terms, stream), info_arg,
-                                red_mean, nit, bool(want_grad), row_buf, g, G)
+    _go(kernel, (variant, lab.dtype.str, row_buf.dtype.str), grid, block, stream,
+        (s, t, lab, has_labels, int(ignore_index), _device_params(terms, stream, dev), info_arg,
+         red_mean, nit, bool(want_grad), row_buf, g, G))
     loss: Any = None
     if red != "none":
-        K.sum_kernel[1, K.RED_BLOCK, stream](row_buf, has_labels, red_mean, nit, info)
+        _go(K.sum_kernel, "sum", 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))
     if info is not None:
         h = _read_info(info, stream)
         if has_labels and h[1] > 0:
@@ -366,10 +520,11 @@ def softmax(x: Any, tau: float, *, log: bool) -> Any:
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     kind = _kind(x)
     stream = _stream(kind, x)
-    xv = _view(x, kind, stream, "x").reshape(rows, n)
+    xv = _view(x, kind, stream, "x", (rows, n))
     out_native, out = _alloc(kind, x, (rows, n), dtype, stream)
     grid, block, G = _launch(rows, n)
-    K.softmax_kernel(bool(log), dtype == np.float32)[grid, block, stream](xv, float(1.0 / tau), out, G)
+    variant = (bool(log), dtype == np.float32)
+    _go(K.softmax_kernel(*variant), ("softmax", variant), grid, block, stream, (xv, float(1.0 / tau), out, G))
     res = _result(out_native, kind, tuple(shape), stream)
     if kind == "host" and not _simulated():
         stream.synchronize()

@@ -67,9 +67,11 @@ RED_BLOCK = 8 if SIM else 256  # threads of the single-block label / final-sum k
 NEG_INF = -np.inf
 
 _JIT = {} if SIM else {"cache": True}
-# the response kernel is register-hungry (float64 statistics); capping registers keeps blocks of up to
-# 512 threads launchable (512 x 128 = 64K registers per block)
-_JIT_RESPONSE = {} if SIM else {"cache": True, "max_registers": 128}
+# register caps of the response kernel: single-pass float32 variants at 80 (three 256-thread blocks per SM, for
+# more loads in flight; the common variants need 78-91 unconstrained), float64 variants at 128 (blocks
+# of up to 512 threads stay launchable)
+_JIT_RESPONSE32 = {} if SIM else {"cache": True, "max_registers": 80}
+_JIT_RESPONSE64 = {} if SIM else {"cache": True, "max_registers": 128}
 
 
 # ---------------------------------------------------------------- group reductions
@@ -202,7 +204,68 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
     NEED_MS = HAS_DIV or CE != CE_NONE
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
 
-    @cuda.jit(**_JIT_RESPONSE)
+    @cuda.jit(device=True, inline=True)
+    def _p1(tj, sj, mt, ms, invt):  # type: ignore[no-untyped-def]
+        """One element's terms: (teacher weight, student weight, KL cross term, CE weight, NaN flag)."""
+        zero = ft(0.0)
+        wa = zero
+        wb = zero
+        x = zero
+        w1 = zero
+        if HAS_DIV:
+            wa = zero if tj == NEG_INF else math.exp((tj - mt) * invt)
+        if HAS_DIV:
+            wb = zero if sj == NEG_INF else math.exp((sj - ms) * invt)
+        if DIV == DIV_FORWARD_KL:
+            x = wa * (tj - sj) if wa > zero else zero
+        elif DIV == DIV_REVERSE_KL:
+            x = wb * (sj - tj) if wb > zero else zero
+        if CE == CE_OWN:
+            w1 = zero if sj == NEG_INF else math.exp(sj - ms)
+        bad = zero if (tj == tj and sj == sj) else ft(1.0)
+        return wa, wb, x, w1, bad
+
+    @cuda.jit(device=True, inline=True)
+    def _g1(sj, tj, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, MT, MS, lsa, lsb,  # type: ignore[no-untyped-def]  # noqa: E501
+            loglam, log1mlam, cp, cq, lam, big_g, cd64, invt, invt64):
+        """One element of the gradient (the variant's terms; the row constants come in)."""
+        zero = ft(0.0)
+        acc = zero
+        q = zero
+        if HAS_DIV:
+            q = math.exp((sj - msf) * invt) * isb
+        if DIV == DIV_FORWARD_KL:
+            acc += cd * (q - math.exp((tj - mtf) * invt) * isa)
+        elif DIV == DIV_REVERSE_KL:
+            if q > zero:
+                acc += cd * (q * ((sj - msf) * invt - (tj - mtf) * invt + roff))
+            else:
+                acc += cd * (q * zero)
+        elif DIV == DIV_MIXTURE:
+            lp = (float64(tj) - MT) * invt64 - lsa
+            lq = (float64(sj) - MS) * invt64 - lsb
+            lm = _logaddexp(loglam + lp, log1mlam + lq)
+            q64 = math.exp(lq)
+            if q64 > 0.0:
+                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
+                acc += ft(cd64 * (q64 * (gk - big_g)))
+            else:
+                acc += ft(cd64 * (q64 * 0.0))
+        elif DIV == DIV_TVD:
+            p64 = math.exp((float64(tj) - MT) * invt64 - lsa)
+            q64 = math.exp((float64(sj) - MS) * invt64 - lsb)
+            acc += ft(cd64 * q64 * (0.5 * _sign(q64 - p64) - big_g))
+        if CE == CE_SHARED:
+            acc += ch * q - ceps
+        elif CE == CE_OWN:
+            acc += ch * math.exp(sj - msf) * is1 - ceps
+        if CE != CE_NONE and j == lab:
+            acc -= c_lab
+        if LIN:
+            acc += a_s * sj + b_t * tj
+        return acc
+
+    @cuda.jit(**(_JIT_RESPONSE32 if F32 and not TWO_PASS else _JIT_RESPONSE64))
     def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G):  # type: ignore[no-untyped-def]  # noqa: E501
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
@@ -227,7 +290,8 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
                 lab = int64(labels[r])
                 counted = lab != ignore_index
             hard = counted and lab >= 0 and lab < n and CE != CE_NONE
-            # ---- pass 1: online maxima and sums
+            # ---- pass 1: online maxima and sums, U elements per thread and step (loads first), the
+            # elementwise terms summed in the input precision per step and then added in float64
             mt = ft(NEG_INF)
             ms = ft(NEG_INF)
             sa = 0.0
@@ -241,47 +305,91 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
             dtt = 0.0
             nan = 0.0
             if counted:
-                for j in range(lane, n, G):
-                    tj = ft(t[r, j])
-                    sj = ft(s[r, j])
-                    if not (tj == tj and sj == sj):
-                        nan += 1.0
+                j = lane
+                while j < n:
+                    j1 = j + G
+                    j2 = j1 + G
+                    j3 = j2 + G
+                    t0 = ft(t[r, j])
+                    s0 = ft(s[r, j])
+                    if j3 < n:
+                        t1 = ft(t[r, j1])
+                        s1_ = ft(s[r, j1])
+                        t2 = ft(t[r, j2])
+                        s2 = ft(s[r, j2])
+                        t3 = ft(t[r, j3])
+                        s3 = ft(s[r, j3])
+                        k = 4
+                    else:  # the tail: one element
+                        t1 = t0
+                        s1_ = s0
+                        t2 = t0
+                        s2 = s0
+                        t3 = t0
+                        s3 = s0
+                        k = 1
+                    # new maxima of the step (rare rescale of the float64 sums)
                     if HAS_DIV:
-                        if tj > mt:
-                            c = float64(math.exp((mt - tj) * invt))
+                        cm = max(max(t0, t1), max(t2, t3))
+                        if cm > mt:
+                            c = math.exp((float64(mt) - float64(cm)) * invt64)
                             sa *= c
                             if DIV == DIV_FORWARD_KL:
                                 sx *= c
-                            mt = tj
-                        wa = zero if tj == NEG_INF else math.exp((tj - mt) * invt)
-                        sa += wa
-                        if DIV == DIV_FORWARD_KL and wa > zero:
-                            sx += float64(wa * (tj - sj))
+                            mt = cm
                     if NEED_MS:
-                        if sj > ms:
+                        cm = max(max(s0, s1_), max(s2, s3))
+                        if cm > ms:
                             if HAS_DIV:
-                                c = float64(math.exp((ms - sj) * invt))
+                                c = math.exp((float64(ms) - float64(cm)) * invt64)
                                 sb *= c
                                 if DIV == DIV_REVERSE_KL:
                                     sx *= c
                             if CE == CE_OWN:
-                                s1 *= float64(math.exp(ms - sj))
-                            ms = sj
-                        if HAS_DIV:
-                            wb = zero if sj == NEG_INF else math.exp((sj - ms) * invt)
-                            sb += wb
-                            if DIV == DIV_REVERSE_KL and wb > zero:
-                                sx += float64(wb * (sj - tj))
-                        if CE == CE_OWN:
-                            s1 += zero if sj == NEG_INF else math.exp(sj - ms)
+                                s1 *= math.exp(float64(ms) - float64(cm))
+                            ms = cm
+                    e0 = _p1(t0, s0, mt, ms, invt)
+                    if k == 4:
+                        e1 = _p1(t1, s1_, mt, ms, invt)
+                        e2 = _p1(t2, s2, mt, ms, invt)
+                        e3 = _p1(t3, s3, mt, ms, invt)
+                        # pairwise within the step
+                        ca = (e0[0] + e1[0]) + (e2[0] + e3[0])
+                        cb = (e0[1] + e1[1]) + (e2[1] + e3[1])
+                        cx = (e0[2] + e1[2]) + (e2[2] + e3[2])
+                        c1 = (e0[3] + e1[3]) + (e2[3] + e3[3])
+                        cn = (e0[4] + e1[4]) + (e2[4] + e3[4])
+                        j = j3 + G
+                    else:
+                        ca = e0[0]
+                        cb = e0[1]
+                        cx = e0[2]
+                        c1 = e0[3]
+                        cn = e0[4]
+                        j = j1
+                    if HAS_DIV:
+                        sa += float64(ca)
+                        sb += float64(cb)
+                        if DIV == DIV_FORWARD_KL or DIV == DIV_REVERSE_KL:
+                            sx += float64(cx)
+                    if CE == CE_OWN:
+                        s1 += float64(c1)
+                    if cn != zero:
+                        nan += 1.0
                     if CE != CE_NONE:
-                        ssum += sj
+                        ssum += float64((s0 + s1_) + (s2 + s3)) if k == 4 else float64(s0)
                     if LIN:
-                        d = tj - sj
-                        d2 += d * d
-                        dst += sj * tj
-                        dss += sj * sj
-                        dtt += tj * tj
+                        if k == 4:
+                            d2 += float64(((t0 - s0) * (t0 - s0) + (t1 - s1_) * (t1 - s1_))
+                                          + ((t2 - s2) * (t2 - s2) + (t3 - s3) * (t3 - s3)))
+                            dst += float64((s0 * t0 + s1_ * t1) + (s2 * t2 + s3 * t3))
+                            dss += float64((s0 * s0 + s1_ * s1_) + (s2 * s2 + s3 * s3))
+                            dtt += float64((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3))
+                        else:
+                            d2 += float64((t0 - s0) * (t0 - s0))
+                            dst += float64(s0 * t0)
+                            dss += float64(s0 * s0)
+                            dtt += float64(t0 * t0)
             v[0] = mt
             v[1] = ms
             _group_reduce(v, 2, True, sh, G)
@@ -426,43 +534,38 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
                             b64 -= P[P_COS_W] / den
                         a_s = ft(scale * a64)
                         b_t = ft(scale * b64)
-                    for j in range(lane, n, G):
-                        sj = ft(s[r, j])
-                        tj = ft(t[r, j])
-                        acc = zero
-                        q = zero
-                        if HAS_DIV:
-                            q = math.exp((sj - msf) * invt) * isb
-                        if DIV == DIV_FORWARD_KL:
-                            acc += cd * (q - math.exp((tj - mtf) * invt) * isa)
-                        elif DIV == DIV_REVERSE_KL:
-                            if q > zero:
-                                acc += cd * (q * ((sj - msf) * invt - (tj - mtf) * invt + roff))
-                            else:
-                                acc += cd * (q * zero)
-                        elif DIV == DIV_MIXTURE:
-                            lp = (float64(tj) - MT) * invt64 - lsa
-                            lq = (float64(sj) - MS) * invt64 - lsb
-                            lm = _logaddexp(loglam + lp, log1mlam + lq)
-                            q64 = math.exp(lq)
-                            if q64 > 0.0:
-                                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
-                                acc += ft(cd64 * (q64 * (gk - big_g)))
-                            else:
-                                acc += ft(cd64 * (q64 * 0.0))
-                        elif DIV == DIV_TVD:
-                            p64 = math.exp((float64(tj) - MT) * invt64 - lsa)
-                            q64 = math.exp((float64(sj) - MS) * invt64 - lsb)
-                            acc += ft(cd64 * q64 * (0.5 * _sign(q64 - p64) - big_g))
-                        if CE == CE_SHARED:
-                            acc += ch * q - ceps
-                        elif CE == CE_OWN:
-                            acc += ch * math.exp(sj - msf) * is1 - ceps
-                        if CE != CE_NONE and j == lab:
-                            acc -= c_lab
-                        if LIN:
-                            acc += a_s * sj + b_t * tj
-                        grad[r, j] = acc
+                    j = lane
+                    while j < n:  # U elements per thread and step: all loads before the stores
+                        j1 = j + G
+                        j2 = j1 + G
+                        j3 = j2 + G
+                        s0 = ft(s[r, j])
+                        t0 = ft(t[r, j])
+                        if j3 < n:
+                            s1_ = ft(s[r, j1])
+                            t1 = ft(t[r, j1])
+                            s2 = ft(s[r, j2])
+                            t2 = ft(t[r, j2])
+                            s3 = ft(s[r, j3])
+                            t3 = ft(t[r, j3])
+                            grad[r, j] = _g1(s0, t0, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s,
+                                             b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
+                                             invt, invt64)
+                            grad[r, j1] = _g1(s1_, t1, j1, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
+                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
+                                              invt, invt64)
+                            grad[r, j2] = _g1(s2, t2, j2, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
+                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
+                                              invt, invt64)
+                            grad[r, j3] = _g1(s3, t3, j3, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
+                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
+                                              invt, invt64)
+                            j = j3 + G
+                        else:
+                            grad[r, j] = _g1(s0, t0, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s,
+                                             b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
+                                             invt, invt64)
+                            j = j1
             elif r < rows:
                 if lane == 0:
                     out_loss[r] = 0.0
