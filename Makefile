@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test demo bench c-example clean
+.PHONY: all venv test demo bench c-example gpu-check clean
 
 all: test
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m fastdistill bench
+
+c-example: $(STAMP)
+	$(MAKE) -C examples/c_host run PYTHON=$(abspath $(PY))
+
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

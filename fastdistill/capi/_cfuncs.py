@@ -1,0 +1,630 @@
+"""The C entry points: ``numba.cfunc`` wrappers around the CPU kernels.
+
+Private module, compiled when first imported (``fastdistill.capi.symbols()`` imports it), with
+``cache=True`` so later processes load the machine code from disk. Nothing here touches a Python
+object at call time, so the entry points run on any thread, with or without the GIL.
+
+Rules every entry point follows (an exception inside a ``cfunc`` would print and return 0, which is
+``FD_OK``):
+
+* every input is checked with plain comparisons first and a non-zero status is returned on failure;
+* the status starts as ``FD_INTERNAL_ERROR`` and becomes ``FD_OK`` only after the work completed;
+* the computation runs inside ``try/except`` so an unexpected failure (out of memory) is reported as
+  ``FD_INTERNAL_ERROR``;
+* the thread count of the calling thread is set only for the call and restored afterwards.
+
+The loss-kind -> :class:`~fastdistill._spec.Terms` mapping of :meth:`DistilLoss.terms` is replicated in
+:func:`loss_terms` (jitted, no Python objects); the tests check it against ``DistilLoss.terms`` for
+every kind.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import llvmlite.binding as ll
+import numpy as np
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.ufunc import parallel as _parallel
+
+from .. import cpu as _cpu  # noqa: F401  (sets the thread-safe threading layer before the pool starts)
+from .._spec import (
+    DIV_FORWARD_KL,
+    DIV_MIXTURE,
+    DIV_NONE,
+    DIV_REVERSE_KL,
+    DIV_TVD,
+    N_PARAMS,
+    P_COS_W,
+    P_CP,
+    P_CQ,
+    P_DIV_W,
+    P_HARD_W,
+    P_LAM,
+    P_MSE_W,
+    P_SMOOTH,
+    P_TAU,
+)
+from ..cpu import _kernels as K
+from . import (
+    ABI_VERSION,
+    FD_BAD_KIND,
+    FD_BAD_PARAM,
+    FD_BAD_REDUCTION,
+    FD_BAD_SHAPE,
+    FD_CE_ONLY,
+    FD_COMBINED,
+    FD_COSINE,
+    FD_EMPTY_INPUT,
+    FD_INTERNAL_ERROR,
+    FD_JSD,
+    FD_KL,
+    FD_LABEL_OUT_OF_RANGE,
+    FD_MEAN,
+    FD_MISSING_LABELS,
+    FD_MSE,
+    FD_NONE,
+    FD_NULL_POINTER,
+    FD_OK,
+    FD_OVERLAP,
+    FD_REVERSE_KL,
+    FD_SKEW_KL,
+    FD_SKEW_REVERSE_KL,
+    FD_SUM,
+    FD_TVD,
+)
+
+# ---------------------------------------------------------------- thread pool access without Python
+
+# The threading layer must be loaded before any code that calls its symbols is compiled or loaded from
+# the cache (loading cached code does not start it).
+_parallel._launch_threads()
+
+# The pool size, read by the compiled code through a named symbol so that a cached entry point always
+# sees this process's value (a Python global would be frozen into the cached machine code).
+_POOL_SIZE = ctypes.c_int64(int(_parallel.NUM_THREADS))
+_POOL_SYMBOL = "fastdistill_capi_pool_size"
+ll.add_symbol(_POOL_SYMBOL, ctypes.addressof(_POOL_SIZE))
+
+
+@intrinsic
+def _pool_size(typingctx):  # type: ignore[no-untyped-def]
+    """Number of threads in numba's pool (this process)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        mod = builder.module
+        gv = mod.globals.get(_POOL_SYMBOL)
+        if gv is None:
+            gv = ir.GlobalVariable(mod, ir.IntType(64), _POOL_SYMBOL)
+            gv.linkage = "external"
+        return builder.load(gv)
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def _get_num_threads(typingctx):  # type: ignore[no-untyped-def]
+    """The calling thread's numba thread count (the threading layer's ``get_num_threads``)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(cgutils.intp_t, [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
+        return builder.call(fn, [])
+
+    return types.intp(), codegen
+
+
+@intrinsic
+def _set_num_threads(typingctx, n):  # type: ignore[no-untyped-def]
+    """Set the calling thread's numba thread count (no range check: callers check)."""
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "set_num_threads")
+        v = context.cast(builder, args[0], signature.args[0], types.int32)
+        builder.call(fn, [v])
+        return context.get_dummy_value()
+
+    return types.void(n), codegen
+
+
+@intrinsic
+def _addr(typingctx, ptr):  # type: ignore[no-untyped-def]
+    """A pointer's address as an unsigned integer (0 for NULL)."""
+    if not isinstance(ptr, types.CPointer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.ptrtoint(args[0], ir.IntType(64))
+
+    return types.uint64(ptr), codegen
+
+
+JIT = dict(cache=True, error_model="numpy", nogil=True)
+CJIT = dict(cache=True, error_model="numpy")
+
+# ---------------------------------------------------------------- the loss description (one source)
+
+
+@njit(**JIT)
+def loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P):  # type: ignore[no-untyped-def]
+    """Fill ``P`` (``N_PARAMS`` float64) as ``Terms.pack()`` and return ``Terms.div`` (-1: unknown kind).
+
+    The numbers of ``DistilLoss.<kind>(...).terms(soft_w, hard_w=hard_w, smoothing=smoothing)``, where
+    ``param`` is beta (FD_JSD), alpha (FD_SKEW_KL, FD_SKEW_REVERSE_KL) or the MSE weight (FD_COMBINED,
+    whose KL weight is 1). Kinds without a temperature (FD_MSE, FD_COSINE, FD_CE_ONLY) use tau = 1.
+    """
+    for k in range(N_PARAMS):
+        P[k] = 0.0
+    t2 = tau * tau
+    div = DIV_NONE
+    div_w = 0.0
+    lam = 0.0
+    c_p = 0.0
+    c_q = 0.0
+    mse_w = 0.0
+    cos_w = 0.0
+    if kind == FD_KL or kind == FD_COMBINED:
+        div = DIV_FORWARD_KL
+        div_w = 1.0 * t2
+        if kind == FD_COMBINED:
+            mse_w = param
+    elif kind == FD_MSE:
+        tau = 1.0
+        mse_w = 1.0
+    elif kind == FD_COSINE:
+        tau = 1.0
+        cos_w = 1.0
+    elif kind == FD_CE_ONLY:
+        tau = 1.0
+        soft_w = 0.0
+    elif kind == FD_REVERSE_KL:
+        div = DIV_REVERSE_KL
+        div_w = t2
+    elif kind == FD_JSD:
+        b = param
+        if b == 0.0:
+            div = DIV_FORWARD_KL
+        elif b == 1.0:
+            div = DIV_REVERSE_KL
+        else:
+            div = DIV_MIXTURE
+            lam = b
+            c_p = b
+            c_q = 1.0 - b
+        div_w = t2
+    elif kind == FD_SKEW_KL:
+        a = param
+        div = DIV_FORWARD_KL if a == 0.0 else DIV_MIXTURE
+        div_w = t2
+        lam = a
+        c_p = 1.0
+        c_q = 0.0
+    elif kind == FD_SKEW_REVERSE_KL:
+        a = param
+        div = DIV_REVERSE_KL if a == 0.0 else DIV_MIXTURE
+        div_w = t2
+        lam = 1.0 - a
+        c_p = 0.0
+        c_q = 1.0
+    elif kind == FD_TVD:
+        div = DIV_TVD
+        div_w = 1.0
+    else:
+        return -1
+    P[P_TAU] = tau
+    P[P_HARD_W] = hard_w
+    P[P_DIV_W] = div_w * soft_w
+    P[P_MSE_W] = mse_w * soft_w
+    P[P_COS_W] = cos_w * soft_w
+    P[P_LAM] = lam
+    P[P_CP] = c_p
+    P[P_CQ] = c_q
+    P[P_SMOOTH] = smoothing
+    return div
+
+
+@njit(**JIT)
+def kernel_variant(div, P, has_labels):  # type: ignore[no-untyped-def]
+    """``(div_kind, ce_mode, lin)``: the compiled variant ``fastdistill.cpu.response`` would pick."""
+    div_kind = div if P[P_DIV_W] != 0.0 else DIV_NONE
+    lin = P[P_MSE_W] != 0.0 or P[P_COS_W] != 0.0
+    if P[P_HARD_W] == 0.0 or not has_labels:
+        ce = K.CE_NONE
+    elif div_kind != DIV_NONE and P[P_TAU] == 1.0:
+        ce = K.CE_SHARED
+    else:
+        ce = K.CE_OWN
+    return div_kind, ce, lin
+
+
+# ---------------------------------------------------------------- checks (never raise)
+
+
+@njit(**JIT)
+def _check_shape(rows, n):  # type: ignore[no-untyped-def]
+    if rows < 0 or n < 0:
+        return FD_BAD_SHAPE
+    if rows == 0 or n == 0:
+        return FD_EMPTY_INPUT
+    if rows > (1 << 58) // n:  # rows * n * 8 bytes must fit comfortably in an address space
+        return FD_BAD_SHAPE
+    return FD_OK
+
+
+@njit(**JIT)
+def _overlap(a, an, b, bn):  # type: ignore[no-untyped-def]
+    """Byte ranges [a, a+an) and [b, b+bn) overlap (a NULL range overlaps nothing)."""
+    if a == 0 or b == 0 or an == 0 or bn == 0:
+        return False
+    return a < b + bn and b < a + an
+
+
+@njit(**JIT)
+def _check_threads(nthreads):  # type: ignore[no-untyped-def]
+    if nthreads < 0 or nthreads > _pool_size():
+        return FD_BAD_PARAM
+    return FD_OK
+
+
+@njit(**JIT)
+def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
+                    reduction, lossp, gp, nthreads):  # type: ignore[no-untyped-def]
+    """Every check of ``fd_response_*``, in the Python API's order; FD_OK or the first failure."""
+    st = _check_shape(rows, n)
+    if st != FD_OK:
+        return st
+    if _addr(sp) == 0 or _addr(tp) == 0 or _addr(lossp) == 0:
+        return FD_NULL_POINTER
+    # outputs must not overlap the inputs (the gradient may be the student itself)
+    item = _itemsize(sp)
+    nb = np.uint64(rows) * np.uint64(n) * item
+    has_labels = _addr(lp) != 0
+    lb = np.uint64(rows) * np.uint64(8) if has_labels else np.uint64(0)
+    nloss = np.uint64(rows if reduction == FD_NONE else 1) * np.uint64(8)
+    g = _addr(gp)
+    s = _addr(sp)
+    if g != 0 and g != s and _overlap(g, nb, s, nb):
+        return FD_OVERLAP
+    if _overlap(g, nb, _addr(tp), nb) or _overlap(g, nb, _addr(lp), lb) or _overlap(g, nb, _addr(lossp), nloss):
+        return FD_OVERLAP
+    if _overlap(_addr(lossp), nloss, s, nb) or _overlap(_addr(lossp), nloss, _addr(tp), nb):
+        return FD_OVERLAP
+    if _overlap(_addr(lossp), nloss, _addr(lp), lb):
+        return FD_OVERLAP
+    if has_labels:
+        for r in range(rows):
+            lab = lp[r]
+            if (lab < 0 and lab != ignore_index) or lab >= n:
+                return FD_LABEL_OUT_OF_RANGE
+    if kind < 0 or kind > FD_COMBINED:
+        return FD_BAD_KIND
+    if reduction != FD_MEAN and reduction != FD_SUM and reduction != FD_NONE:
+        return FD_BAD_REDUCTION
+    uses_tau = kind != FD_MSE and kind != FD_COSINE and kind != FD_CE_ONLY
+    if uses_tau and not (math.isfinite(tau) and tau > 0.0):
+        return FD_BAD_PARAM
+    if not (math.isfinite(hard_w) and math.isfinite(soft_w)):
+        return FD_BAD_PARAM
+    if kind == FD_JSD or kind == FD_SKEW_KL or kind == FD_SKEW_REVERSE_KL:
+        if not (param >= 0.0 and param <= 1.0):
+            return FD_BAD_PARAM
+    if kind == FD_COMBINED and not math.isfinite(param):
+        return FD_BAD_PARAM
+    if not (smoothing >= 0.0 and smoothing < 1.0):
+        return FD_BAD_PARAM
+    if hard_w != 0.0 and not has_labels:
+        return FD_MISSING_LABELS
+    return _check_threads(nthreads)
+
+
+@intrinsic
+def _itemsize(typingctx, ptr):  # type: ignore[no-untyped-def]
+    """Size in bytes of the element type a pointer points to."""
+    if not isinstance(ptr, types.CPointer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        return context.get_constant(types.uint64, size)
+
+    return types.uint64(ptr), codegen
+
+
+# ---------------------------------------------------------------- the kernel variants
+
+# Every (divergence, cross-entropy mode, linear term) combination a loss kind can select. Each is one
+# compiled kernel of fastdistill.cpu (shared with the Python API, and with its on-disk cache).
+_R_N_N = K.response_kernel(DIV_NONE, K.CE_NONE, False)
+_R_N_O = K.response_kernel(DIV_NONE, K.CE_OWN, False)
+_R_N_N_L = K.response_kernel(DIV_NONE, K.CE_NONE, True)
+_R_N_O_L = K.response_kernel(DIV_NONE, K.CE_OWN, True)
+_R_F_N = K.response_kernel(DIV_FORWARD_KL, K.CE_NONE, False)
+_R_F_S = K.response_kernel(DIV_FORWARD_KL, K.CE_SHARED, False)
+_R_F_O = K.response_kernel(DIV_FORWARD_KL, K.CE_OWN, False)
+_R_F_N_L = K.response_kernel(DIV_FORWARD_KL, K.CE_NONE, True)
+_R_F_S_L = K.response_kernel(DIV_FORWARD_KL, K.CE_SHARED, True)
+_R_F_O_L = K.response_kernel(DIV_FORWARD_KL, K.CE_OWN, True)
+_R_R_N = K.response_kernel(DIV_REVERSE_KL, K.CE_NONE, False)
+_R_R_S = K.response_kernel(DIV_REVERSE_KL, K.CE_SHARED, False)
+_R_R_O = K.response_kernel(DIV_REVERSE_KL, K.CE_OWN, False)
+_R_M_N = K.response_kernel(DIV_MIXTURE, K.CE_NONE, False)
+_R_M_S = K.response_kernel(DIV_MIXTURE, K.CE_SHARED, False)
+_R_M_O = K.response_kernel(DIV_MIXTURE, K.CE_OWN, False)
+_R_T_N = K.response_kernel(DIV_TVD, K.CE_NONE, False)
+_R_T_S = K.response_kernel(DIV_TVD, K.CE_SHARED, False)
+_R_T_O = K.response_kernel(DIV_TVD, K.CE_OWN, False)
+
+
+@njit(**JIT)
+def _empty_f64(k):  # type: ignore[no-untyped-def]
+    """``np.empty(k)``; raises MemoryError (caught by the entry point) when the allocation fails."""
+    return np.empty(k, dtype=np.float64)
+
+
+@njit(**JIT)
+def _count_and_scale(lp, rows, ignore_index, reduction):  # type: ignore[no-untyped-def]
+    """The gradient scale of the reduction: 1 / counted rows for FD_MEAN (0 if none), else 1."""
+    if reduction != FD_MEAN:
+        return 1.0
+    counted = rows
+    if _addr(lp) != 0:
+        counted = 0
+        for r in range(rows):
+            if lp[r] != ignore_index:
+                counted += 1
+    return 1.0 / counted if counted > 0 else 0.0
+
+
+@njit(**JIT)
+def _reduce(out, rows, reduction, scale, lossp):  # type: ignore[no-untyped-def]
+    """Write the reduced loss (FD_MEAN, FD_SUM; FD_NONE rows are already in place)."""
+    if reduction != FD_NONE:
+        total = 0.0
+        for r in range(rows):
+            total += out[r]
+        lossp[0] = total * scale if reduction == FD_MEAN else total
+
+
+@intrinsic
+def _null_labels(typingctx):  # type: ignore[no-untyped-def]
+    """A NULL ``int64*`` (the MSE and cosine entry points have no labels)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return context.get_constant_null(types.CPointer(types.int64))
+
+    return types.CPointer(types.int64)(), codegen
+
+
+@njit(**JIT)
+def _check_softmax(xp, rows, n, tau, outp, nthreads):  # type: ignore[no-untyped-def]
+    st = _check_shape(rows, n)
+    if st != FD_OK:
+        return st
+    if _addr(xp) == 0 or _addr(outp) == 0:
+        return FD_NULL_POINTER
+    nb = np.uint64(rows) * np.uint64(n) * _itemsize(xp)
+    if _addr(outp) != _addr(xp) and _overlap(_addr(outp), nb, _addr(xp), nb):
+        return FD_OVERLAP
+    if not (math.isfinite(tau) and tau > 0.0):
+        return FD_BAD_PARAM
+    return _check_threads(nthreads)
+
+
+_SOFTMAX = K.softmax_kernel(False)
+_SOFTMAX_LOG = K.softmax_kernel(True)
+
+
+# ---------------------------------------------------------------- the cfuncs
+#
+# Each entry point: checks (a failure returns its code), then the computation with the caller's thread
+# count, inside try/except; the status is FD_INTERNAL_ERROR until the computation has completed.
+#
+# The kernels are called directly from the cfunc bodies, not through helper functions: every separately
+# compiled function that calls a kernel carries its own code generation of that kernel (cold builds
+# get slower with each such layer), and inline="always" helpers are no way out, because a failure inside
+# inlined code escapes the cfunc's try/except (the failing call's status is ignored).
+
+
+def _response_sig(ft):  # type: ignore[no-untyped-def]
+    fp = types.CPointer(ft)
+    return types.int32(
+        fp, fp, types.CPointer(types.int64), types.int64, types.int64, types.int32, types.float64,
+        types.float64, types.float64, types.float64, types.float64, types.int64, types.int32,
+        types.CPointer(types.float64), fp, types.int32,
+    )
+
+
+def _linear_sig(ft):  # type: ignore[no-untyped-def]
+    fp = types.CPointer(ft)
+    return types.int32(fp, fp, types.int64, types.int64, types.int32, types.CPointer(types.float64), fp, types.int32)
+
+
+def _softmax_sig(ft):  # type: ignore[no-untyped-def]
+    fp = types.CPointer(ft)
+    return types.int32(fp, types.int64, types.int64, types.float64, fp, types.int32)
+
+
+def _make(ft):  # type: ignore[no-untyped-def]
+    """The entry points for one float type."""
+
+    @cfunc(_response_sig(ft), **CJIT)
+    def response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
+                 reduction, lossp, gp, nthreads):  # type: ignore[no-untyped-def]
+        status = FD_INTERNAL_ERROR
+        try:
+            status = _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing,
+                                     ignore_index, reduction, lossp, gp, nthreads)
+        except Exception:  # noqa: BLE001 - nothing may escape a C entry point
+            status = FD_INTERNAL_ERROR
+        if status != FD_OK:
+            return np.int32(status)
+        status = FD_INTERNAL_ERROR
+        old = _get_num_threads()
+        if nthreads > 0:
+            _set_num_threads(nthreads)
+        try:
+            P = _empty_f64(N_PARAMS)
+            div = loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P)
+            has_labels = _addr(lp) != 0
+            want_grad = _addr(gp) != 0
+            s = carray(sp, (rows, n))
+            t = carray(tp, (rows, n))
+            g = carray(gp, (rows, n)) if want_grad else s  # never written without want_grad
+            labels = carray(lp, (rows if has_labels else 0,))
+            scale = _count_and_scale(lp, rows, ignore_index, reduction)
+            out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
+            dk, ce, lin = kernel_variant(div, P, has_labels)
+            a = (s, t, labels, has_labels, np.int64(ignore_index), P, scale, want_grad, out, g,
+                 np.int64(_get_num_threads()))
+            ran = div >= 0
+            if dk == DIV_NONE:
+                if lin:
+                    if ce == K.CE_NONE:
+                        _R_N_N_L(*a)
+                    else:
+                        _R_N_O_L(*a)
+                elif ce == K.CE_NONE:
+                    _R_N_N(*a)
+                else:
+                    _R_N_O(*a)
+            elif dk == DIV_FORWARD_KL:
+                if lin:
+                    if ce == K.CE_NONE:
+                        _R_F_N_L(*a)
+                    elif ce == K.CE_SHARED:
+                        _R_F_S_L(*a)
+                    else:
+                        _R_F_O_L(*a)
+                elif ce == K.CE_NONE:
+                    _R_F_N(*a)
+                elif ce == K.CE_SHARED:
+                    _R_F_S(*a)
+                else:
+                    _R_F_O(*a)
+            elif lin:
+                ran = False  # no loss kind combines these divergences with MSE/cosine
+            elif dk == DIV_REVERSE_KL:
+                if ce == K.CE_NONE:
+                    _R_R_N(*a)
+                elif ce == K.CE_SHARED:
+                    _R_R_S(*a)
+                else:
+                    _R_R_O(*a)
+            elif dk == DIV_MIXTURE:
+                if ce == K.CE_NONE:
+                    _R_M_N(*a)
+                elif ce == K.CE_SHARED:
+                    _R_M_S(*a)
+                else:
+                    _R_M_O(*a)
+            elif dk == DIV_TVD:
+                if ce == K.CE_NONE:
+                    _R_T_N(*a)
+                elif ce == K.CE_SHARED:
+                    _R_T_S(*a)
+                else:
+                    _R_T_O(*a)
+            else:
+                ran = False
+            if ran:
+                _reduce(out, rows, reduction, scale, lossp)
+                status = FD_OK
+        except Exception:  # noqa: BLE001
+            status = FD_INTERNAL_ERROR
+        if nthreads > 0:
+            _set_num_threads(old)
+        return np.int32(status)
+
+    def linear(kind):  # type: ignore[no-untyped-def]
+        @cfunc(_linear_sig(ft), **CJIT)
+        def entry(sp, tp, rows, n, reduction, lossp, gp, nthreads):  # type: ignore[no-untyped-def]
+            status = FD_INTERNAL_ERROR
+            try:
+                status = _check_response(sp, tp, _null_labels(), rows, n, kind, 1.0, 0.0, 1.0, 0.0, 0.0,
+                                         np.int64(-100), reduction, lossp, gp, nthreads)
+            except Exception:  # noqa: BLE001
+                status = FD_INTERNAL_ERROR
+            if status != FD_OK:
+                return np.int32(status)
+            status = FD_INTERNAL_ERROR
+            old = _get_num_threads()
+            if nthreads > 0:
+                _set_num_threads(nthreads)
+            try:
+                P = _empty_f64(N_PARAMS)
+                loss_terms(kind, 1.0, 0.0, 1.0, 0.0, 0.0, P)
+                want_grad = _addr(gp) != 0
+                s = carray(sp, (rows, n))
+                t = carray(tp, (rows, n))
+                g = carray(gp, (rows, n)) if want_grad else s
+                labels = carray(_null_labels(), (0,))
+                scale = 1.0 / rows if reduction == FD_MEAN else 1.0
+                out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
+                _R_N_N_L(s, t, labels, False, np.int64(-100), P, scale, want_grad, out, g,
+                         np.int64(_get_num_threads()))
+                _reduce(out, rows, reduction, scale, lossp)
+                status = FD_OK
+            except Exception:  # noqa: BLE001
+                status = FD_INTERNAL_ERROR
+            if nthreads > 0:
+                _set_num_threads(old)
+            return np.int32(status)
+
+        return entry
+
+    def softmax(log):  # type: ignore[no-untyped-def]
+        kernel = _SOFTMAX_LOG if log else _SOFTMAX
+
+        @cfunc(_softmax_sig(ft), **CJIT)
+        def entry(xp, rows, n, tau, outp, nthreads):  # type: ignore[no-untyped-def]
+            status = FD_INTERNAL_ERROR
+            try:
+                status = _check_softmax(xp, rows, n, tau, outp, nthreads)
+            except Exception:  # noqa: BLE001
+                status = FD_INTERNAL_ERROR
+            if status != FD_OK:
+                return np.int32(status)
+            status = FD_INTERNAL_ERROR
+            old = _get_num_threads()
+            if nthreads > 0:
+                _set_num_threads(nthreads)
+            try:
+                kernel(carray(xp, (rows, n)), 1.0 / tau, carray(outp, (rows, n)))
+                status = FD_OK
+            except Exception:  # noqa: BLE001
+                status = FD_INTERNAL_ERROR
+            if nthreads > 0:
+                _set_num_threads(old)
+            return np.int32(status)
+
+        return entry
+
+    return {
+        "response": response,
+        "mse": linear(FD_MSE),
+        "cosine": linear(FD_COSINE),
+        "softmax": softmax(False),
+        "log_softmax": softmax(True),
+    }
+
+
+@cfunc(types.int32(), **CJIT)
+def abi_version():  # type: ignore[no-untyped-def]
+    return np.int32(ABI_VERSION)
+
+
+FLOAT_TYPES = {"f32": types.float32, "f64": types.float64}
+CFUNCS = {"fd_abi_version": abi_version}
+
+
+def build(precision: str) -> None:
+    """Compile (or load from the cache) the entry points of one precision, ``"f32"`` or ``"f64"``."""
+    if f"fd_response_{precision}" not in CFUNCS:
+        for name, cf in _make(FLOAT_TYPES[precision]).items():
+            CFUNCS[f"fd_{name}_{precision}"] = cf

@@ -1,0 +1,164 @@
+/*
+ * fastdistill.h -- the C ABI of fastdistill: knowledge-distillation losses, their gradients and the
+ * row-wise softmax, computed by the library's Numba CPU kernels.
+ *
+ * The functions live in a Python process: import fastdistill, call fastdistill.capi.symbols() (a dict
+ * {name: address}; the first call compiles the entry points or loads them from Numba's cache) and cast
+ * each address to the matching *_fn type below. The functions touch no Python object: call them from
+ * any thread, without holding the GIL, concurrently, for as long as the interpreter is alive.
+ *
+ * Conventions of every entry point
+ *   - Arrays are dense, row-major (C order): `rows` rows of `n` values. Logits are float32 (`_f32`)
+ *     or float64 (`_f64`); float32 inputs accumulate in float64 where it matters.
+ *   - Argument order is (student, teacher, labels).
+ *   - `nthreads`: threads for this call, 0 = the calling thread's current Numba setting (by default
+ *     the whole pool); 1..pool size is honoured for this call only. Anything else is FD_BAD_PARAM.
+ *   - The return value is a status (enum fd_status): FD_OK (0) on success. On any other status
+ *     nothing has been written to the outputs, except after FD_INTERNAL_ERROR (unspecified).
+ *   - Inputs are never modified, except `student` when the caller passes it as `grad`.
+ *   - Logits of -inf are masked classes in the softmax-based terms (probability 0, gradient 0);
+ *     NaN logits propagate to the loss. MSE and cosine take the logits at face value.
+ *
+ * Everything here is the C view of the Python API: fd_response_* with a loss kind equals
+ *   fastdistill.ResponseDistiller(DistilLoss.<kind>(...), hard_weight, soft_weight,
+ *                                 ignore_index=..., label_smoothing=...).loss_and_grad(...)
+ */
+#ifndef FASTDISTILL_H
+#define FASTDISTILL_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FD_ABI_VERSION 1
+
+/* Status codes returned by every entry point. */
+enum fd_status {
+    FD_OK = 0,                 /* success */
+    FD_NULL_POINTER = 1,       /* a required pointer is NULL */
+    FD_EMPTY_INPUT = 2,        /* rows == 0 or n == 0 */
+    FD_BAD_SHAPE = 3,          /* rows or n negative, or rows * n too large */
+    FD_LABEL_OUT_OF_RANGE = 4, /* a label is < 0 (and != ignore_index) or >= n */
+    FD_MISSING_LABELS = 5,     /* labels == NULL while hard_weight != 0 */
+    FD_BAD_PARAM = 6,          /* temperature not finite or <= 0; a weight not finite; beta/alpha outside
+                                  [0, 1]; label_smoothing outside [0, 1); nthreads outside [0, pool size] */
+    FD_BAD_KIND = 7,           /* unknown loss kind */
+    FD_BAD_REDUCTION = 8,      /* unknown reduction */
+    FD_OVERLAP = 9,            /* an output overlaps an input (only grad == student, out == x allowed) */
+    FD_INTERNAL_ERROR = 10     /* unexpected failure (e.g. out of memory); outputs unspecified */
+};
+
+/* Soft (teacher-matching) loss of fd_response_*: p = softmax(teacher / T), q = softmax(student / T). */
+enum fd_loss_kind {
+    FD_KL = 0,              /* T^2 * KL(p || q)                              DistilLoss.kl_divergence(T) */
+    FD_REVERSE_KL = 1,      /* T^2 * KL(q || p)                              DistilLoss.reverse_kl(T) */
+    FD_JSD = 2,             /* T^2 * generalized JSD, param = beta in [0,1]  DistilLoss.jsd(beta, T) */
+    FD_SKEW_KL = 3,         /* T^2 * KL(p || a p + (1-a) q), param = alpha   DistilLoss.skew_kl(alpha, T) */
+    FD_SKEW_REVERSE_KL = 4, /* T^2 * KL(q || (1-a) p + a q), param = alpha   DistilLoss.skew_reverse_kl(alpha, T) */
+    FD_TVD = 5,             /* 0.5 * sum |p - q| (no T^2)                    DistilLoss.tvd(T) */
+    FD_MSE = 6,             /* mean over classes of (t - s)^2, raw logits    DistilLoss.mse() */
+    FD_COSINE = 7,          /* 1 - cos(s, t), raw logits; zero norm -> 1     DistilLoss.cosine() */
+    FD_CE_ONLY = 8,         /* no soft term: hard_weight * CE only (soft_weight ignored) */
+    FD_COMBINED = 9         /* T^2 * KL + param * MSE                        DistilLoss.combined(1, param, T) */
+};
+
+/* How row losses are reduced. */
+enum fd_reduction {
+    FD_MEAN = 0, /* sum over counted rows / number of counted rows (0 and a zero gradient if none) */
+    FD_SUM = 1,  /* sum over rows */
+    FD_NONE = 2  /* one loss per row (0 for ignored rows); the gradient is that of the sum */
+};
+
+/* Row-wise softmax / log-softmax of x / temperature into out (out may be x itself).
+ * FD_BAD_PARAM: temperature not finite or <= 0. */
+typedef int32_t (*fd_softmax_f32_fn)(const float *x, int64_t rows, int64_t n, double temperature,
+                                     float *out, int32_t nthreads);
+typedef int32_t (*fd_softmax_f64_fn)(const double *x, int64_t rows, int64_t n, double temperature,
+                                     double *out, int32_t nthreads);
+
+/* Response loss, per row:
+ *     hard_weight * CE_eps(student, label) + soft_weight * soft(student, teacher)
+ * with CE at temperature 1 (PyTorch's cross_entropy, label_smoothing eps) and soft() the loss_kind.
+ *
+ *   student, teacher  rows x n logits
+ *   labels            rows int64 labels, or NULL (then no hard term and every row counts; hard_weight
+ *                     must be 0). A row whose label == ignore_index counts nowhere: loss 0, gradient
+ *                     0, not in the mean's divisor.
+ *   loss_kind         enum fd_loss_kind
+ *   temperature       T > 0 (ignored by FD_MSE, FD_COSINE, FD_CE_ONLY)
+ *   hard_weight, soft_weight   finite
+ *   param             beta (FD_JSD), alpha (FD_SKEW_KL, FD_SKEW_REVERSE_KL), in [0, 1];
+ *                     the MSE weight (FD_COMBINED), finite; ignored otherwise
+ *   label_smoothing   in [0, 1)
+ *   ignore_index      e.g. -100
+ *   reduction         enum fd_reduction
+ *   loss_out          1 double (FD_MEAN, FD_SUM) or rows doubles (FD_NONE)
+ *   grad              NULL (loss only) or rows x n: the gradient of the reduced loss with respect to
+ *                     the student logits; it may be the student array itself (in-place update)
+ *   nthreads          0 = default
+ *
+ * Checks, in this order: shape (FD_BAD_SHAPE, FD_EMPTY_INPUT), pointers (FD_NULL_POINTER,
+ * FD_OVERLAP), labels (FD_LABEL_OUT_OF_RANGE), then FD_BAD_KIND, FD_BAD_REDUCTION, FD_BAD_PARAM,
+ * FD_MISSING_LABELS, nthreads (FD_BAD_PARAM). */
+typedef int32_t (*fd_response_f32_fn)(const float *student, const float *teacher, const int64_t *labels,
+                                      int64_t rows, int64_t n, int32_t loss_kind, double temperature,
+                                      double hard_weight, double soft_weight, double param,
+                                      double label_smoothing, int64_t ignore_index, int32_t reduction,
+                                      double *loss_out, float *grad, int32_t nthreads);
+typedef int32_t (*fd_response_f64_fn)(const double *student, const double *teacher, const int64_t *labels,
+                                      int64_t rows, int64_t n, int32_t loss_kind, double temperature,
+                                      double hard_weight, double soft_weight, double param,
+                                      double label_smoothing, int64_t ignore_index, int32_t reduction,
+                                      double *loss_out, double *grad, int32_t nthreads);
+
+/* MSE (fd_mse_*) and cosine distance (fd_cosine_*): fd_response_* with that kind, no labels, weight 1.
+ * loss_out, grad and nthreads as above. */
+typedef int32_t (*fd_linear_f32_fn)(const float *student, const float *teacher, int64_t rows, int64_t n,
+                                    int32_t reduction, double *loss_out, float *grad, int32_t nthreads);
+typedef int32_t (*fd_linear_f64_fn)(const double *student, const double *teacher, int64_t rows, int64_t n,
+                                    int32_t reduction, double *loss_out, double *grad, int32_t nthreads);
+
+/* Returns FD_ABI_VERSION of the library that compiled the entry points. */
+typedef int32_t (*fd_abi_version_fn)(void);
+
+/* All entry points; the comment is the key in fastdistill.capi.symbols(). */
+typedef struct fd_api {
+    fd_abi_version_fn abi_version;  /* "fd_abi_version" */
+    fd_softmax_f32_fn softmax_f32;  /* "fd_softmax_f32" */
+    fd_softmax_f32_fn log_softmax_f32; /* "fd_log_softmax_f32" */
+    fd_response_f32_fn response_f32;   /* "fd_response_f32" */
+    fd_linear_f32_fn mse_f32;       /* "fd_mse_f32" */
+    fd_linear_f32_fn cosine_f32;    /* "fd_cosine_f32" */
+    fd_softmax_f64_fn softmax_f64;  /* "fd_softmax_f64" */
+    fd_softmax_f64_fn log_softmax_f64; /* "fd_log_softmax_f64" */
+    fd_response_f64_fn response_f64;   /* "fd_response_f64" */
+    fd_linear_f64_fn mse_f64;       /* "fd_mse_f64" */
+    fd_linear_f64_fn cosine_f64;    /* "fd_cosine_f64" */
+} fd_api;
+
+/* A short text for a status code. */
+static inline const char *fd_status_string(int32_t status)
+{
+    switch (status) {
+    case FD_OK: return "FD_OK: success";
+    case FD_NULL_POINTER: return "FD_NULL_POINTER: a required pointer is NULL";
+    case FD_EMPTY_INPUT: return "FD_EMPTY_INPUT: rows or n is 0";
+    case FD_BAD_SHAPE: return "FD_BAD_SHAPE: rows or n is negative, or rows*n is too large";
+    case FD_LABEL_OUT_OF_RANGE: return "FD_LABEL_OUT_OF_RANGE: a label is < 0 (and not ignore_index) or >= n";
+    case FD_MISSING_LABELS: return "FD_MISSING_LABELS: labels is NULL but hard_weight is not 0";
+    case FD_BAD_PARAM: return "FD_BAD_PARAM: bad temperature, weight, beta/alpha, label_smoothing or nthreads";
+    case FD_BAD_KIND: return "FD_BAD_KIND: unknown loss kind";
+    case FD_BAD_REDUCTION: return "FD_BAD_REDUCTION: unknown reduction";
+    case FD_OVERLAP: return "FD_OVERLAP: an output buffer overlaps an input";
+    case FD_INTERNAL_ERROR: return "FD_INTERNAL_ERROR: internal error (e.g. out of memory)";
+    default: return "unknown fastdistill status";
+    }
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FASTDISTILL_H */
