@@ -374,13 +374,21 @@ def _one_row(s, t, g, st, P, div, ce, lin, lab, want_grad, scale, n):  # type: i
 
 
 @njit(inline="always", **JIT)
-def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin):  # type: ignore[no-untyped-def]
-    """Row ``r`` in this thread: ignored rows get loss 0 (and a zero gradient row)."""
+def _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad):  # type: ignore[no-untyped-def]
+    """``_hard`` for row ``r``; an ignored row gets its zero loss (and zero gradient row) here."""
     counted, lab = _hard(has_labels, labels, r, ignore_index)
     if not counted:
         out_loss[r] = 0.0
         if want_grad:
             grad[r, :] = 0
+    return counted, lab
+
+
+@njit(inline="always", **JIT)
+def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin):  # type: ignore[no-untyped-def]
+    """Row ``r`` in this thread: ignored rows get loss 0 (and a zero gradient row)."""
+    counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
+    if not counted:
         return
     _reset(st)
     out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, lab, want_grad, scale, s.shape[1])
@@ -439,11 +447,8 @@ def _make_response_kernel(div, ce, lin):  # type: ignore[no-untyped-def]
         part = np.empty((nchunks, N_STATS), dtype=np.float64)
         st = np.empty(N_STATS, dtype=np.float64)
         for r in range(rows):
-            counted, lab = _hard(has_labels, labels, r, ignore_index)
+            counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
             if not counted:
-                out_loss[r] = 0.0
-                if want_grad:
-                    grad[r, :] = 0
                 continue
             sr = s[r]
             tr = t[r]
@@ -508,7 +513,8 @@ _SOFTMAX: dict = {}
 
 
 def softmax_kernel(log: bool):  # type: ignore[no-untyped-def]
-    """``kernel(x, invt, out)``: row-wise (log-)softmax of ``x * invt`` into ``out`` (may be ``x``)."""
+    """``kernel(x, invt, out)``: row-wise (log-)softmax of ``x * invt`` into ``out`` (may be ``x``: each
+    element is read for the last time before it is overwritten)."""
     k = _SOFTMAX.get(log)
     if k is None:
         k = _SOFTMAX[log] = _make_softmax_kernel(log)
@@ -531,8 +537,14 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
             it = as_type_of(xr[0], invt)
             mm = as_type_of(xr[0], m)
             ssum = 0.0
-            for j in range(n):
-                ssum += fexp((xr[j] - mm) * it)
+            if log:
+                for j in range(n):
+                    ssum += fexp((xr[j] - mm) * it)
+            else:
+                for j in range(n):  # keep the exponentials: the last pass only scales them
+                    e = fexp((xr[j] - mm) * it)
+                    orow[j] = e
+                    ssum += e
             if nan != 0.0:
                 ssum = np.nan
             if log:
@@ -542,6 +554,6 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
             else:
                 inv = as_type_of(xr[0], 1.0 / ssum)
                 for j in range(n):
-                    orow[j] = fexp((xr[j] - mm) * it) * inv
+                    orow[j] *= inv
 
     return kernel
