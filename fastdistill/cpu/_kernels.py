@@ -507,6 +507,8 @@ def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
 
 
 # ---------------------------------------------------------------- softmax
+# The normaliser is summed in a loop that only reads, so in-place and out-of-place calls give
+# bit-identical results (a loop that also stores may be vectorized differently when arrays alias).
 
 
 _SOFTMAX: dict = {}
@@ -537,14 +539,8 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
             it = as_type_of(xr[0], invt)
             mm = as_type_of(xr[0], m)
             ssum = 0.0
-            if log:
-                for j in range(n):
-                    ssum += fexp((xr[j] - mm) * it)
-            else:
-                for j in range(n):  # keep the exponentials: the last pass only scales them
-                    e = fexp((xr[j] - mm) * it)
-                    orow[j] = e
-                    ssum += e
+            for j in range(n):
+                ssum += fexp((xr[j] - mm) * it)
             if nan != 0.0:
                 ssum = np.nan
             if log:
@@ -554,6 +550,6 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
             else:
                 inv = as_type_of(xr[0], 1.0 / ssum)
                 for j in range(n):
-                    orow[j] *= inv
+                    orow[j] = fexp((xr[j] - mm) * it) * inv
 
     return kernel
