@@ -96,7 +96,7 @@ def rows_2d(a: np.ndarray) -> np.ndarray:
 
 
 def label_shape_ok(l_shape: tuple[int, ...], s_shape: tuple[int, ...]) -> bool:
-    rows = int(np.prod(s_shape[:-1], dtype=np.int64))
+    rows = math.prod(s_shape[:-1])
     return l_shape == tuple(s_shape[:-1]) or (len(l_shape) == 1 and l_shape[0] == rows) or (
         len(s_shape) == 1 and l_shape in ((), (1,))
     )
@@ -107,8 +107,8 @@ def check_labels_meta(l_shape: tuple[int, ...], l_dtype: np.dtype, s_shape: tupl
     if l_dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got dtype {l_dtype}")
     if not label_shape_ok(l_shape, s_shape):
-        rows = int(np.prod(s_shape[:-1], dtype=np.int64))
-        got = int(np.prod(l_shape, dtype=np.int64)) if l_shape else 1
+        rows = math.prod(s_shape[:-1])
+        got = math.prod(l_shape)
         raise DimensionMismatchError(
             expected=rows, got=got,
             message=f"labels must hold one label per row: expected {rows} labels "
@@ -118,6 +118,8 @@ def check_labels_meta(l_shape: tuple[int, ...], l_dtype: np.dtype, s_shape: tupl
 
 def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> LabelOutOfRangeError | None:
     """The error for the first label outside ``[0, n_classes)`` that is not ``ignore_index``, or None."""
+    if labels.size and 0 <= labels.min() and labels.max() < n_classes:  # the common case: two reductions
+        return None
     bad = ((labels < 0) & (labels != ignore_index)) | (labels >= n_classes)
     if not bad.any():
         return None

@@ -157,3 +157,46 @@ def test_cross_entropy_function_matches_reference():
     for eps in (0.0, 0.2):
         ref = cross_entropy(s[keep], y[keep], eps).mean()
         assert fd.cross_entropy(s, y, label_smoothing=eps) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tau", [2.0, 4.0])
+def test_power_path_equals_exponential_path(dtype, tau):
+    # at tau 2 and 4 the kernels take exp(s - max) as exp((s - max) / tau) ** tau; that fast path must
+    # agree with the kernel that computes its own exponential, also where exp(s - max) is subnormal
+    from fastdistill.cpu import _kernels as K
+
+    s, t, y = make_batch(33, 300, dtype, seed=21)
+    top = np.where(np.isfinite(s), s, -np.inf).max(axis=1, keepdims=True)
+    s[:, 5:25] = top - np.linspace(80.0, 90.0 * tau, 20, dtype=dtype)  # around and below the cut
+    s[:2, 5:25] = -np.inf  # and masked (in both rows) in two rows
+    t[:2, 5:25] = -np.inf
+    y[y >= 0] = np.where((y[y >= 0] >= 5) & (y[y >= 0] < 25), 0, y[y >= 0])
+    terms = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(tau), 0.5, 0.5).terms()
+    pw = K.power_of(terms.tau, terms.div_kind, K.CE_OWN)
+    assert pw == int(tau)
+    out = {}
+    for p in (pw, 0):
+        rows = np.empty(33)
+        grad = np.empty_like(s)
+        K.response_kernel(terms.div_kind, K.CE_OWN, False, p)(
+            s, t, y, True, IGNORE, terms.pack(), 0.25, True, rows, grad, 2)
+        out[p] = rows, grad
+    assert rel_err(out[pw][0], out[0][0]) < TOL[dtype]
+    assert rel_err(out[pw][1], out[0][1]) < TOL[dtype]
+    masked = np.isneginf(s) & np.isneginf(t)
+    assert np.all(out[pw][1][masked] == 0.0)
+    # and against the float64 reference
+    ref, keep = response_rows(s.astype(np.float64), t.astype(np.float64), y, 0.5, 0.5, "kl_divergence", tau)
+    assert rel_err(out[pw][0], ref) < TOL[dtype]
+    assert np.all(out[pw][0][~keep] == 0.0)
+
+
+def test_power_variant_choice():
+    from fastdistill.cpu import _kernels as K
+
+    assert K.power_of(4.0, K.DIV_FORWARD_KL, K.CE_OWN) == 4
+    assert K.power_of(2.0, K.DIV_MIXTURE, K.CE_OWN) == 2
+    assert K.power_of(3.0, K.DIV_FORWARD_KL, K.CE_OWN) == 0  # other temperatures: own exponential
+    assert K.power_of(4.0, K.DIV_FORWARD_KL, K.CE_NONE) == 0  # no cross-entropy term
+    assert K.power_of(4.0, K.DIV_NONE, K.CE_OWN) == 0  # no divergence exponential to reuse

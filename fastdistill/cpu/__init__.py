@@ -43,7 +43,8 @@ def response(
     """Row losses (float64, 0 for ignored rows) and, if asked, the gradient of ``scale * sum(rows)``."""
     has_labels = labels is not None
     lin = terms.mse_w != 0.0 or terms.cos_w != 0.0
-    kernel = K.response_kernel(terms.div_kind, ce_mode(terms, has_labels), lin)
+    ce = ce_mode(terms, has_labels)
+    kernel = K.response_kernel(terms.div_kind, ce, lin, K.power_of(terms.tau, terms.div_kind, ce))
     out_loss = np.empty(s.shape[0], dtype=np.float64)
     if want_grad:
         grad = grad_out if grad_out is not None else np.empty_like(s)

@@ -40,7 +40,7 @@ from .._spec import (
     P_SMOOTH,
     P_TAU,
 )
-from ._math import fexp, masked
+from ._math import abs_bits, fexp, from_okey, masked, okey
 
 # nnan/ninf are left out on purpose: -inf logits are masked classes and NaN must propagate.
 FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -56,10 +56,10 @@ N_STATS = 18
 # statistics that are maxima (merged with max) and those that are sums (merged with +)
 N_MAX = 2
 
+# columns summed in the input's precision before a float64 total (float32: error of a block sum <= 1e-6)
+BLOCK = 128
 # columns per chunk when a row is split across threads
 CHUNK = 16384
-# batches of at most this many logits run in the calling thread (a parallel launch costs more)
-SERIAL_MAX = 1 << 15
 
 
 def as_type_of(ref, v):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
@@ -74,61 +74,137 @@ def _as_type_of_impl(ref, v):  # type: ignore[no-untyped-def]
     return lambda ref, v: np.float64(v)
 
 
+def limits_of(ref):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """(lowest finite value, argument below which ``exp`` is 0 or subnormal) of ``ref``'s float type."""
+    return -np.inf, -np.inf
+
+
+@overload(limits_of, jit_options={"cache": True})
+def _limits_of_impl(ref):  # type: ignore[no-untyped-def]
+    if ref == types.float32:
+        lo32 = np.float32(np.finfo(np.float32).min)
+        cut32 = np.float32(-87.3)
+        return lambda ref: (lo32, cut32)
+    lo64 = np.finfo(np.float64).min
+    return lambda ref: (lo64, -708.0)
+
+
+def power_of(tau: float, div: int, ce: int) -> int:
+    """The ``pw`` variant for a temperature: 4 or 2 when the cross-entropy's ``exp(s - max)`` can be the
+    divergence's ``exp((s - max) / tau)`` squared twice or once (tau = 4 or 2), else 0."""
+    if ce != CE_OWN or div == DIV_NONE:
+        return 0
+    return 4 if tau == 4.0 else (2 if tau == 2.0 else 0)
+
+
+@njit(inline="always", **JIT)
+def _exp1(ds, wb, pw, cut, zero):  # type: ignore[no-untyped-def]
+    """``exp(ds)`` given ``wb = exp(ds / tau)``: ``wb ** pw`` for ``pw`` 2 or 4 (0 where the result would
+    be subnormal, a slow path on x86; ``zero`` is a constant, ``wb * 0`` kept the loop from vectorizing),
+    else an exponential of its own."""
+    if pw == 4:
+        w2 = wb * wb
+        return w2 * w2 if ds > cut else zero
+    if pw == 2:
+        return wb * wb if ds > cut else zero
+    return fexp(ds)
+
+
 # ---------------------------------------------------------------- pass 1: maxima
 
 
 @njit(inline="always", **JIT)
-def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
-    mt = -np.inf
-    ms = -np.inf
-    nan = 0.0
+def _max_nan(x, lo, hi):  # type: ignore[no-untyped-def]
+    """(max of ``x[lo:hi]`` as float64, whether it holds a NaN), through integer keys (vectorized)."""
+    x0 = x[lo]
+    k = okey(as_type_of(x0, -np.inf))
+    ab = abs_bits(as_type_of(x0, 0.0))
     for j in range(lo, hi):
-        tj = t[j]
-        sj = s[j]
-        mt = tj if tj > mt else mt
-        ms = sj if sj > ms else ms
-        nan += 0.0 if (tj == tj and sj == sj) else 1.0
+        a = okey(x[j])
+        k = a if a > k else k
+        c = abs_bits(x[j])
+        ab = c if c > ab else ab
+    return np.float64(from_okey(k, x0)), ab > abs_bits(as_type_of(x0, np.inf))
+
+
+@njit(inline="always", **JIT)
+def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
+    mt, nan_t = _max_nan(t, lo, hi)
+    ms, nan_s = _max_nan(s, lo, hi)
     st[S_MT] = max(st[S_MT], mt)
     st[S_MS] = max(st[S_MS], ms)
-    st[S_NAN] += nan
+    if nan_t or nan_s:
+        st[S_NAN] += 1.0
 
 
 # ---------------------------------------------------------------- pass 2: sums
 
 
 @njit(inline="always", **JIT)
-def _pass_sums(s, t, lo, hi, st, P, div, ce, lin):  # type: ignore[no-untyped-def]
-    x0 = s[lo]
-    invt = as_type_of(x0, 1.0 / P[P_TAU])
-    mt = as_type_of(x0, st[S_MT])
-    ms = as_type_of(x0, st[S_MS])
-    if div != DIV_NONE:
-        sa = 0.0
-        sb = 0.0
-        sx = 0.0
-        for j in range(lo, hi):
-            dt = t[j] - mt
-            ds = s[j] - ms
+def _no_nan(d, lowest):  # type: ignore[no-untyped-def]
+    """``d``, with -inf and NaN (a class masked in both rows) raised to ``lowest``: a weight of 0 times it
+    is 0, and the select vectorizes where ``masked``'s test on the weight does not."""
+    return d if d > lowest else lowest
+
+
+@njit(inline="always", **JIT)
+def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw):  # type: ignore[no-untyped-def]
+    """Exponential sums of columns ``[j0, j1)`` in the input's precision (one short vectorized loop)."""
+    lowest, cut = limits_of(zero)
+    sa = zero
+    sb = zero
+    sx = zero
+    s1 = zero
+    for j in range(j0, j1):
+        dt = t[j] - mt
+        ds = s[j] - ms
+        wb = zero
+        if div != DIV_NONE:
             wa = fexp(dt * invt)
             wb = fexp(ds * invt)
             sa += wa
             sb += wb
             # cross terms relative to the maxima: (mt - ms) cancels analytically in the loss
             if div == DIV_FORWARD_KL:
-                sx += masked(wa, dt - ds)
+                sx += wa * _no_nan(dt - ds, lowest)
             elif div == DIV_REVERSE_KL:
-                sx += masked(wb, ds - dt)
-        st[S_SA] += sa
-        st[S_SB] += sb
-        if div == DIV_FORWARD_KL:
-            st[S_SX] += sx
-        elif div == DIV_REVERSE_KL:
-            st[S_SY] += sx
-    if ce == CE_OWN:
+                sx += wb * _no_nan(ds - dt, lowest)
+        if ce == CE_OWN:
+            s1 += _exp1(ds, wb, pw, cut, zero)
+    return sa, sb, sx, s1
+
+
+@njit(inline="always", **JIT)
+def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw):  # type: ignore[no-untyped-def]
+    x0 = s[lo]
+    invt = as_type_of(x0, 1.0 / P[P_TAU])
+    mt = as_type_of(x0, st[S_MT])
+    ms = as_type_of(x0, st[S_MS])
+    zero = as_type_of(x0, 0.0)
+    if div != DIV_NONE or ce == CE_OWN:
+        # blocks of BLOCK columns summed in the input's precision (a float32 loop vectorizes twice as
+        # wide), block totals in float64; a fixed trip count, then the tail (a select in the bound of a
+        # single loop kept it from vectorizing as well)
+        sa = 0.0
+        sb = 0.0
+        sx = 0.0
         s1 = 0.0
-        for j in range(lo, hi):
-            s1 += fexp(s[j] - ms)
-        st[S_S1] += s1
+        nb = (hi - lo) // BLOCK
+        for b in range(nb):
+            j0 = lo + b * BLOCK
+            a, c, x, e = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw)
+            sa += a
+            sb += c
+            sx += x
+            s1 += e
+        a, c, x, e = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw)
+        st[S_SA] += sa + a
+        st[S_SB] += sb + c
+        if div == DIV_FORWARD_KL:
+            st[S_SX] += sx + x
+        elif div == DIV_REVERSE_KL:
+            st[S_SY] += sx + x
+        st[S_S1] += s1 + e
     if ce != CE_NONE and P[P_SMOOTH] != 0.0:
         ssum = 0.0
         for j in range(lo, hi):
@@ -262,7 +338,7 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
 
 
 @njit(inline="always", **JIT)
-def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: ignore[no-untyped-def]
+def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n, pw):  # type: ignore[no-untyped-def]
     """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g[lo:hi]``.
 
     One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself. The
@@ -276,6 +352,7 @@ def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: i
     mt = as_type_of(x0, mt64)
     ms = as_type_of(x0, ms64)
     zero = as_type_of(x0, 0.0)
+    _, cut = limits_of(zero)
     # divergence: d row loss / d s = div_w / tau * d D / d b
     cd64 = scale * P[P_DIV_W] * invt64
     cd = as_type_of(x0, cd64)
@@ -319,8 +396,10 @@ def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: i
         tj = t[j]
         acc = zero
         q = zero
+        wb = zero
         if div != DIV_NONE:
-            q = fexp((sj - ms) * invt) * isb
+            wb = fexp((sj - ms) * invt)
+            q = wb * isb
         if div == DIV_FORWARD_KL:
             acc += cd * (q - fexp((tj - mt) * invt) * isa)
         elif div == DIV_REVERSE_KL:
@@ -338,7 +417,7 @@ def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n):  # type: i
         if ce == CE_SHARED:
             acc += ch * q - ceps
         elif ce == CE_OWN:
-            acc += ch * fexp(sj - ms) * is1 - ceps
+            acc += ch * _exp1(sj - ms, wb, pw, cut, zero) * is1 - ceps
         if lin:
             acc += a_s * sj + b_t * tj
         g[j] = acc
@@ -357,17 +436,17 @@ def _hard(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", **JIT)
-def _one_row(s, t, g, st, P, div, ce, lin, lab, want_grad, scale, n):  # type: ignore[no-untyped-def]
+def _one_row(s, t, g, st, P, div, ce, lin, pw, lab, want_grad, scale, n):  # type: ignore[no-untyped-def]
     """Statistics, loss and (optionally) gradient of one counted row, all columns in this thread."""
     _pass_max(s, t, 0, n, st)
-    _pass_sums(s, t, 0, n, st, P, div, ce, lin)
+    _pass_sums(s, t, 0, n, st, P, div, ce, lin, pw)
     if div == DIV_MIXTURE or div == DIV_TVD:
         _pass_div2(s, t, 0, n, st, P, div)
     hard = lab >= 0
     s_label = np.float64(s[lab]) if hard else 0.0
     loss = _row_loss(st, P, div, ce, lin, hard, s_label, n)
     if want_grad:
-        _pass_grad(s, t, g, 0, n, st, P, div, ce, lin, hard, scale, n)
+        _pass_grad(s, t, g, 0, n, st, P, div, ce, lin, hard, scale, n, pw)
         if ce != CE_NONE and hard:
             g[lab] -= as_type_of(s[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
     return loss
@@ -385,13 +464,13 @@ def _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
 
 
 @njit(inline="always", **JIT)
-def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin):  # type: ignore[no-untyped-def]
+def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin, pw):  # type: ignore[no-untyped-def]
     """Row ``r`` in this thread: ignored rows get loss 0 (and a zero gradient row)."""
     counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
     if not counted:
         return
     _reset(st)
-    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, lab, want_grad, scale, s.shape[1])
+    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, pw, lab, want_grad, scale, s.shape[1])
 
 
 @njit(inline="always", **JIT)
@@ -405,8 +484,10 @@ def _reset(st):  # type: ignore[no-untyped-def]
 _KERNELS: dict = {}
 
 
-def response_kernel(div: int, ce: int, lin: bool):  # type: ignore[no-untyped-def]
-    """The compiled response kernel for one (divergence, cross-entropy mode, linear term) variant.
+def response_kernel(div: int, ce: int, lin: bool, pw: int = 0):  # type: ignore[no-untyped-def]
+    """The compiled response kernel for one (divergence, cross-entropy mode, linear term, power) variant.
+
+    ``pw`` (see :func:`power_of`) is 0, or 2/4 for kernels that only take parameters with that temperature.
 
     ``kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads)``:
     ``s``, ``t`` C-contiguous ``(rows, n)`` float32/float64; ``labels`` int64 ``(rows,)`` (ignored when
@@ -416,31 +497,26 @@ def response_kernel(div: int, ce: int, lin: bool):  # type: ignore[no-untyped-de
     ``want_grad``; ``nthreads`` is the caller's thread count (rows fewer than that are split across
     threads). Labels must already be validated.
     """
-    key = (div, ce, lin)
+    key = (div, ce, lin, pw)
     k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[key] = _make_response_kernel(div, ce, lin)
+        k = _KERNELS[key] = _make_response_kernel(div, ce, lin, pw)
     return k
 
 
-def _make_response_kernel(div, ce, lin):  # type: ignore[no-untyped-def]
+def _make_response_kernel(div, ce, lin, pw):  # type: ignore[no-untyped-def]
     two_pass_div = div == DIV_MIXTURE or div == DIV_TVD
 
     @njit(parallel=True, **JIT)
     def kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads):  # type: ignore[no-untyped-def]
         rows, n = s.shape
-        if rows * n <= SERIAL_MAX or nthreads == 1:
-            # small batches: a parallel launch costs more than the work
-            stats = np.empty((rows, N_STATS), dtype=np.float64)
-            for r in range(rows):
-                _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,
-                           stats[r], r, div, ce, lin)
-            return
+        # one copy of the row code per path: a serial copy for small batches saved ~2 us per call and
+        # cost a third more compile time
         if rows >= nthreads or n < 2 * CHUNK:
             stats = np.empty((rows, N_STATS), dtype=np.float64)
             for r in prange(rows):
                 _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,
-                           stats[r], r, div, ce, lin)
+                           stats[r], r, div, ce, lin, pw)
             return
         # fewer rows than threads: each pass of a row runs over column chunks in parallel, then merges
         nchunks = (n + CHUNK - 1) // CHUNK
@@ -450,36 +526,49 @@ def _make_response_kernel(div, ce, lin):  # type: ignore[no-untyped-def]
             counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
             if not counted:
                 continue
-            sr = s[r]
-            tr = t[r]
-            gr = grad[r]
+            # each chunk works on its own slices s[r, lo:hi] (contiguous views, as a whole row is): passing
+            # the row and a column range instead compiled to code half as fast
             for c in prange(nchunks):
+                lo, hi = _chunk(c, n)
                 pc = part[c]
                 _reset(pc)
-                _pass_max(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc)
+                _pass_max(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc)
             _reset(st)
             _merge(st, part, 0, S_SA)
             for c in prange(nchunks):
+                lo, hi = _chunk(c, n)
                 pc = part[c]
                 _copy_head(pc, st, S_SA)
-                _pass_sums(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc, P, div, ce, lin)
+                _pass_sums(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div, ce, lin, pw)
             _merge(st, part, S_SA, S_KP)
             if two_pass_div:
                 for c in prange(nchunks):
+                    lo, hi = _chunk(c, n)
                     pc = part[c]
                     _copy_head(pc, st, S_KP)
-                    _pass_div2(sr, tr, c * CHUNK, min(n, (c + 1) * CHUNK), pc, P, div)
+                    _pass_div2(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div)
                 _merge(st, part, S_KP, N_STATS)
+            sr = s[r]
+            gr = grad[r]
             hard = lab >= 0
             s_label = np.float64(sr[lab]) if hard else 0.0
             out_loss[r] = _row_loss(st, P, div, ce, lin, hard, s_label, n)
             if want_grad:
                 for c in prange(nchunks):
-                    _pass_grad(sr, tr, gr, c * CHUNK, min(n, (c + 1) * CHUNK), st, P, div, ce, lin, hard, scale, n)
+                    lo, hi = _chunk(c, n)
+                    _pass_grad(s[r, lo:hi], t[r, lo:hi], grad[r, lo:hi], 0, hi - lo, st, P, div, ce, lin, hard, scale, n,
+                               pw)
                 if ce != CE_NONE and hard:
                     gr[lab] -= as_type_of(sr[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
 
     return kernel
+
+
+@njit(inline="always", **JIT)
+def _chunk(c, n):  # type: ignore[no-untyped-def]
+    """Columns ``[lo, hi)`` of chunk ``c`` of a row of ``n``."""
+    lo = c * CHUNK
+    return lo, min(n, lo + CHUNK)
 
 
 @njit(inline="always", **JIT)
@@ -511,6 +600,25 @@ def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
 # bit-identical results (a loop that also stores may be vectorized differently when arrays alias).
 
 
+@njit(inline="always", **JIT)
+def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
+    acc = as_type_of(m, 0.0)
+    for j in range(j0, j1):
+        acc += fexp((x[j] - m) * it)
+    return acc
+
+
+@njit(inline="always", **JIT)
+def _expsum(x, lo, hi, m, it):  # type: ignore[no-untyped-def]
+    """``sum(exp((x[lo:hi] - m) * it))`` in float64 over blocks summed in the input's precision (as in
+    ``_pass_sums``)."""
+    total = 0.0
+    nb = (hi - lo) // BLOCK
+    for b in range(nb):
+        total += _expsum_block(x, lo + b * BLOCK, lo + b * BLOCK + BLOCK, m, it)
+    return total + _expsum_block(x, lo + nb * BLOCK, hi, m, it)
+
+
 _SOFTMAX: dict = {}
 
 
@@ -530,18 +638,11 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
         for r in prange(rows):
             xr = x[r]
             orow = out[r]
-            m = -np.inf
-            nan = 0.0
-            for j in range(n):
-                v = xr[j]
-                m = v if v > m else m
-                nan += 0.0 if v == v else 1.0
+            m, nan = _max_nan(xr, 0, n)
             it = as_type_of(xr[0], invt)
             mm = as_type_of(xr[0], m)
-            ssum = 0.0
-            for j in range(n):
-                ssum += fexp((xr[j] - mm) * it)
-            if nan != 0.0:
+            ssum = _expsum(xr, 0, n, mm, it)
+            if nan:
                 ssum = np.nan
             if log:
                 off = as_type_of(xr[0], math.log(ssum))

@@ -72,7 +72,84 @@ def _fexp_impl(x):  # type: ignore[no-untyped-def]
     return None
 
 
-@njit(cache=True)
-def masked(w, v):  # type: ignore[no-untyped-def]
+def masked(w, v):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
     """``w * v`` where the weight ``w`` is positive, 0 where it is 0 (so 0 * inf is 0, not NaN)."""
-    return w * v if w > 0 else w * 0
+    return w * v if w > 0 else 0.0 * w
+
+
+@overload(masked, jit_options={"cache": True})
+def _masked_impl(w, v):  # type: ignore[no-untyped-def]
+    if not isinstance(w, types.Float):
+        return None
+    zero = np.float32(0.0) if w == types.float32 else 0.0  # a constant: ``w * 0`` kept loops from vectorizing
+
+    def impl(w, v):  # type: ignore[no-untyped-def]
+        return w * v if w > 0 else zero
+
+    return impl
+
+
+# ---------------------------------------------------------------- maxima through integer keys
+# LLVM vectorizes integer max reductions but not float ``a if a > m else m`` ones (those need the nnan
+# flag, which would also fold NaN checks away). A float's bits, with the magnitude bits flipped for
+# negative numbers, are an integer key with the float's order: max over keys is max over floats.
+
+
+def _key_types(x):  # type: ignore[no-untyped-def]
+    if x == types.float32:
+        return ir.FloatType(), ir.IntType(32), types.int32
+    if x == types.float64:
+        return ir.DoubleType(), ir.IntType(64), types.int64
+    return None
+
+
+def _flip(builder, bits, ity):  # type: ignore[no-untyped-def]
+    """``bits ^ ((bits >> (w-1)) & 0x7f..f)``: the ordered key of a float's bits (its own inverse)."""
+    w = ity.width
+    sign = builder.ashr(bits, ir.Constant(ity, w - 1))
+    return builder.xor(bits, builder.and_(sign, ir.Constant(ity, (1 << (w - 1)) - 1)))
+
+
+@intrinsic
+def okey(typingctx, x):  # type: ignore[no-untyped-def]
+    """Ordered integer key of a float (int32 for float32, int64 for float64)."""
+    kt = _key_types(x)
+    if kt is None:
+        return None
+    _, ity, nty = kt
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return _flip(builder, builder.bitcast(args[0], ity), ity)
+
+    return nty(x), codegen
+
+
+@intrinsic
+def from_okey(typingctx, k, like):  # type: ignore[no-untyped-def]
+    """The float (of ``like``'s type) whose ordered key is ``k``."""
+    kt = _key_types(like)
+    if kt is None:
+        return None
+    fty, ity, nty = kt
+    if k != nty:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(_flip(builder, args[0], ity), fty)
+
+    return like(k, like), codegen
+
+
+@intrinsic
+def abs_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """The bits of ``|x|`` as an integer: above those of ``inf`` exactly when ``x`` is NaN."""
+    kt = _key_types(x)
+    if kt is None:
+        return None
+    _, ity, nty = kt
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        bits = builder.bitcast(args[0], ity)
+        return builder.and_(bits, ir.Constant(ity, (1 << (ity.width - 1)) - 1))
+
+    return nty(x), codegen
