@@ -19,6 +19,22 @@ if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _NO_LABELS = np.zeros(0, dtype=np.int64)
+# calls on at most this many logits run in the calling thread alone: waking the thread pool costs ~2 us
+# on an idle machine and tens of microseconds on a busy one, more than such a call's work
+SMALL = 1 << 15
+
+
+def _launch(kernel, size: int, *args) -> None:  # type: ignore[no-untyped-def]
+    """``kernel(*args)``; a small call runs with one Numba thread (thread-local setting, restored after)."""
+    if size > SMALL:
+        kernel(*args)
+        return
+    n = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(n)
 
 
 def ce_mode(terms: Terms, has_labels: bool) -> int:
@@ -50,7 +66,9 @@ def response(
         grad = grad_out if grad_out is not None else np.empty_like(s)
     else:
         grad = s  # never written: the kernel only writes it when want_grad
-    kernel(
+    _launch(
+        kernel,
+        s.size,
         s,
         t,
         labels if has_labels else _NO_LABELS,
@@ -61,7 +79,7 @@ def response(
         want_grad,
         out_loss,
         grad,
-        numba.get_num_threads(),
+        numba.get_num_threads() if s.size > SMALL else 1,
     )
     return out_loss, (grad if want_grad else None)
 
@@ -70,5 +88,5 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
     """Row-wise softmax (or log-softmax) of ``x / tau``."""
     if out is None:
         out = np.empty_like(x)
-    K.softmax_kernel(log)(x, float(1.0 / tau), out)
+    _launch(K.softmax_kernel(log), x.size, x, float(1.0 / tau), out)
     return out

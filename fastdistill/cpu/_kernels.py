@@ -149,29 +149,43 @@ def _no_nan(d, lowest):  # type: ignore[no-untyped-def]
 
 @njit(inline="always", **JIT)
 def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw):  # type: ignore[no-untyped-def]
-    """Exponential sums of columns ``[j0, j1)`` in the input's precision (one short vectorized loop)."""
+    """Exponential sums of columns ``[j0, j1)`` in the input's precision (one short vectorized loop).
+
+    A column at its row's maximum has an exponential of exactly 1; it is counted apart (``ct``, ``cs``, exact
+    in float32) and left out of the sums, so that a float32 sum holds only the terms below 1 and keeps their digits: a
+    confident row's ``log(1 + 1e-4)`` stays exact to float32 precision instead of to 1e-3.
+    """
     lowest, cut = limits_of(zero)
+    one = as_type_of(zero, 1.0)
     sa = zero
     sb = zero
     sx = zero
     s1 = zero
+    ct = zero
+    cs = zero
     for j in range(j0, j1):
         dt = t[j] - mt
         ds = s[j] - ms
+        # 0 at the maximum, else 1; ``w * keep``, not ``w - 1`` (fastmath's reassociation would add the 1
+        # into the sum and take it out at the end) nor a select on the sum (kept the loop from vectorizing)
+        keep_s = zero if ds == zero else one
+        cs += one - keep_s
         wb = zero
         if div != DIV_NONE:
+            keep_t = zero if dt == zero else one
+            ct += one - keep_t
             wa = fexp(dt * invt)
             wb = fexp(ds * invt)
-            sa += wa
-            sb += wb
+            sa += wa * keep_t
+            sb += wb * keep_s
             # cross terms relative to the maxima: (mt - ms) cancels analytically in the loss
             if div == DIV_FORWARD_KL:
                 sx += wa * _no_nan(dt - ds, lowest)
             elif div == DIV_REVERSE_KL:
                 sx += wb * _no_nan(ds - dt, lowest)
         if ce == CE_OWN:
-            s1 += _exp1(ds, wb, pw, cut, zero)
-    return sa, sb, sx, s1
+            s1 += _exp1(ds, wb, pw, cut, zero) * keep_s
+    return sa, sb, sx, s1, ct, cs
 
 
 @njit(inline="always", **JIT)
@@ -189,22 +203,32 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw):  # type: ignore[no-untype
         sb = 0.0
         sx = 0.0
         s1 = 0.0
+        ct = 0.0
+        cs = 0.0
         nb = (hi - lo) // BLOCK
         for b in range(nb):
             j0 = lo + b * BLOCK
-            a, c, x, e = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw)
+            a, c, x, e, k, m = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw)
             sa += a
             sb += c
             sx += x
             s1 += e
-        a, c, x, e = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw)
-        st[S_SA] += sa + a
-        st[S_SB] += sb + c
+            ct += k
+            cs += m
+        a, c, x, e, k, m = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw)
+        sa += a
+        sb += c
+        sx += x
+        s1 += e
+        ct += k
+        cs += m
+        st[S_SA] += ct + sa
+        st[S_SB] += cs + sb
         if div == DIV_FORWARD_KL:
-            st[S_SX] += sx + x
+            st[S_SX] += sx
         elif div == DIV_REVERSE_KL:
-            st[S_SY] += sx + x
-        st[S_S1] += s1 + e
+            st[S_SY] += sx
+        st[S_S1] += cs + s1
     if ce != CE_NONE and P[P_SMOOTH] != 0.0:
         ssum = 0.0
         for j in range(lo, hi):
@@ -602,10 +626,25 @@ def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
 
 @njit(inline="always", **JIT)
 def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
-    acc = as_type_of(m, 0.0)
+    """Sum of the exponentials below 1 (columns at the maximum left out): see ``_sums_block``."""
+    zero = as_type_of(m, 0.0)
+    one = as_type_of(m, 1.0)
+    acc = zero
     for j in range(j0, j1):
-        acc += fexp((x[j] - m) * it)
+        d = x[j] - m
+        acc += fexp(d * it) * (zero if d == zero else one)
     return acc
+
+
+@njit(inline="always", **JIT)
+def _count_eq(x, lo, hi, m):  # type: ignore[no-untyped-def]
+    """How many of ``x[lo:hi]`` are at ``m`` (``x - m == 0``: none in a row that is all ``-inf``, whose
+    softmax stays NaN)."""
+    zero = as_type_of(m, 0.0)
+    k = 0
+    for j in range(lo, hi):
+        k += 1 if x[j] - m == zero else 0
+    return k
 
 
 @njit(inline="always", **JIT)
@@ -616,7 +655,8 @@ def _expsum(x, lo, hi, m, it):  # type: ignore[no-untyped-def]
     nb = (hi - lo) // BLOCK
     for b in range(nb):
         total += _expsum_block(x, lo + b * BLOCK, lo + b * BLOCK + BLOCK, m, it)
-    return total + _expsum_block(x, lo + nb * BLOCK, hi, m, it)
+    total += _expsum_block(x, lo + nb * BLOCK, hi, m, it)
+    return np.float64(_count_eq(x, lo, hi, m)) + total
 
 
 _SOFTMAX: dict = {}
