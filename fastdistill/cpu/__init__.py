@@ -24,13 +24,18 @@ _NO_LABELS = np.zeros(0, dtype=np.int64)
 SMALL = 1 << 15
 
 
-def _launch(kernel, size: int, *args) -> None:  # type: ignore[no-untyped-def]
-    """``kernel(*args)``; a small call runs with one Numba thread (thread-local setting, restored after)."""
-    if size > SMALL:
+def _threads_for(size: int) -> int:
+    """Numba threads for a call on ``size`` logits."""
+    return numba.get_num_threads() if size > SMALL else 1
+
+
+def _launch(kernel, nthreads: int, *args) -> None:  # type: ignore[no-untyped-def]
+    """``kernel(*args)`` on ``nthreads`` Numba threads (a thread-local setting, restored after)."""
+    n = numba.get_num_threads()
+    if nthreads == n:
         kernel(*args)
         return
-    n = numba.get_num_threads()
-    numba.set_num_threads(1)
+    numba.set_num_threads(nthreads)
     try:
         kernel(*args)
     finally:
@@ -66,9 +71,10 @@ def response(
         grad = grad_out if grad_out is not None else np.empty_like(s)
     else:
         grad = s  # never written: the kernel only writes it when want_grad
+    nthreads = _threads_for(s.size)
     _launch(
         kernel,
-        s.size,
+        nthreads,
         s,
         t,
         labels if has_labels else _NO_LABELS,
@@ -79,7 +85,7 @@ def response(
         want_grad,
         out_loss,
         grad,
-        numba.get_num_threads() if s.size > SMALL else 1,
+        nthreads,
     )
     return out_loss, (grad if want_grad else None)
 
@@ -88,5 +94,5 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
     """Row-wise softmax (or log-softmax) of ``x / tau``."""
     if out is None:
         out = np.empty_like(x)
-    _launch(K.softmax_kernel(log), x.size, x, float(1.0 / tau), out)
+    _launch(K.softmax_kernel(log), _threads_for(x.size), x, float(1.0 / tau), out)
     return out

@@ -148,12 +148,24 @@ def _no_nan(d, lowest):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", **JIT)
-def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw):  # type: ignore[no-untyped-def]
-    """Exponential sums of columns ``[j0, j1)`` in the input's precision (one short vectorized loop).
+def _count_eq(x, lo, hi, m):  # type: ignore[no-untyped-def]
+    """How many of ``x[lo:hi]`` are at ``m`` (``x - m == 0``: none in a row that is all ``-inf``, whose
+    softmax stays NaN)."""
+    zero = as_type_of(m, 0.0)
+    k = 0
+    for j in range(lo, hi):
+        k += 1 if x[j] - m == zero else 0
+    return k
 
-    A column at its row's maximum has an exponential of exactly 1; it is counted apart (``ct``, ``cs``, exact
-    in float32) and left out of the sums, so that a float32 sum holds only the terms below 1 and keeps their digits: a
-    confident row's ``log(1 + 1e-4)`` stays exact to float32 precision instead of to 1e-3.
+
+@njit(inline="always", **JIT)
+def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw, acc):  # type: ignore[no-untyped-def]
+    """``acc`` (float64 sums ``sa, sb, sx, s1``) plus the exponential sums of columns ``[j0, j1)``, these
+    summed in the input's precision (one short vectorized loop).
+
+    A column at its row's maximum has an exponential of exactly 1; it is left out of the sums here (and
+    counted apart by ``_count_eq``), so that a float32 sum holds only the terms below 1 and keeps their
+    digits: a confident row's ``log(1 + 1e-4)`` stays exact to float32 precision instead of to 1e-3.
     """
     lowest, cut = limits_of(zero)
     one = as_type_of(zero, 1.0)
@@ -161,19 +173,15 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw):  # type: ignore[
     sb = zero
     sx = zero
     s1 = zero
-    ct = zero
-    cs = zero
     for j in range(j0, j1):
         dt = t[j] - mt
         ds = s[j] - ms
         # 0 at the maximum, else 1; ``w * keep``, not ``w - 1`` (fastmath's reassociation would add the 1
         # into the sum and take it out at the end) nor a select on the sum (kept the loop from vectorizing)
         keep_s = zero if ds == zero else one
-        cs += one - keep_s
         wb = zero
         if div != DIV_NONE:
             keep_t = zero if dt == zero else one
-            ct += one - keep_t
             wa = fexp(dt * invt)
             wb = fexp(ds * invt)
             sa += wa * keep_t
@@ -185,7 +193,8 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw):  # type: ignore[
                 sx += wb * _no_nan(ds - dt, lowest)
         if ce == CE_OWN:
             s1 += _exp1(ds, wb, pw, cut, zero) * keep_s
-    return sa, sb, sx, s1, ct, cs
+    a, b, x, e = acc
+    return a + np.float64(sa), b + np.float64(sb), x + np.float64(sx), e + np.float64(s1)
 
 
 @njit(inline="always", **JIT)
@@ -199,36 +208,24 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw):  # type: ignore[no-untype
         # blocks of BLOCK columns summed in the input's precision (a float32 loop vectorizes twice as
         # wide), block totals in float64; a fixed trip count, then the tail (a select in the bound of a
         # single loop kept it from vectorizing as well)
-        sa = 0.0
-        sb = 0.0
-        sx = 0.0
-        s1 = 0.0
-        ct = 0.0
-        cs = 0.0
+        acc = (0.0, 0.0, 0.0, 0.0)
         nb = (hi - lo) // BLOCK
         for b in range(nb):
             j0 = lo + b * BLOCK
-            a, c, x, e, k, m = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw)
-            sa += a
-            sb += c
-            sx += x
-            s1 += e
-            ct += k
-            cs += m
-        a, c, x, e, k, m = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw)
-        sa += a
-        sb += c
-        sx += x
-        s1 += e
-        ct += k
-        cs += m
-        st[S_SA] += ct + sa
-        st[S_SB] += cs + sb
+            acc = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw, acc)
+        sa, sb, sx, s1 = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw, acc)
+        # the columns at the maxima, counted in integer loops (per-element float counts in the block
+        # loop cost a quarter of the forward time)
+        cs = np.float64(_count_eq(s, lo, hi, ms))
+        if div != DIV_NONE:
+            st[S_SA] += np.float64(_count_eq(t, lo, hi, mt)) + sa
+            st[S_SB] += cs + sb
         if div == DIV_FORWARD_KL:
             st[S_SX] += sx
         elif div == DIV_REVERSE_KL:
             st[S_SY] += sx
-        st[S_S1] += cs + s1
+        if ce == CE_OWN:
+            st[S_S1] += cs + s1
     if ce != CE_NONE and P[P_SMOOTH] != 0.0:
         ssum = 0.0
         for j in range(lo, hi):
@@ -634,17 +631,6 @@ def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
         d = x[j] - m
         acc += fexp(d * it) * (zero if d == zero else one)
     return acc
-
-
-@njit(inline="always", **JIT)
-def _count_eq(x, lo, hi, m):  # type: ignore[no-untyped-def]
-    """How many of ``x[lo:hi]`` are at ``m`` (``x - m == 0``: none in a row that is all ``-inf``, whose
-    softmax stays NaN)."""
-    zero = as_type_of(m, 0.0)
-    k = 0
-    for j in range(lo, hi):
-        k += 1 if x[j] - m == zero else 0
-    return k
 
 
 @njit(inline="always", **JIT)

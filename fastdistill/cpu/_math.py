@@ -103,11 +103,15 @@ def _key_types(x):  # type: ignore[no-untyped-def]
     return None
 
 
+def _magnitude_mask(ity):  # type: ignore[no-untyped-def]
+    """``0x7f..f``: every bit of an ``ity``-wide float but the sign."""
+    return ir.Constant(ity, (1 << (ity.width - 1)) - 1)
+
+
 def _flip(builder, bits, ity):  # type: ignore[no-untyped-def]
     """``bits ^ ((bits >> (w-1)) & 0x7f..f)``: the ordered key of a float's bits (its own inverse)."""
-    w = ity.width
-    sign = builder.ashr(bits, ir.Constant(ity, w - 1))
-    return builder.xor(bits, builder.and_(sign, ir.Constant(ity, (1 << (w - 1)) - 1)))
+    sign = builder.ashr(bits, ir.Constant(ity, ity.width - 1))
+    return builder.xor(bits, builder.and_(sign, _magnitude_mask(ity)))
 
 
 def _int_of_float(op, doc):  # type: ignore[no-untyped-def]
@@ -130,7 +134,7 @@ def _int_of_float(op, doc):  # type: ignore[no-untyped-def]
 
 
 def _abs(builder, bits, ity):  # type: ignore[no-untyped-def]
-    return builder.and_(bits, ir.Constant(ity, (1 << (ity.width - 1)) - 1))
+    return builder.and_(bits, _magnitude_mask(ity))
 
 
 okey = _int_of_float(_flip, "Ordered integer key of a float (int32 for float32, int64 for float64).")
