@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
-from fastdistill.cpu._math import abs_bits, fexp, from_okey, okey  # noqa: E402
+from fastdistill.cpu._math import abs_bits, fexp, from_okey, okey, prefetch, wide_vectors  # noqa: E402
 
 
 @numba.njit
@@ -58,3 +58,37 @@ def test_abs_bits_flag_nan_only(dtype):
     _, _, ab = _keys(x)
     _, _, inf_bits = _keys(np.array([np.inf], dtype=dtype))
     np.testing.assert_array_equal(ab > inf_bits[0], [True, True, False, False, False, False, False])
+
+
+@numba.njit
+def _sum_prefetching(x, ahead):
+    total = 0.0
+    for j in range(x.size):
+        prefetch(x, j + ahead)  # far past the end of x: a hint, never a load
+        total += x[j]
+    return total
+
+
+def test_prefetch_past_the_end_changes_nothing():
+    x = np.arange(1000, dtype=np.float32)
+    for ahead in (0, 1000, 1 << 20, 1 << 40):
+        assert _sum_prefetching(x, ahead) == 499500.0
+    view = np.arange(12, dtype=np.float64).reshape(3, 4)[2]  # the last row: "next row" is past the matrix
+    assert _sum_prefetching(view, 4) == 8.0 + 9.0 + 10.0 + 11.0
+
+
+def test_wide_vectors_marks_only_its_own_function():
+    @numba.njit
+    def marked(x):
+        wide_vectors()
+        return x.sum()
+
+    @numba.njit
+    def plain(x):
+        return x.sum()
+
+    x = np.arange(10, dtype=np.float32)
+    assert marked(x) == plain(x) == 45.0
+    attr = '"prefer-vector-width"="512"'
+    assert attr in marked.inspect_llvm(marked.signatures[0])
+    assert attr not in plain.inspect_llvm(plain.signatures[0])

@@ -40,7 +40,7 @@ from .._spec import (
     P_SMOOTH,
     P_TAU,
 )
-from ._math import abs_bits, fexp, from_okey, masked, okey
+from ._math import abs_bits, fexp, from_okey, masked, okey, prefetch, wide_vectors
 
 # nnan/ninf are left out on purpose: -inf logits are masked classes and NaN must propagate.
 FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -60,6 +60,8 @@ N_MAX = 2
 BLOCK = 128
 # columns per chunk when a row is split across threads
 CHUNK = 16384
+# bytes per cache line (the prefetch stride)
+LINE = 64
 
 
 def as_type_of(ref, v):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
@@ -129,6 +131,7 @@ def _max_nan(x, lo, hi):  # type: ignore[no-untyped-def]
 
 @njit(inline="always", **JIT)
 def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
+    wide_vectors()
     mt, nan_t = _max_nan(t, lo, hi)
     ms, nan_s = _max_nan(s, lo, hi)
     st[S_MT] = max(st[S_MT], mt)
@@ -198,7 +201,21 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw, acc):  # type: ig
 
 
 @njit(inline="always", **JIT)
-def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw):  # type: ignore[no-untyped-def]
+def _prefetch_block(x, j0, j1, ahead):  # type: ignore[no-untyped-def]
+    """Prefetch columns ``[j0, j1)`` of the next row of ``x`` (``ahead`` elements on; none when 0)."""
+    if ahead != 0:
+        for j in range(j0 + ahead, j1 + ahead, LINE // x.itemsize):
+            prefetch(x, j)
+
+
+@njit(inline="always", **JIT)
+def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw, ahead):  # type: ignore[no-untyped-def]
+    """The exponential sums of columns ``[lo, hi)``. ``ahead`` (elements; 0 for none) is the distance to
+    the same columns of the row this thread takes next: their cache lines are prefetched block by block,
+    so that the next row's first pass, which streams from memory, overlaps this one, which computes
+    (forward 35% faster at 16384x1000 and 1024x32000). Prefetching the next gradient row for writing as
+    well was measured too: 2% faster at 16384x1000, 7% slower at 1024x32000; left out."""
+    wide_vectors()
     x0 = s[lo]
     invt = as_type_of(x0, 1.0 / P[P_TAU])
     mt = as_type_of(x0, st[S_MT])
@@ -212,7 +229,11 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw):  # type: ignore[no-untype
         nb = (hi - lo) // BLOCK
         for b in range(nb):
             j0 = lo + b * BLOCK
+            _prefetch_block(s, j0, j0 + BLOCK, ahead)
+            _prefetch_block(t, j0, j0 + BLOCK, ahead)
             acc = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw, acc)
+        _prefetch_block(s, lo + nb * BLOCK, hi, ahead)
+        _prefetch_block(t, lo + nb * BLOCK, hi, ahead)
         sa, sb, sx, s1 = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw, acc)
         # the columns at the maxima, counted in integer loops (per-element float counts in the block
         # loop cost a quarter of the forward time)
@@ -272,6 +293,7 @@ def _mix_logs(sj, tj, mt, ms, invt, lsa, lsb, loglam, log1mlam):  # type: ignore
 @njit(inline="always", **JIT)
 def _pass_div2(s, t, lo, hi, st, P, div):  # type: ignore[no-untyped-def]
     """Loss terms of divergences that need normalised probabilities (float64 math)."""
+    wide_vectors()
     mt = st[S_MT]
     ms = st[S_MS]
     invt = 1.0 / P[P_TAU]
@@ -365,6 +387,7 @@ def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n, pw):  # typ
     One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself. The
     one-hot part of the cross-entropy gradient is left to the caller.
     """
+    wide_vectors()
     x0 = s[lo]
     invt64 = 1.0 / P[P_TAU]
     invt = as_type_of(x0, invt64)
@@ -457,10 +480,10 @@ def _hard(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", **JIT)
-def _one_row(s, t, g, st, P, div, ce, lin, pw, lab, want_grad, scale, n):  # type: ignore[no-untyped-def]
+def _one_row(s, t, g, st, P, div, ce, lin, pw, lab, want_grad, scale, n, ahead):  # type: ignore[no-untyped-def]
     """Statistics, loss and (optionally) gradient of one counted row, all columns in this thread."""
     _pass_max(s, t, 0, n, st)
-    _pass_sums(s, t, 0, n, st, P, div, ce, lin, pw)
+    _pass_sums(s, t, 0, n, st, P, div, ce, lin, pw, ahead)
     if div == DIV_MIXTURE or div == DIV_TVD:
         _pass_div2(s, t, 0, n, st, P, div)
     hard = lab >= 0
@@ -491,7 +514,11 @@ def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_
     if not counted:
         return
     _reset(st)
-    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, pw, lab, want_grad, scale, s.shape[1])
+    # the next row, at s.strides[0] bytes, is usually this thread's next one (prange hands out contiguous
+    # ranges); past the last row the prefetch reads nothing
+    ahead = s.strides[0] // s.itemsize
+    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, pw, lab, want_grad, scale, s.shape[1],
+                           ahead)
 
 
 @njit(inline="always", **JIT)
@@ -560,7 +587,7 @@ def _make_response_kernel(div, ce, lin, pw):  # type: ignore[no-untyped-def]
                 lo, hi = _chunk(c, n)
                 pc = part[c]
                 _copy_head(pc, st, S_SA)
-                _pass_sums(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div, ce, lin, pw)
+                _pass_sums(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div, ce, lin, pw, 0)
             _merge(st, part, S_SA, S_KP)
             if two_pass_div:
                 for c in prange(nchunks):
@@ -634,13 +661,16 @@ def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", **JIT)
-def _expsum(x, lo, hi, m, it):  # type: ignore[no-untyped-def]
-    """``sum(exp((x[lo:hi] - m) * it))`` in float64 over blocks summed in the input's precision (as in
-    ``_pass_sums``)."""
+def _expsum(x, lo, hi, m, it, ahead):  # type: ignore[no-untyped-def]
+    """``sum(exp((x[lo:hi] - m) * it))`` in float64 over blocks summed in the input's precision, the next
+    row prefetched (as in ``_pass_sums``)."""
     total = 0.0
     nb = (hi - lo) // BLOCK
     for b in range(nb):
-        total += _expsum_block(x, lo + b * BLOCK, lo + b * BLOCK + BLOCK, m, it)
+        j0 = lo + b * BLOCK
+        _prefetch_block(x, j0, j0 + BLOCK, ahead)
+        total += _expsum_block(x, j0, j0 + BLOCK, m, it)
+    _prefetch_block(x, lo + nb * BLOCK, hi, ahead)
     total += _expsum_block(x, lo + nb * BLOCK, hi, m, it)
     return np.float64(_count_eq(x, lo, hi, m)) + total
 
@@ -662,12 +692,13 @@ def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
     def kernel(x, invt, out):  # type: ignore[no-untyped-def]
         rows, n = x.shape
         for r in prange(rows):
+            wide_vectors()
             xr = x[r]
             orow = out[r]
             m, nan = _max_nan(xr, 0, n)
             it = as_type_of(xr[0], invt)
             mm = as_type_of(xr[0], m)
-            ssum = _expsum(xr, 0, n, mm, it)
+            ssum = _expsum(xr, 0, n, mm, it, x.strides[0] // x.itemsize)
             if nan:
                 ssum = np.nan
             if log:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 
@@ -155,3 +156,49 @@ def from_okey(typingctx, k, like):  # type: ignore[no-untyped-def]
         return builder.bitcast(_flip(builder, args[0], ity), fty)
 
     return like(k, like), codegen
+
+
+# ---------------------------------------------------------------- vector width
+# LLVM tunes recent Intel cores (Ice Lake and later) to prefer 256-bit vectors even where AVX-512 is
+# there; the exponential loops run 15-20% faster with 512-bit ones (measured on a Sapphire-Rapids-class
+# Xeon). The preference is a per-function attribute, so it is set on the kernels' own functions only
+# (numba's process-wide CPU features stay as they are); without AVX-512 it changes nothing.
+_WIDE = '"prefer-vector-width"="512"'
+
+
+@intrinsic
+def wide_vectors(typingctx):  # type: ignore[no-untyped-def]
+    """Mark the function this is lowered into (after numba's inlining: the loop's own function) to
+    vectorize with 512-bit registers where the CPU has them."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        # a string attribute: llvmlite's attribute set only takes its known keywords, so add it as is
+        set.add(builder.function.attributes, _WIDE)
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+# ---------------------------------------------------------------- prefetch
+
+
+@intrinsic
+def prefetch(typingctx, arr, j):  # type: ignore[no-untyped-def]
+    """Hint the cache line of ``arr``'s element ``j`` into the core's L2, for reading. No bounds check:
+    ``j`` may lie past the end of a row view, in the next row of its matrix or past the matrix; a prefetch
+    never faults and never changes a result."""
+    if not isinstance(arr, types.Array) or not isinstance(j, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, value=args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        addr = builder.bitcast(builder.gep(ary.data, [idx]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [addr.type, i32, i32, i32])
+        call = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # (address, read, locality 2: L2 and outward, data cache)
+        builder.call(call, [addr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, j), codegen
