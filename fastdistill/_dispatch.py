@@ -85,20 +85,21 @@ def response(
         )
     s = V.host_array(student, "student")
     t = V.host_array(teacher, "teacher")
-    lab = V.host_labels(labels, s_shape, ignore_index) if labels is not None else None
+    lab, n_counted = V.host_labels(labels, s_shape, ignore_index) if labels is not None else (None, 0)
     terms, red, n_items = resolve_params(terms, reduction, num_items, labels, needs_labels)
     if t.dtype != s.dtype:
         t = t.astype(s.dtype)  # computed in the student's precision
     g_out = V.grad_out(grad_out, s_shape, s_dtype, (t, lab)) if (want_grad and grad_out is not None) else None
     s2 = V.rows_2d(s)
     t2 = V.rows_2d(t)
-    n_counted = s2.shape[0] if lab is None else int(np.count_nonzero(lab != ignore_index))
+    if lab is None:
+        n_counted = s2.shape[0]
     div = V.divisor(n_counted, red, n_items)
     scale = 1.0 / div if div > 0 else 0.0
     g2 = g_out.reshape(s2.shape) if g_out is not None else None
     rows, grad = _cpu().response(s2, t2, lab, terms, ignore_index, scale, want_grad, g2)
-    if want_grad:
-        grad = g_out if g_out is not None else grad.reshape(s_shape)
+    if want_grad:  # the caller's own buffer (array or tensor) when one was given
+        grad = grad_out if g_out is not None else grad.reshape(s_shape)
     return reduce_rows(rows, red, scale, s_shape, s_dtype), grad
 
 

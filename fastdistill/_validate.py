@@ -4,10 +4,16 @@ The façade calls these in the contract's order -- empty input, shape mismatch, 
 range, parameters -- before any kernel runs. Messages name the argument and the numbers involved.
 Device arrays (anything with ``__cuda_array_interface__``) are checked from their metadata only; their
 label range is checked by the CUDA backend with :func:`label_range_error`.
+
+PyTorch tensors are described from their own attributes (shape, dtype, device), never through NumPy or
+``__cuda_array_interface__``: both refuse tensors that require grad, the usual state of a model's output,
+and the interface builds a new dictionary on every access. Reading a tensor's values never touches its
+autograd state.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -25,14 +31,50 @@ BACKENDS = ("auto", "cpu", "cuda")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class OtherDtype(str):
+    """A dtype NumPy cannot represent (``torch.bfloat16``, float8 ...): never valid here, named in messages."""
+
+    kind = "V"
+
+
+_TORCH_NP: dict = {}
+
+
+def is_torch(x: Any) -> bool:
+    """True for PyTorch tensors (and their subclasses); never imports PyTorch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def torch_np_dtype(dtype: Any) -> Any:
+    """The NumPy dtype of a PyTorch dtype, or an :class:`OtherDtype` naming it."""
+    d = _TORCH_NP.get(dtype)
+    if d is None:
+        name = str(dtype)
+        try:
+            d = np.dtype(name.rsplit(".", 1)[-1])
+        except TypeError:
+            d = OtherDtype(name)
+        _TORCH_NP[dtype] = d
+    return d
+
+
 def is_device(x: Any) -> bool:
     """True for arrays that live on a CUDA device (numba device arrays, CuPy, PyTorch CUDA tensors)."""
+    if type(x) is np.ndarray:
+        return False
+    if is_torch(x):
+        return bool(x.is_cuda)
     return hasattr(x, "__cuda_array_interface__")
 
 
-def shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a host or device array without copying it."""
-    if is_device(x):
+def shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    """Shape and dtype of a host or device array without copying it (dtype: NumPy's, or OtherDtype)."""
+    if type(x) is np.ndarray:
+        return x.shape, x.dtype
+    if is_torch(x):
+        return tuple(x.shape), torch_np_dtype(x.dtype)
+    if hasattr(x, "__cuda_array_interface__"):
         cai = x.__cuda_array_interface__
         return tuple(int(d) for d in cai["shape"]), np.dtype(cai["typestr"])
     a = np.asarray(x)
@@ -40,10 +82,14 @@ def shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def host_array(x: Any, name: str) -> np.ndarray:
-    """``x`` as a NumPy array (no copy for NumPy input or CPU tensors)."""
+    """``x`` as a NumPy array (no copy for NumPy input or CPU tensors, whatever their autograd state)."""
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a CPU torch tensor
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise TypeError(
+                f"{name} is a tensor on device '{x.device}'; fastdistill computes on the CPU and on CUDA GPUs"
+            )
         return x.detach().numpy()
     try:
         return np.asarray(x)
@@ -51,8 +97,8 @@ def host_array(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from exc
 
 
-def check_float_dtype(dtype: np.dtype, name: str) -> None:
-    if dtype not in FLOAT_DTYPES:
+def check_float_dtype(dtype: Any, name: str) -> None:
+    if not isinstance(dtype, np.dtype) or dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {dtype}")
 
 
@@ -132,15 +178,21 @@ def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> 
     )
 
 
-def host_labels(labels: Any, s_shape: tuple[int, ...], ignore_index: int) -> np.ndarray:
-    """Validated labels as a contiguous int64 vector (one per row)."""
-    lab = host_array(labels, "labels")
-    check_labels_meta(lab.shape, lab.dtype, s_shape)
-    lab = np.ascontiguousarray(lab, dtype=np.int64).reshape(-1)
-    err = label_range_error(lab, s_shape[-1], ignore_index)
+def host_labels(labels: Any, s_shape: tuple[int, ...], ignore_index: int) -> tuple[np.ndarray, int]:
+    """(labels as a contiguous int64 vector, the number of rows they count), after their range check.
+
+    Their dtype and length have passed :func:`check_labels_meta`.
+    """
+    lab = np.ascontiguousarray(host_array(labels, "labels"), dtype=np.int64).reshape(-1)
+    n = s_shape[-1]
+    lo = lab.min()
+    hi = lab.max()
+    if 0 <= lo and hi < n:  # every label valid: two reductions, and a count only if ignore_index can occur
+        return lab, (int(np.count_nonzero(lab != ignore_index)) if lo <= ignore_index <= hi else lab.size)
+    err = label_range_error(lab, n, ignore_index)
     if err is not None:
         raise err
-    return lab
+    return lab, int(np.count_nonzero(lab != ignore_index))
 
 
 # ------------------------------------------------------------------ parameters
@@ -214,9 +266,12 @@ def divisor(n_counted: int, red: str, n_items: float | None) -> float:
 
 
 def grad_out(g: Any, s_shape: tuple[int, ...], s_dtype: np.dtype, others: tuple[Any, ...] = ()) -> np.ndarray:
-    """A caller's gradient buffer: the student's shape and dtype, C-contiguous, writable."""
+    """A caller's gradient buffer (NumPy array or CPU tensor, as a NumPy view): the student's shape and
+    dtype, C-contiguous, writable."""
+    if is_torch(g):
+        g = host_array(g, "grad_out")
     if not isinstance(g, np.ndarray):
-        raise TypeError(f"grad_out must be a NumPy array for host inputs, got {type(g).__name__}")
+        raise TypeError(f"grad_out must be a NumPy array or a CPU tensor for host inputs, got {type(g).__name__}")
     if g.shape != tuple(s_shape):
         raise DimensionMismatchError(
             expected=int(np.prod(s_shape)), got=int(g.size),

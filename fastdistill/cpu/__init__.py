@@ -24,14 +24,15 @@ _NO_LABELS = np.zeros(0, dtype=np.int64)
 SMALL = 1 << 15
 
 
-def _threads_for(size: int) -> int:
-    """Numba threads for a call on ``size`` logits."""
-    return numba.get_num_threads() if size > SMALL else 1
-
-
-def _launch(kernel, nthreads: int, *args) -> None:  # type: ignore[no-untyped-def]
-    """``kernel(*args)`` on ``nthreads`` Numba threads (a thread-local setting, restored after)."""
+def _threads_for(size: int) -> tuple[int, int]:
+    """(Numba threads for a call on ``size`` logits, the caller's current setting)."""
     n = numba.get_num_threads()
+    return (n if size > SMALL else 1), n
+
+
+def _launch(kernel, threads: tuple[int, int], *args) -> None:  # type: ignore[no-untyped-def]
+    """``kernel(*args)`` on ``threads[0]`` Numba threads (a thread-local setting, restored to ``threads[1]``)."""
+    nthreads, n = threads
     if nthreads == n:
         kernel(*args)
         return
@@ -71,10 +72,10 @@ def response(
         grad = grad_out if grad_out is not None else np.empty_like(s)
     else:
         grad = s  # never written: the kernel only writes it when want_grad
-    nthreads = _threads_for(s.size)
+    threads = _threads_for(s.size)
     _launch(
         kernel,
-        nthreads,
+        threads,
         s,
         t,
         labels if has_labels else _NO_LABELS,
@@ -85,7 +86,7 @@ def response(
         want_grad,
         out_loss,
         grad,
-        nthreads,
+        threads[0],
     )
     return out_loss, (grad if want_grad else None)
 

@@ -91,11 +91,10 @@ def _kind(x: Any) -> str:
     """'torch', 'cupy', 'numba' (or another ``__cuda_array_interface__`` producer) or 'host'."""
     if x is None or isinstance(x, np.ndarray):
         return "host"
-    mod = type(x).__module__.split(".")[0]
-    if mod == "torch":
-        return "torch" if getattr(x, "is_cuda", False) else "host"
+    if V.is_torch(x):
+        return "torch" if x.is_cuda else "host"
     if hasattr(x, "__cuda_array_interface__") or getattr(x, "__cuda_ndarray__", False):
-        return "cupy" if mod == "cupy" else "numba"
+        return "cupy" if type(x).__module__.split(".")[0] == "cupy" else "numba"
     return "host"
 
 
@@ -159,13 +158,19 @@ class _DevArg:
 
     def plain(self):  # type: ignore[no-untyped-def]
         """The same buffer as a numba device array (the portable, slower wrap)."""
-        return _cuda().as_cuda_array(self.obj, sync=False).reshape(self.shape)
+        return _cuda().as_cuda_array(_no_grad(self.obj), sync=False).reshape(self.shape)
 
     def copy_to_host(self, stream: Any = 0) -> np.ndarray:
         o = self.obj
-        if type(o).__module__.split(".")[0] == "torch":
+        if V.is_torch(o):
             return o.detach().cpu().numpy().reshape(self.shape)
         return np.asarray(self.plain().copy_to_host(stream=stream))
+
+
+def _no_grad(x: Any) -> Any:
+    """``x`` itself, or a detached view of a tensor (``__cuda_array_interface__`` refuses ones that
+    require grad)."""
+    return x.detach() if V.is_torch(x) else x
 
 
 class _Layout:
@@ -224,7 +229,7 @@ def _view(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...]):  #
         a = np.ascontiguousarray(V.host_array(x, name))
         return cuda.to_device(a, stream=stream).reshape(shape)
     if kind == "torch" and not x.is_contiguous():
-        x = x.contiguous()
+        x = x.detach().contiguous()
     elif kind == "cupy" and not x.flags.c_contiguous:
         import cupy
 
@@ -239,7 +244,7 @@ def _view(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...]):  #
     if getattr(x, "__cuda_ndarray__", False):
         v = x
     else:
-        v = cuda.as_cuda_array(x, sync=False)
+        v = cuda.as_cuda_array(_no_grad(x), sync=False)
     if not v.is_c_contiguous():
         # a strided numba array or foreign producer: one contiguous copy through the host
         v = cuda.to_device(np.ascontiguousarray(v.copy_to_host()), stream=stream)
@@ -374,7 +379,7 @@ def _ce_mode(terms: Terms, has_labels: bool) -> int:
 
 
 def _read_info(info: Any, stream: Any) -> np.ndarray:
-    if isinstance(info, _DevArg) and type(info.obj).__module__.split(".")[0] == "torch":
+    if isinstance(info, _DevArg) and V.is_torch(info.obj):
         return np.array(info.obj.tolist())  # waits for the tensor's (current) stream
     h = info.copy_to_host(stream=stream)
     if not _simulated():
@@ -458,7 +463,7 @@ def response(
                     g = _DevArg(grad_out, grad_out.data_ptr(), (rows, n), _torch_dtype(grad_out))
                 else:
                     gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else _cuda().as_cuda_array(
-                        grad_out, sync=False)
+                        _no_grad(grad_out), sync=False)
                     if not gv.is_c_contiguous():
                         raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
                     g = gv.reshape(rows, n)
@@ -502,7 +507,7 @@ def response(
             g_native.copy_to_host(g_host.reshape(rows, n), stream=stream)
             if not _simulated():
                 stream.synchronize()
-            grad = g_host
+            grad = grad_out  # the caller's own buffer (NumPy array or CPU tensor)
         elif grad_out is not None:
             grad = grad_out
         else:
