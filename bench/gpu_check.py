@@ -195,8 +195,6 @@ def speed(torch, fd, shapes, quick, use_compile, lines):
     lines.append("")
     lines.append(f"Device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s (read + write).")
     lines.append("")
-    lines.append("| shape | pass | fastdistill ms | roofline ms (% of it) | eager ms | torch.compile ms | Liger ms |")
-    lines.append("|---|---|---|---|---|---|---|")
 
     def eager_loss(s, t, y):
         ce = F.cross_entropy(s, y, ignore_index=IGNORE)
@@ -213,8 +211,17 @@ def speed(torch, fd, shapes, quick, use_compile, lines):
 
         def liger(s, t, y):
             return 0.5 * lce(s, y) + 0.5 * lkl(F.log_softmax(s / TAU, -1), F.log_softmax(t / TAU, -1)) * TAU * TAU
-    except Exception:  # noqa: BLE001 - optional baseline
+        import liger_kernel  # noqa: F401
+
+        from importlib.metadata import version
+
+        lines.append(f"Liger-Kernel {version('liger-kernel')}: LigerCrossEntropyLoss + LigerKLDIVLoss.")
+    except Exception as exc:  # noqa: BLE001 - optional baseline
         liger = None
+        lines.append(f"Liger-Kernel not importable ({type(exc).__name__}: {exc}).")
+    lines.append("")
+    lines.append("| shape | pass | fastdistill ms | roofline ms (% of it) | eager ms | torch.compile ms | Liger ms |")
+    lines.append("|---|---|---|---|---|---|---|")
     d = fd.ResponseDistiller.balanced()
     g = torch.Generator(device="cuda").manual_seed(1)
     for rows, n in shapes:
@@ -260,9 +267,11 @@ def overhead(torch, fd, lines, quick):
     lines.append("")
     lines.append("| host overhead, 64x1000 float32 torch tensors | us per call |")
     lines.append("|---|---|")
+    sr = s.detach().clone().requires_grad_(True)  # a model's output
     cases = [
         ("KL, reduction='none', grad (no host sync)", lambda: kl.compute_with_grad(s, t, reduction="none", grad_out=gbuf)),
         ("0.5 CE + 0.5 KL, mean, grad (returns a float: syncs)", lambda: d.loss_and_grad(s, t, y, grad_out=gbuf)),
+        ("the same, student requires grad", lambda: d.loss_and_grad(sr, t, y, grad_out=gbuf)),
         ("softmax", lambda: fd.softmax(s, TAU)),
     ]
     for name, fn in cases:
@@ -277,6 +286,36 @@ def overhead(torch, fd, lines, quick):
         lines.append(f"| {name} | {us:.1f} |")
     dev_ms = _time(torch, lambda: kl.compute_with_grad(s, t, reduction="none", grad_out=gbuf), 50)
     lines.append(f"| (device time of the first case, events) | {dev_ms * 1e3:.1f} |")
+    host_profile(torch, lines, "0.5 CE + 0.5 KL, mean, grad", lambda: d.loss_and_grad(s, t, y, grad_out=gbuf), n // 2)
+
+
+def host_profile(torch, lines, name, fn, n, top=15):
+    """Where a call's host time goes: the functions with the most own time (cProfile), per call.
+
+    cProfile adds its own cost to every Python call, so the absolute numbers are inflated (compare them
+    with each other, not with the timings above)."""
+    import cProfile
+    import pstats
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(pr).stats  # (file, line, function) -> (primitive calls, calls, own s, cumulative s, ..)
+    total = sum(v[2] for v in stats.values())
+    lines.append("")
+    lines.append(f"Host profile of '{name}', {n} calls: {total / n * 1e6:.0f} us per call under cProfile.")
+    lines.append("")
+    lines.append("| function | calls per call | own us per call | cumulative us per call |")
+    lines.append("|---|---|---|---|")
+    for (file, line, func), (_, calls, own, cum, _) in sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        where = f"{Path(file).name}:{line}" if line else file
+        lines.append(f"| {func} ({where}) | {calls / n:.1f} | {own / n * 1e6:.1f} | {cum / n * 1e6:.1f} |")
 
 
 class _Lines(list):
