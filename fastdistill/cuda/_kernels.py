@@ -74,6 +74,12 @@ _JIT_RESPONSE32 = {} if SIM else {"cache": True, "max_registers": 80}
 _JIT_RESPONSE64 = {} if SIM else {"cache": True, "max_registers": 128}
 
 
+def response_options(div: int, f32: bool) -> dict:
+    """The ``cuda.jit`` options of one response kernel variant (its register cap)."""
+    two_pass = div == DIV_MIXTURE or div == DIV_TVD
+    return _JIT_RESPONSE32 if f32 and not two_pass else _JIT_RESPONSE64
+
+
 # ---------------------------------------------------------------- group reductions
 
 
@@ -265,7 +271,7 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
             acc += a_s * sj + b_t * tj
         return acc
 
-    @cuda.jit(**(_JIT_RESPONSE32 if F32 and not TWO_PASS else _JIT_RESPONSE64))
+    @cuda.jit(**response_options(DIV, F32))
     def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G):  # type: ignore[no-untyped-def]  # noqa: E501
         rows = int64(s.shape[0])
         n = int64(s.shape[1])

@@ -1,0 +1,204 @@
+"""Every CUDA kernel variant compiled for a chosen GPU architecture, on a machine without a GPU.
+
+The CUDA simulator runs the kernels as Python, so it cannot see typing or lowering errors, register
+caps or spills. This module compiles each variant the launchers can ask for the way numba-cuda does on
+a GPU (NVVM to PTX, then ptxas through nvJitLink with the variant's register cap) and reads ptxas'
+report: registers, spill bytes, stack, shared memory.
+
+Needs NVVM and NVRTC (``pip install nvidia-nvvm nvidia-cuda-nvrtc``; numba-cuda's ``cu13`` extra has
+them) and nvJitLink for the cubin step (``nvidia-nvjitlink``). Run it in a process of its own, with the
+simulator off: when no GPU is present the device functions are compiled for a stand-in device of the
+chosen compute capability, and numba keeps them cached in the process.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, NamedTuple
+
+from .._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, DIV_TVD
+
+DIVS = {DIV_NONE: "none", DIV_FORWARD_KL: "kl", DIV_REVERSE_KL: "reverse_kl", DIV_MIXTURE: "mixture",
+        DIV_TVD: "tvd"}
+CES = ("no CE", "CE shared", "CE own")
+
+
+class Variant(NamedTuple):
+    name: str
+    kernel: Any  # the numba-cuda dispatcher
+    sig: tuple
+    max_registers: int | None
+
+
+class Resources(NamedTuple):
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    smem: int
+
+
+def variants(all_label_types: bool = False, lean: bool = False) -> list[Variant]:
+    """Every kernel the launchers can ask for, with the argument types they pass.
+
+    Response kernels: each (divergence, CE mode, linear term, precision) with int64 labels and float64
+    row partials; float32 kernels also (unless ``lean``) with the per-row result in float32
+    (``reduction='none'``) and int32 labels. ``all_label_types``: every label dtype PyTorch tensors can
+    bring, for each variant.
+    """
+    from numba.cuda import types as T
+
+    from . import _kernels as K
+
+    def arr(t: Any, nd: int = 1) -> Any:
+        return T.Array(t, nd, "C")
+
+    out = []
+    label_types = [T.int64, T.int32, T.int16, T.int8, T.uint8] if all_label_types else None
+    for div, dname in DIVS.items():
+        for ce in (K.CE_NONE, K.CE_SHARED, K.CE_OWN):
+            for lin in (False, True):
+                for f32 in (True, False):
+                    ft = T.float32 if f32 else T.float64
+                    k = K.response_kernel(div, ce, lin, f32)
+                    cap = K.response_options(div, f32).get("max_registers")
+                    combos = [(T.int64, T.float64)]
+                    if f32 and not lean:
+                        combos.append((T.int32, T.float32))
+                    if label_types:
+                        combos = [(lt, rt) for lt in label_types for rt in dict.fromkeys([T.float64, ft])]
+                    for lt, rt in combos:
+                        sig = (arr(ft, 2), arr(ft, 2), arr(lt), T.boolean, T.int64, arr(T.float64), arr(T.float64),
+                               T.boolean, T.float64, T.boolean, arr(rt), arr(ft, 2), T.int64)
+                        name = (f"response {dname}, {CES[ce]}{', mse/cos' if lin else ''}, {ft}"
+                                f" (labels {lt}, rows {rt})")
+                        out.append(Variant(name, k, sig, cap))
+    for log in (False, True):
+        for f32 in (True, False):
+            ft = T.float32 if f32 else T.float64
+            out.append(Variant(f"{'log_' if log else ''}softmax {ft}", K.softmax_kernel(log, f32),
+                               (arr(ft, 2), T.float64, arr(ft, 2), T.int64), None))
+    for lt in ([T.int64, T.int32, T.int16, T.int8, T.uint8] if all_label_types else [T.int64, T.int32]):
+        out.append(Variant(f"labels {lt}", K.label_kernel, (arr(lt), T.int64, T.int64, arr(T.float64)), None))
+    out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
+                       None))
+    return out
+
+
+@contextlib.contextmanager
+def stand_in_device(cc: tuple[int, int]) -> Iterator[None]:
+    """numba-cuda asks the current device for its compute capability when it compiles a device
+    function; without a GPU, answer ``cc`` for the duration."""
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    if cuda.is_available():
+        yield
+        return
+
+    class _Device:
+        compute_capability = cc
+
+    saved = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: _Device()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = saved  # type: ignore[assignment]
+
+
+def ptx(v: Variant, cc: tuple[int, int]) -> str:
+    """The PTX numba-cuda generates for ``v`` on a device of compute capability ``cc``."""
+    from numba import cuda
+
+    with stand_in_device(cc):
+        code, _ = cuda.compile_ptx(v.kernel.py_func, v.sig, cc=cc)
+    return code
+
+
+_NUM = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def assemble(code: str, cc: tuple[int, int], max_registers: int | None) -> Resources:
+    """ptxas (through nvJitLink) on ``code`` for ``sm_<cc>`` under the register cap; its report."""
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    opts = LinkerOptions(arch=f"sm_{cc[0]}{cc[1]}", max_register_count=max_registers, verbose=True)
+    linker = Linker(ObjectCode.from_ptx(code.encode()), options=opts)
+    linker.link("cubin")
+    log = linker.get_info_log() or ""
+    vals = {}
+    for key, rx in _NUM.items():
+        m = rx.search(log)
+        if m is None:
+            raise RuntimeError(f"ptxas reported no {key}: {log!r}")
+        vals[key] = int(m.group(1))
+    return Resources(**vals)
+
+
+def toolchain_missing() -> str | None:
+    """Why kernels cannot be compiled here (None when they can)."""
+    from numba import cuda
+
+    def probe(a):  # type: ignore[no-untyped-def]
+        a[0] = 1.0
+
+    try:
+        from numba.cuda import types as T
+
+        code, _ = cuda.compile_ptx(probe, (T.Array(T.float32, 1, "C"),), cc=(9, 0))
+        from cuda.core import Linker  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure: the toolchain is not usable
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile every variant; print a Markdown table (or JSON lines). Exit 3 when no toolchain is found."""
+    import argparse
+    import json
+    import time
+
+    ap = argparse.ArgumentParser(description="Compile every fastdistill CUDA kernel variant without a GPU "
+                                 "and report ptxas' resource use.")
+    ap.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 (H100/H200), 8.0 (A100)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per variant instead of a table")
+    ap.add_argument("--all-label-types", action="store_true", help="every label dtype for every variant")
+    ap.add_argument("--no-assemble", action="store_true", help="PTX only (no nvJitLink needed)")
+    ap.add_argument("--lean", action="store_true", help="int64 labels and float64 row partials only")
+    args = ap.parse_args(argv)
+    cc = tuple(int(x) for x in args.cc.split("."))
+    why = toolchain_missing()
+    if why is not None:
+        print(f"cannot compile CUDA kernels here: {why}")
+        return 3
+    t0 = time.time()
+    if not args.json:
+        print(f"| kernel (sm_{cc[0]}{cc[1]}) | registers (cap) | spill stores / loads, bytes | stack bytes | smem bytes |")
+        print("|---|---|---|---|---|")
+    for v in variants(args.all_label_types, args.lean):
+        code = ptx(v, cc)  # type: ignore[arg-type]
+        r = None if args.no_assemble else assemble(code, cc, v.max_registers)  # type: ignore[arg-type]
+        if args.json:
+            print(json.dumps({"name": v.name, "cap": v.max_registers, "ptx_target": f"sm_{cc[0]}{cc[1]}"
+                              if f".target sm_{cc[0]}{cc[1]}" in code else None,
+                              "resources": r._asdict() if r else None}), flush=True)
+        elif r is not None:
+            cap = v.max_registers if v.max_registers else "-"
+            print(f"| {v.name} | {r.registers} ({cap}) | {r.spill_stores} / {r.spill_loads} | {r.stack} | {r.smem} |",
+                  flush=True)
+        else:
+            print(f"| {v.name} | PTX only | | | |", flush=True)
+    if not args.json:
+        print(f"\ncompiled in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
