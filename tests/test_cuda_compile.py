@@ -35,9 +35,11 @@ def test_every_variant_compiles_for_sm90(compiled):
     from fastdistill._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, DIV_TVD
 
     names = [c["name"] for c in compiled]
-    n_response = sum(n.startswith("response ") for n in names)
     divs = (DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD)
-    assert n_response == len(divs) * 3 * 2 * 2  # divergence x CE mode x linear term x precision
+    lean = [n for n in names if n.startswith("response ") and ", fused" not in n]
+    fused = [n for n in names if n.startswith("response ") and ", fused" in n]
+    assert len(lean) == len(divs) * 3 * 2 * 2  # divergence x CE mode x linear term x precision
+    assert len(fused) == len(divs) * 2  # the CE-own variants, both precisions
     for want in ("softmax float32", "softmax float64", "log_softmax float32", "log_softmax float64",
                  "labels int64", "labels int32", "final sum"):
         assert want in names
@@ -51,7 +53,7 @@ def test_every_variant_compiles_for_sm90(compiled):
 
 
 def test_register_caps_are_the_configured_ones(compiled):
-    """Single-pass float32 response kernels are capped at 80 registers, the rest at 128."""
+    """Single-pass float32 response kernels are capped at 80 registers, the rest at 128 (fused or not)."""
     for c in compiled:
         if not c["name"].startswith("response "):
             assert c["cap"] is None, c

@@ -197,11 +197,22 @@ _CTOR = {
 }
 
 
+def _fused_rows(monkeypatch, rows):
+    """The fused loss kernel (labels counted and row losses summed inside) for batches of at most
+    ``rows`` rows (0: never)."""
+    from fastdistill import cuda as fc
+
+    name = "GPU_LAUNCH" if ON_GPU else "SIM_LAUNCH"
+    monkeypatch.setitem(getattr(fc, name), "fused_rows", rows)
+
+
 @sim
+@pytest.mark.parametrize("fuse", [0, 64], ids=["three-kernels", "fused-kernel"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", RESPONSE)
-def test_response_with_labels(case, reduction):
+def test_response_with_labels(case, reduction, fuse, monkeypatch):
     pytest.importorskip("torch")
+    _fused_rows(monkeypatch, fuse)
     kind, tau, hw, sw, eps = case
     s, t, y = make_batch(6, 9, np.float64, seed=11, mask=False)
     y[1] = IGNORE
@@ -309,7 +320,9 @@ def test_nan_propagates_and_minus_inf_is_masked():
 
 
 @sim
-def test_label_errors_come_first():
+@pytest.mark.parametrize("fuse", [0, 64], ids=["three-kernels", "fused-kernel"])
+def test_label_errors_come_first(fuse, monkeypatch):
+    _fused_rows(monkeypatch, fuse)
     s, t, y = make_batch(4, 5, np.float32, seed=2, ignore=False)
     y[2] = 5
     d = fd.ResponseDistiller.balanced()
@@ -351,6 +364,10 @@ def test_softmax(log, dtype):
     {"small_n": 8, "group": 1, "block_small": 4, "max_grid": 1},  # one thread per row, grid-stride
     {"small_n": 8, "group": 2, "block_small": 8, "max_grid": 2},
     {"small_n": 4, "block_mid": 4, "large_n": 8, "block_large": 2, "max_grid": 1},  # block per row
+    # the fused kernel with many blocks finishing in turn (the last one sums the row losses), and not
+    {"small_n": 8, "group": 1, "block_small": 1, "max_grid": 64, "fused_rows": 64},
+    {"small_n": 8, "group": 2, "block_small": 4, "max_grid": 3, "fused_rows": 64},
+    {"small_n": 8, "group": 2, "block_small": 4, "max_grid": 3, "fused_rows": 0},
 ])
 def test_launch_geometries(geometry, monkeypatch):
     from fastdistill import cuda as fc
@@ -362,6 +379,9 @@ def test_launch_geometries(geometry, monkeypatch):
     a, ga = d.loss_and_grad(s, t, y, backend="cuda")
     b, gb = d.loss_and_grad(s, t, y, backend="cpu")
     assert a == pytest.approx(b, rel=1e-5) and rel_err(ga, gb) < 1e-5
+    for red in ("sum", "none"):
+        np.testing.assert_allclose(d.loss(s, t, y, reduction=red, backend="cuda"),
+                                   d.loss(s, t, y, reduction=red, backend="cpu"), rtol=1e-5)
     sm = fd.softmax(s, 0.5, backend="cuda")
     assert rel_err(sm, fd.softmax(s, 0.5, backend="cpu")) < 1e-6
 

@@ -104,7 +104,8 @@ def test_cpu_tensor_grad_out_is_filled_and_returned():
 def test_grad_out_tensor_checks():
     s, t, y = _batch()
     kl = fd.DistilLoss.kl_divergence(1.0)
-    with pytest.raises(fd.DimensionMismatchError, match=r"grad_out shape \(5, 10\) differs from student shape \(5, 11\)"):
+    with pytest.raises(fd.DimensionMismatchError,
+                       match=r"grad_out shape \(5, 10\) differs from student shape \(5, 11\)"):
         kl.compute_with_grad(s, t, grad_out=torch.empty(5, 10))
     with pytest.raises(TypeError, match="grad_out dtype float64 differs from student dtype float32"):
         kl.compute_with_grad(s, t, grad_out=torch.empty(5, 11, dtype=torch.float64))

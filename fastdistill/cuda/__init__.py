@@ -8,8 +8,8 @@ CuPy arrays, PyTorch CUDA tensors) is wrapped as a numba device array view (``sy
 launched on the producer's current stream (PyTorch's or CuPy's current stream, else numba's default
 stream), and results are allocated by the caller's library (``torch.empty``, ``cupy.empty``, else
 ``numba.cuda.device_array``) so they come back as the caller's array kind. NumPy inputs are copied to
-the device and the results copied back. The only host synchronisation is the read of a three-number
-buffer ``[counted rows, bad labels, loss]`` when a Python float must be returned or labels checked.
+the device and the results copied back. The only host synchronisation is the read of a four-number
+buffer ``[counted rows, bad labels, loss, blocks done]`` when a Python float must be returned or labels checked.
 """
 from __future__ import annotations
 
@@ -30,11 +30,15 @@ _ALLOW_SIM_VAR = "NUMBA_FASTDISTILL_ALLOW_SIM"
 # Launch geometry: rows of at most ``small_n`` classes get ``group`` threads each (a warp), several rows
 # per block of ``block_small`` threads; longer rows get a whole block (``block_mid`` threads up to
 # ``large_n`` classes, ``block_large`` beyond). ``max_grid`` caps the grid (blocks walk rows grid-stride).
+# Batches of at most ``fused_rows`` rows and ``fused_elements`` logits run the *fused* loss kernel: it
+# counts the labels in every block (8 KB at most, from L2) and reduces the row losses in the block that
+# finishes last, so the call is one launch instead of three (label count, loss, sum); for such batches
+# the launches cost more than the work. Larger batches keep the lean kernel between the two small ones.
 # The simulator uses tiny blocks (its threads are Python threads); tests may edit these dicts.
 GPU_LAUNCH = {"small_n": 2048, "group": 32, "block_small": 256, "block_mid": 256, "large_n": 16384,
-              "block_large": 256, "max_grid": 65535}
+              "block_large": 256, "max_grid": 65535, "fused_rows": 1024, "fused_elements": 1 << 22}
 SIM_LAUNCH = {"small_n": 16, "group": 4, "block_small": 8, "block_mid": 8, "large_n": 64,
-              "block_large": 16, "max_grid": 4}
+              "block_large": 16, "max_grid": 4, "fused_rows": 4, "fused_elements": 1 << 30}
 
 _gpu_status: tuple[bool, str] | None = None
 
@@ -302,6 +306,29 @@ def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any
     return a, a
 
 
+_ZEROS4 = np.zeros(4, dtype=np.float64)
+
+
+def _info(kind: str, like: Any, stream: Any):  # type: ignore[no-untyped-def]
+    """A zeroed float64 ``[counted rows, bad labels, loss, blocks done]`` buffer (native, kernel view)."""
+    if kind == "torch":
+        import torch
+
+        a = torch.zeros(4, dtype=torch.float64, device=like.device)
+        if _FAST["on"] and not _simulated():
+            return a, _DevArg(a, a.data_ptr(), (4,), _ZEROS4.dtype)
+        return a, _cuda().as_cuda_array(a, sync=False)
+    if kind == "cupy":
+        import cupy
+
+        a = cupy.zeros(4, dtype=np.float64)
+        if _FAST["on"] and not _simulated():
+            return a, _DevArg(a, int(a.data.ptr), (4,), _ZEROS4.dtype)
+        return a, _cuda().as_cuda_array(a, sync=False)
+    a = _cuda().to_device(_ZEROS4, stream=stream)
+    return a, a
+
+
 _params: dict = {}
 _dummies: dict = {}
 
@@ -334,9 +361,13 @@ def _dummy(dtype: Any, dev: int):  # type: ignore[no-untyped-def]
     return d
 
 
+def _cfg() -> dict:
+    return SIM_LAUNCH if _simulated() else GPU_LAUNCH
+
+
 def _launch(rows: int, n: int) -> tuple[int, int, int]:
     """(grid, block, threads per row) for a ``rows x n`` problem."""
-    cfg = SIM_LAUNCH if _simulated() else GPU_LAUNCH
+    cfg = _cfg()
     if n <= cfg["small_n"]:
         block = cfg["block_small"]
         g = min(cfg["group"], block)
@@ -422,19 +453,28 @@ def response(
     s = _view(student, kind, stream, "student", (rows, n))
     t = _view(teacher, _kind(teacher), stream, "teacher", (rows, n))
     has_labels = labels is not None
-    info_native = None
     info = None
+    cfg = _cfg()
+    fused = rows <= cfg["fused_rows"] and rows * n <= cfg["fused_elements"]
+
+    def count_labels() -> None:
+        _go(K.label_kernel, ("label", lab.dtype.str), 1, K.RED_BLOCK, stream, (lab, n, int(ignore_index), info))
+
     if has_labels:
         lab = _view(labels, _kind(labels), stream, "labels", (rows,))
-        info_native, info = _alloc(kind, student, (3,), np.float64, stream)
-        _go(K.label_kernel, ("label", lab.dtype.str), 1, K.RED_BLOCK, stream, (lab, n, int(ignore_index), info))
+        _, info = _info(kind, student, stream)
+        if not fused:
+            count_labels()
     else:
         lab = _dummy(np.int64, dev)
     try:
         terms, red, n_items = _dispatch.resolve_params(terms, reduction, num_items, labels, needs_labels)
     except V.InvalidParameterError:
-        if has_labels and _read_info(info, stream)[1] > 0:  # contract order: label range first
-            _raise_bad_labels(lab, n, ignore_index, stream)
+        if has_labels:  # contract order: a label out of range is reported before a bad parameter
+            if fused:
+                count_labels()
+            if _read_info(info, stream)[1] > 0:
+                _raise_bad_labels(lab, n, ignore_index, stream)
         raise
     # gradient buffer
     g_native = None
@@ -479,20 +519,21 @@ def response(
     else:
         rows_native, row_buf = _alloc(kind, student, (rows,), np.float64, stream)
         if info is None:
-            info_native, info = _alloc(kind, student, (3,), np.float64, stream)
+            _, info = _info(kind, student, stream)
     red_mean = red == "mean"
     nit = float(n_items) if n_items is not None else 0.0
     info_arg = info if info is not None else _dummy(np.float64, dev)
     variant = (terms.div_kind, _ce_mode(terms, has_labels), terms.mse_w != 0.0 or terms.cos_w != 0.0,
                s_dtype == np.float32)
-    kernel = K.response_kernel(*variant)
+    kernel = K.response_kernel(*variant, fused)
     grid, block, G = _launch(rows, n)
-    _go(kernel, (variant, lab.dtype.str, row_buf.dtype.str), grid, block, stream,
+    fuse = ((K.FUSE_LABELS if has_labels else 0) | (K.FUSE_SUM if red != "none" else 0)) if fused else 0
+    _go(kernel, (variant, fused, lab.dtype.str, row_buf.dtype.str), grid, block, stream,
         (s, t, lab, has_labels, int(ignore_index), _device_params(terms, stream, dev), info_arg,
-         red_mean, nit, bool(want_grad), row_buf, g, G))
-    loss: Any = None
-    if red != "none":
+         red_mean, nit, bool(want_grad), row_buf, g, G, fuse))
+    if red != "none" and not fused:
         _go(K.sum_kernel, "sum", 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))
+    loss: Any = None
     if info is not None:
         h = _read_info(info, stream)
         if has_labels and h[1] > 0:

@@ -11,10 +11,15 @@ walk over the rows grid-stride. All loop counters and offsets are int64. Per row
    read; the group then merges maxima, rescales and sums;
 2. (mixture divergences and TVD only) the terms that need the normalised probabilities (float64 math);
 3. (gradient only) one fused write of the gradient, read-before-write per element, so the gradient may
-   be the student array itself.
+   be the student array itself;
+
+and, in the fused variants for small batches, the labels are counted in every block and the block that
+finishes last reduces the row losses, so such a call is one launch (large batches: a one-block label
+kernel before, a one-block sum kernel after).
 
 Elementwise exponentials run in the input precision; every accumulator and every reduction is float64,
-and reductions combine values in a fixed order (no atomics), so results are deterministic run to run.
+and reductions combine values in a fixed order (the only atomic adds 1.0 to a block counter, which is
+exact), so results are deterministic run to run.
 The semantics are those of the CPU kernels (``fastdistill.cpu._kernels``).
 
 On a real GPU, group reductions use warp shuffles (plus one shared-memory step across the warps of a
@@ -62,7 +67,12 @@ NK = 10  # values reduced at once
 # in the simulator (whose blocks are kept small)
 SH = 64 if SIM else 32
 MAX_BLOCK = SH if SIM else 1024
-RED_BLOCK = 8 if SIM else 256  # threads of the single-block label / final-sum kernels
+RED_BLOCK = 8 if SIM else 256  # threads of the single-block label kernel
+# ``fuse`` flags of the fused response kernels (small batches): count the labels in every block (no
+# label kernel before), reduce the row losses into ``info[2]`` in the last block to finish (no sum kernel
+# after)
+FUSE_LABELS = 1
+FUSE_SUM = 2
 
 NEG_INF = -np.inf
 
@@ -171,8 +181,20 @@ def _sign(x):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True, inline=True)
-def _scale(has_labels, info, rows, red_mean, n_items):  # type: ignore[no-untyped-def]
-    """The reduction factor applied to the gradient (0 when no row is counted under 'mean')."""
+def _scale(counted, red_mean, n_items):  # type: ignore[no-untyped-def]
+    """The reduction factor of the loss and its gradient (0 when no row is counted under 'mean')."""
+    if not red_mean:
+        return 1.0
+    d = n_items
+    if d <= 0.0:
+        d = counted
+    return 1.0 / d if d > 0.0 else 0.0
+
+
+@cuda.jit(device=True, inline=True)
+def _scale_info(has_labels, info, rows, red_mean, n_items):  # type: ignore[no-untyped-def]
+    """:func:`_scale` with the counted rows read from ``info[0]`` (written by :func:`label_kernel`) only
+    when they are needed."""
     if not red_mean:
         return 1.0
     d = n_items
@@ -181,30 +203,53 @@ def _scale(has_labels, info, rows, red_mean, n_items):  # type: ignore[no-untype
     return 1.0 / d if d > 0.0 else 0.0
 
 
+@cuda.jit(device=True, inline=True)
+def _count_labels(labels, n, ignore_index, start, stride):  # type: ignore[no-untyped-def]
+    """This thread's share of (rows whose label is not ``ignore_index``, such labels outside [0, n))."""
+    cnt = 0.0
+    bad = 0.0
+    for i in range(start, int64(labels.shape[0]), stride):
+        lab = int64(labels[i])
+        if lab != ignore_index:
+            cnt += 1.0
+            if lab < 0 or lab >= n:
+                bad += 1.0
+    return cnt, bad
+
+
 # ---------------------------------------------------------------- response kernel
 
 
 _RESPONSE: dict = {}
 
 
-def response_kernel(div: int, ce: int, lin: bool, f32: bool):  # type: ignore[no-untyped-def]
-    """The kernel for one (divergence, cross-entropy mode, linear term, float32) variant.
+def response_kernel(div: int, ce: int, lin: bool, f32: bool, fused: bool = False):  # type: ignore[no-untyped-def]
+    """The kernel for one (divergence, cross-entropy mode, linear term, float32, fused) variant.
 
     ``kernel[grid, block, stream](s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items,
-    want_grad, out_loss, grad, G)``: ``s``, ``t`` 2-D ``(rows, n)``; ``labels`` 1-D integers; ``P`` the
-    packed float64 parameters; ``info`` float64 ``[counted rows, bad labels, loss]`` (``info[0]`` read
-    for 'mean' with labels); ``n_items`` <= 0 means none; ``out_loss`` receives the unscaled row losses
-    (0 for ignored rows); ``grad`` the gradient of the reduced loss when ``want_grad``; ``G`` threads
-    per row (a power of two dividing the block; > 32 only when equal to the block).
+    want_grad, out_loss, grad, G, fuse)``: ``s``, ``t`` 2-D ``(rows, n)``; ``labels`` 1-D integers; ``P``
+    the packed float64 parameters; ``info`` float64 ``[counted rows, bad labels, loss, blocks done]``;
+    ``n_items`` <= 0 means none; ``out_loss`` receives the unscaled row losses (0 for ignored rows);
+    ``grad`` the gradient of the reduced loss when ``want_grad``; ``G`` threads per row (a power of two
+    dividing the block; > 32 only when equal to the block); ``fuse`` the FUSE_* flags.
+
+    Unfused kernels (large batches) ignore ``fuse``: :func:`label_kernel` wrote ``info[0:2]`` before
+    them and :func:`sum_kernel` reduces the row losses after them. Fused kernels (``fused``; small
+    batches, where each launch costs more than the work) do both themselves, as ``fuse`` asks: with
+    FUSE_LABELS every block counts the labels (block 0 stores ``info[0:2]``); with FUSE_SUM, ``info[3]``
+    must start at 0, each block adds 1 to it once its rows are written (an exact float64 atomic, so the
+    count is deterministic) and the block that finishes last sums the row losses in a fixed order into
+    ``info[2]``, times the reduction factor. The two are separate compilations so that the large-batch
+    kernels carry none of this code (it costs registers in the main loops).
     """
-    key = (div, ce, lin, f32)
+    key = (div, ce, lin, f32, fused)
     k = _RESPONSE.get(key)
     if k is None:
-        k = _RESPONSE[key] = _make_response(div, ce, lin, f32)
+        k = _RESPONSE[key] = _make_response(div, ce, lin, f32, fused)
     return k
 
 
-def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: C901
+def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  # noqa: C901
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
     NEED_MS = HAS_DIV or CE != CE_NONE
@@ -272,15 +317,33 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
         return acc
 
     @cuda.jit(**response_options(DIV, F32))
-    def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G):  # type: ignore[no-untyped-def]  # noqa: E501
+    def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G,  # type: ignore[no-untyped-def]  # noqa: E501
+               fuse):
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
         tid = int64(cuda.threadIdx.x)
-        gpb = int64(cuda.blockDim.x) // G
+        nthr = int64(cuda.blockDim.x)
+        gpb = nthr // G
         lane = tid % G
         sh = cuda.shared.array((NK, SH), float64)
         v = cuda.local.array(NK, float64)
-        scale = _scale(has_labels, info, rows, red_mean, n_items)
+        if FUSED:
+            counted_rows = float64(rows)
+            if has_labels:
+                if fuse & FUSE_LABELS:
+                    cnt, bad = _count_labels(labels, n, ignore_index, tid, nthr)
+                    v[0] = cnt
+                    v[1] = bad
+                    _group_reduce(v, 2, False, sh, nthr)
+                    counted_rows = v[0]
+                    if cuda.blockIdx.x == 0 and tid == 0:
+                        info[0] = v[0]
+                        info[1] = v[1]
+                else:
+                    counted_rows = info[0]
+            scale = _scale(counted_rows, red_mean, n_items)
+        else:
+            scale = _scale_info(has_labels, info, rows, red_mean, n_items)
         tau = P[P_TAU]
         invt64 = 1.0 / tau
         invt = ft(invt64)
@@ -578,6 +641,23 @@ def _make_response(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]  # noqa: 
                 if want_grad:
                     for j in range(lane, n, G):
                         grad[r, j] = zero
+        # ---- the reduced loss: the last block to finish sums every row loss (fixed order)
+        if FUSED and fuse & FUSE_SUM:
+            cuda.threadfence()  # this block's row losses are visible device-wide before it is counted
+            cuda.syncthreads()
+            if tid == 0:
+                sh[0, 0] = cuda.atomic.add(info, 3, 1.0)
+            cuda.syncthreads()
+            last = sh[0, 0] == float64(cuda.gridDim.x - 1)  # uniform across the block
+            cuda.syncthreads()
+            if last:
+                acc = 0.0
+                for i in range(tid, rows, nthr):
+                    acc += out_loss[i]
+                v[0] = acc
+                _group_reduce(v, 1, False, sh, nthr)
+                if tid == 0:
+                    info[2] = v[0] * scale
 
     return kernel
 
@@ -650,7 +730,7 @@ def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
     return kernel
 
 
-# ---------------------------------------------------------------- labels and the final sum
+# ---------------------------------------------------------------- labels and the final sum (large batches)
 
 
 @cuda.jit(device=True)
@@ -673,15 +753,7 @@ def label_kernel(labels, n, ignore_index, info):  # type: ignore[no-untyped-def]
     """One block: ``info[0]`` = rows whose label is not ``ignore_index``, ``info[1]`` = bad labels."""
     buf = cuda.shared.array(RED_BLOCK, float64)
     tid = int64(cuda.threadIdx.x)
-    rows = int64(labels.shape[0])
-    cnt = 0.0
-    bad = 0.0
-    for i in range(tid, rows, int64(cuda.blockDim.x)):
-        lab = int64(labels[i])
-        if lab != ignore_index:
-            cnt += 1.0
-            if lab < 0 or lab >= n:
-                bad += 1.0
+    cnt, bad = _count_labels(labels, n, ignore_index, tid, int64(cuda.blockDim.x))
     c = _block_sum(cnt, buf)
     cuda.syncthreads()
     b = _block_sum(bad, buf)
@@ -701,4 +773,4 @@ def sum_kernel(row_loss, has_labels, red_mean, n_items, info):  # type: ignore[n
         acc += row_loss[i]
     total = _block_sum(acc, buf)
     if tid == 0:
-        info[2] = total * _scale(has_labels, info, rows, red_mean, n_items)
+        info[2] = total * _scale_info(has_labels, info, rows, red_mean, n_items)

@@ -41,9 +41,10 @@ class Resources(NamedTuple):
 def variants(all_label_types: bool = False, lean: bool = False) -> list[Variant]:
     """Every kernel the launchers can ask for, with the argument types they pass.
 
-    Response kernels: each (divergence, CE mode, linear term, precision) with int64 labels and float64
-    row partials; float32 kernels also (unless ``lean``) with the per-row result in float32
-    (``reduction='none'``) and int32 labels. ``all_label_types``: every label dtype PyTorch tensors can
+    Response kernels: each (divergence, CE mode, linear term, precision), lean and fused, with int64
+    labels and float64 row partials; float32 kernels also (unless ``lean``) with the per-row result in
+    float32 (``reduction='none'``) and int32 labels; ``lean`` compiles the fused kernels only for the
+    cross-entropy-with-its-own-normaliser variants. ``all_label_types``: every label dtype PyTorch tensors can
     bring, for each variant.
     """
     from numba.cuda import types as T
@@ -55,24 +56,28 @@ def variants(all_label_types: bool = False, lean: bool = False) -> list[Variant]
 
     out = []
     label_types = [T.int64, T.int32, T.int16, T.int8, T.uint8] if all_label_types else None
-    for div, dname in DIVS.items():
-        for ce in (K.CE_NONE, K.CE_SHARED, K.CE_OWN):
-            for lin in (False, True):
-                for f32 in (True, False):
-                    ft = T.float32 if f32 else T.float64
-                    k = K.response_kernel(div, ce, lin, f32)
-                    cap = K.response_options(div, f32).get("max_registers")
-                    combos = [(T.int64, T.float64)]
-                    if f32 and not lean:
-                        combos.append((T.int32, T.float32))
-                    if label_types:
-                        combos = [(lt, rt) for lt in label_types for rt in dict.fromkeys([T.float64, ft])]
-                    for lt, rt in combos:
-                        sig = (arr(ft, 2), arr(ft, 2), arr(lt), T.boolean, T.int64, arr(T.float64), arr(T.float64),
-                               T.boolean, T.float64, T.boolean, arr(rt), arr(ft, 2), T.int64)
-                        name = (f"response {dname}, {CES[ce]}{', mse/cos' if lin else ''}, {ft}"
-                                f" (labels {lt}, rows {rt})")
-                        out.append(Variant(name, k, sig, cap))
+    for fused in (False, True):
+        for div, dname in DIVS.items():
+            for ce in (K.CE_NONE, K.CE_SHARED, K.CE_OWN):
+                for lin in (False, True):
+                    if fused and lean and (ce != K.CE_OWN or lin):
+                        continue  # lean: the fused prologue and epilogue do not depend on the terms
+                    for f32 in (True, False):
+                        ft = T.float32 if f32 else T.float64
+                        k = K.response_kernel(div, ce, lin, f32, fused)
+                        cap = K.response_options(div, f32).get("max_registers")
+                        combos = [(T.int64, T.float64)]
+                        if f32 and not lean:
+                            combos.append((T.int32, T.float32))
+                        if label_types:
+                            combos = [(lt, rt) for lt in label_types for rt in dict.fromkeys([T.float64, ft])]
+                        for lt, rt in combos:
+                            sig = (arr(ft, 2), arr(ft, 2), arr(lt), T.boolean, T.int64, arr(T.float64),
+                                   arr(T.float64), T.boolean, T.float64, T.boolean, arr(rt), arr(ft, 2), T.int64,
+                                   T.int64)
+                            name = (f"response {dname}, {CES[ce]}{', mse/cos' if lin else ''}, {ft}"
+                                    f"{', fused' if fused else ''} (labels {lt}, rows {rt})")
+                            out.append(Variant(name, k, sig, cap))
     for log in (False, True):
         for f32 in (True, False):
             ft = T.float32 if f32 else T.float64
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     t0 = time.time()
     if not args.json:
-        print(f"| kernel (sm_{cc[0]}{cc[1]}) | registers (cap) | spill stores / loads, bytes | stack bytes | smem bytes |")
+        print(f"| kernel (sm_{cc[0]}{cc[1]}) | registers (cap) | spill stores / loads, bytes | stack bytes "
+              "| smem bytes |")
         print("|---|---|---|---|---|")
     for v in variants(args.all_label_types, args.lean):
         code = ptx(v, cc)  # type: ignore[arg-type]
