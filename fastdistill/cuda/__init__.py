@@ -283,50 +283,36 @@ def _go(disp: Any, key: Any, grid: int, block: int, stream: Any, args: tuple) ->
     disp[grid, block, stream](*[_plain(a) for a in args])
 
 
-def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any):  # type: ignore[no-untyped-def]
-    """(native array of the caller's kind, numba view of it)."""
+def _alloc(kind: str, like: Any, shape: tuple[int, ...], dtype: Any, stream: Any,  # type: ignore[no-untyped-def]
+           zeros: bool = False):
+    """(native array of the caller's kind, numba view of it); filled with 0 when ``zeros``."""
     cuda = _cuda()
     dtype = np.dtype(dtype)
     if kind == "torch":
         import torch
 
         tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[dtype]
-        a = torch.empty(shape, dtype=tdt, device=like.device)
+        a = (torch.zeros if zeros else torch.empty)(shape, dtype=tdt, device=like.device)
         if _FAST["on"] and not _simulated():
             return a, _DevArg(a, a.data_ptr(), shape, dtype)
         return a, cuda.as_cuda_array(a, sync=False)
     if kind == "cupy":
         import cupy
 
-        a = cupy.empty(shape, dtype=dtype)
+        a = (cupy.zeros if zeros else cupy.empty)(shape, dtype=dtype)
         if _FAST["on"] and not _simulated():
             return a, _DevArg(a, int(a.data.ptr), shape, dtype)
         return a, cuda.as_cuda_array(a, sync=False)
-    a = cuda.device_array(shape, dtype=dtype, stream=stream)
+    if zeros:
+        a = cuda.to_device(np.zeros(shape, dtype=dtype), stream=stream)
+    else:
+        a = cuda.device_array(shape, dtype=dtype, stream=stream)
     return a, a
-
-
-_ZEROS4 = np.zeros(4, dtype=np.float64)
 
 
 def _info(kind: str, like: Any, stream: Any):  # type: ignore[no-untyped-def]
-    """A zeroed float64 ``[counted rows, bad labels, loss, blocks done]`` buffer (native, kernel view)."""
-    if kind == "torch":
-        import torch
-
-        a = torch.zeros(4, dtype=torch.float64, device=like.device)
-        if _FAST["on"] and not _simulated():
-            return a, _DevArg(a, a.data_ptr(), (4,), _ZEROS4.dtype)
-        return a, _cuda().as_cuda_array(a, sync=False)
-    if kind == "cupy":
-        import cupy
-
-        a = cupy.zeros(4, dtype=np.float64)
-        if _FAST["on"] and not _simulated():
-            return a, _DevArg(a, int(a.data.ptr), (4,), _ZEROS4.dtype)
-        return a, _cuda().as_cuda_array(a, sync=False)
-    a = _cuda().to_device(_ZEROS4, stream=stream)
-    return a, a
+    """The kernel view of a zeroed float64 ``[counted rows, bad labels, loss, blocks done]`` buffer."""
+    return _alloc(kind, like, (4,), np.float64, stream, zeros=True)[1]
 
 
 _params: dict = {}
@@ -462,7 +448,7 @@ def response(
 
     if has_labels:
         lab = _view(labels, _kind(labels), stream, "labels", (rows,))
-        _, info = _info(kind, student, stream)
+        info = _info(kind, student, stream)
         if not fused:
             count_labels()
     else:
@@ -519,7 +505,7 @@ def response(
     else:
         rows_native, row_buf = _alloc(kind, student, (rows,), np.float64, stream)
         if info is None:
-            _, info = _info(kind, student, stream)
+            info = _info(kind, student, stream)
     red_mean = red == "mean"
     nit = float(n_items) if n_items is not None else 0.0
     info_arg = info if info is not None else _dummy(np.float64, dev)
