@@ -1,4 +1,4 @@
-"""The numeric description of a response loss, shared by every backend.
+"""The numeric description of a response loss, and of the compiled code that evaluates it.
 
 Every loss of the library (KL and its relatives, cross-entropy, MSE, cosine, and their weighted sums) is
 one *response loss*: per row,
@@ -9,6 +9,13 @@ where ``D`` is one divergence of the softmax distributions ``p = softmax(t/tau)`
 ``q = softmax(s/tau)``. ``div_w`` already carries the tau**2 factor where the loss has it. Backends
 receive a :class:`Terms` and never see ``DistilLoss`` objects; the C ABI and the CUDA kernels receive
 the same numbers as the packed array :func:`Terms.pack` returns.
+
+A :class:`Variant` names the compiled code one call runs: which divergence, how the cross-entropy is
+evaluated, whether a linear (MSE/cosine) term exists, the power trick, the storage and the arithmetic
+precision. :func:`resolve` is the only place that chooses it (the façade calls it once per call and
+hands the result to the backend); :func:`reachable` lists every variant ``resolve`` can return, and it
+is the table the CPU kernels, the CUDA kernels, the C ABI's dispatch, the offline CUDA compiler, the
+warm-up command and the tests all read.
 """
 from __future__ import annotations
 
@@ -22,10 +29,27 @@ DIV_FORWARD_KL = 1  # KL(p || q)
 DIV_REVERSE_KL = 2  # KL(q || p)
 DIV_MIXTURE = 3  # c_p * KL(p || m) + c_q * KL(q || m),  m = lam * p + (1 - lam) * q
 DIV_TVD = 4  # 0.5 * sum |p - q|
+DIVERGENCES = (DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD)
+DIV_NAMES = {DIV_NONE: "none", DIV_FORWARD_KL: "kl", DIV_REVERSE_KL: "reverse_kl", DIV_MIXTURE: "mixture",
+             DIV_TVD: "tvd"}
+
+# cross-entropy (hard-label) modes
+CE_NONE = 0  # no hard-label term
+CE_SHARED = 1  # cross-entropy at the divergence's temperature (tau == 1): shares its normaliser
+CE_OWN = 2  # cross-entropy with its own normaliser
+CE_NAMES = {CE_NONE: "no CE", CE_SHARED: "CE shared", CE_OWN: "CE own"}
+
+# float32 logits are computed with float64 exponentials above this temperature: at tau = 100 the float32
+# exponentials of nearly uniform rows leave a forward KL with a relative error of 4e-5 (1e-1 at 1e4);
+# their float64 counterparts stay below 1e-8 up to tau = 1e4
+TAU_FLOAT64_MATH = 32.0
 
 # layout of the packed float64 parameter array
 P_TAU, P_HARD_W, P_DIV_W, P_MSE_W, P_COS_W, P_LAM, P_CP, P_CQ, P_SMOOTH = range(9)
 N_PARAMS = 9
+
+FLOAT32 = "float32"
+FLOAT64 = "float64"
 
 
 class Terms(NamedTuple):
@@ -60,3 +84,174 @@ class Terms(NamedTuple):
     def div_kind(self) -> int:
         """The divergence the kernels must evaluate (``DIV_NONE`` when its weight is 0)."""
         return self.div if self.div_w != 0.0 else DIV_NONE
+
+
+class Variant(NamedTuple):
+    """What selects compiled code for one response-loss call (every backend reads the same fields)."""
+
+    div: int  # DIV_*: the divergence evaluated (DIV_NONE when its weight is 0)
+    ce: int  # CE_*: how the hard-label term is evaluated
+    lin: bool  # an MSE or cosine term
+    pw: int  # 0, or 2 / 4: exp(s - max) is exp((s - max) / tau) squared once / twice (CPU kernels)
+    dtype: str  # storage of student and teacher logits: "float32" or "float64"
+    math: str  # precision of the elementwise arithmetic: "float32" or "float64"
+
+    @property
+    def two_pass(self) -> bool:
+        """Whether the loss needs a pass over normalised probabilities (mixtures, TVD)."""
+        return self.div in (DIV_MIXTURE, DIV_TVD)
+
+    @property
+    def name(self) -> str:
+        parts = [DIV_NAMES[self.div], CE_NAMES[self.ce]]
+        if self.lin:
+            parts.append("mse/cos")
+        if self.pw:
+            parts.append(f"pow{self.pw}")
+        parts.append(self.dtype if self.math == self.dtype else f"{self.dtype} ({self.math} math)")
+        return ", ".join(parts)
+
+
+# loss kinds: the names of DistilLoss (and of the C ABI's enum fd_loss_kind, whose values these are)
+LOSS_CODES = {
+    "kl_divergence": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "mse": 6,
+    "cosine": 7, "ce_only": 8, "combined": 9,
+}
+(K_KL, K_REVERSE_KL, K_JSD, K_SKEW_KL, K_SKEW_REVERSE_KL, K_TVD, K_MSE, K_COSINE, K_CE_ONLY,
+ K_COMBINED) = range(10)
+
+
+def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, alpha: float) -> tuple:
+    """The soft part of a loss kind as kernel terms: ``(div, div_w, mse_w, cos_w, lam, c_p, c_q)``.
+
+    Plain scalar code, read by :meth:`DistilLoss.terms` and compiled by Numba for the C ABI (one
+    description of the losses for both). ``div_w`` carries tau**2 for the KL-type divergences (not TVD);
+    an unknown ``code`` gives ``div = -1``.
+    """
+    t2 = tau * tau
+    div = DIV_NONE
+    div_w = 0.0
+    lam = 0.0
+    c_p = 0.0
+    c_q = 0.0
+    out_mse = 0.0
+    cos_w = 0.0
+    if code == K_KL or code == K_COMBINED:
+        div = DIV_FORWARD_KL
+        div_w = kl_w * t2
+        if code == K_COMBINED:
+            out_mse = mse_w
+    elif code == K_MSE:
+        out_mse = mse_w
+    elif code == K_COSINE:
+        cos_w = 1.0
+    elif code == K_CE_ONLY:
+        pass
+    elif code == K_REVERSE_KL:
+        div = DIV_REVERSE_KL
+        div_w = kl_w * t2
+    elif code == K_JSD:
+        div_w = kl_w * t2
+        if beta == 0.0:
+            div = DIV_FORWARD_KL
+        elif beta == 1.0:
+            div = DIV_REVERSE_KL
+        else:
+            div = DIV_MIXTURE
+            lam = beta
+            c_p = beta
+            c_q = 1.0 - beta
+    elif code == K_SKEW_KL:
+        div = DIV_FORWARD_KL if alpha == 0.0 else DIV_MIXTURE
+        div_w = kl_w * t2
+        lam = alpha
+        c_p = 1.0
+    elif code == K_SKEW_REVERSE_KL:
+        div = DIV_REVERSE_KL if alpha == 0.0 else DIV_MIXTURE
+        div_w = kl_w * t2
+        lam = 1.0 - alpha
+        c_q = 1.0
+    elif code == K_TVD:
+        div = DIV_TVD
+        div_w = kl_w
+    else:
+        div = -1
+    return div, div_w, out_mse, cos_w, lam, c_p, c_q
+
+
+def variant_fields(div_kind: int, hard_w: float, has_labels: bool, tau: float, lin: bool, f32: bool) -> tuple:
+    """``(div, ce, lin, pw, float64_math)`` of a call: the choice of compiled code, as plain scalar code
+    (:func:`resolve` reads it; Numba compiles it for the C ABI, whose dispatch is this same choice).
+
+    The hard-label term shares the divergence's normaliser at tau == 1 (CE_SHARED); at tau = 4 or 2 its
+    ``exp(s - max)`` is the divergence's ``exp((s - max) / tau)`` squared twice or once (``pw``); float32
+    logits are computed with float64 exponentials above :data:`TAU_FLOAT64_MATH`.
+    """
+    ce = CE_NONE
+    if hard_w != 0.0 and has_labels:
+        ce = CE_SHARED if (div_kind != DIV_NONE and tau == 1.0) else CE_OWN
+    pw = 0
+    if ce == CE_OWN and div_kind != DIV_NONE:
+        pw = 4 if tau == 4.0 else (2 if tau == 2.0 else 0)
+    f64_math = (not f32) or (div_kind != DIV_NONE and tau > TAU_FLOAT64_MATH)
+    return div_kind, ce, lin, pw, f64_math
+
+
+def resolve(terms: Terms, has_labels: bool, dtype: str) -> Variant:
+    """The variant that evaluates ``terms`` on logits of ``dtype`` ("float32"/"float64")."""
+    div, ce, lin, pw, f64_math = variant_fields(terms.div_kind, terms.hard_w, has_labels, terms.tau,
+                                                terms.mse_w != 0.0 or terms.cos_w != 0.0, dtype == FLOAT32)
+    return Variant(div, ce, lin, pw, dtype, FLOAT64 if f64_math else FLOAT32)
+
+
+def reachable() -> tuple[Variant, ...]:
+    """Every variant :func:`resolve` returns for the losses of the public API, in a fixed order.
+
+    A linear term comes only with no divergence (MSE, cosine) or the forward KL (``combined``); the
+    shared cross-entropy normaliser and the power trick need a divergence (tau == 1, and tau in {2, 4});
+    float64 arithmetic on float32 logits needs a divergence above :data:`TAU_FLOAT64_MATH`, where tau
+    is neither 1, 2 nor 4.
+    """
+    out = []
+    for dtype in (FLOAT32, FLOAT64):
+        for div in DIVERGENCES:
+            lins = (False, True) if div in (DIV_NONE, DIV_FORWARD_KL) else (False,)
+            ces = (CE_NONE, CE_OWN) if div == DIV_NONE else (CE_NONE, CE_SHARED, CE_OWN)
+            maths = (dtype,) if dtype == FLOAT64 or div == DIV_NONE else (FLOAT32, FLOAT64)
+            for math in maths:
+                for ce in ces:
+                    if ce == CE_SHARED and math != dtype:
+                        continue
+                    for lin in lins:
+                        pws = (0, 2, 4) if (ce == CE_OWN and div != DIV_NONE and math == dtype) else (0,)
+                        for pw in pws:
+                            out.append(Variant(div, ce, lin, pw, dtype, math))
+    return tuple(out)
+
+
+REACHABLE = frozenset(reachable())
+
+
+def index_table(variants: tuple[Variant, ...]) -> np.ndarray:
+    """``table[div, ce, lin, pw, dtype is float64, math is float64]``: the position of each of
+    ``variants`` (-1 elsewhere), for dispatch in compiled code."""
+    table = np.full((len(DIVERGENCES), 3, 2, 5, 2, 2), -1, dtype=np.int64)
+    for i, v in enumerate(variants):
+        table[v.div, v.ce, int(v.lin), v.pw, int(v.dtype == FLOAT64), int(v.math == FLOAT64)] = i
+    return table
+
+
+class ResponseCall(NamedTuple):
+    """One response-loss call, checked and resolved by the façade: what a backend receives besides the
+    arrays (the CPU and the CUDA backend receive the same)."""
+
+    variant: Variant
+    terms: Terms
+    reduction: str  # "mean" | "sum" | "none"
+    num_items: float | None  # the divisor of "mean" when the caller gives one
+    ignore_index: int
+    want_grad: bool
+    has_labels: bool
+    shape: tuple[int, ...]  # the student's shape
+    rows: int
+    n: int  # classes

@@ -6,7 +6,7 @@ from typing import Any
 
 from . import _dispatch
 from . import _validate as V
-from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, DIV_TVD, Terms
+from ._spec import LOSS_CODES, Terms, soft_terms
 
 KINDS = (
     "kl_divergence", "mse", "cosine", "combined",
@@ -25,8 +25,8 @@ class DistilLoss:
 
     kind: str
     temperature: float = 1.0
-    kl_weight: float = 0.0
-    mse_weight: float = 0.0
+    kl_weight: float | None = None
+    mse_weight: float | None = None
     beta: float = 0.5
     alpha: float = 0.1
 
@@ -34,8 +34,23 @@ class DistilLoss:
         if self.kind not in KINDS:
             raise V.InvalidParameterError(f"kind must be one of {KINDS}, got {self.kind!r}")
         object.__setattr__(self, "temperature", V.temperature(self.temperature))
-        object.__setattr__(self, "kl_weight", V.finite(self.kl_weight, "kl_weight"))
-        object.__setattr__(self, "mse_weight", V.finite(self.mse_weight, "mse_weight"))
+        # a kind's own weights default to 1 (what its named constructor gives); a weight the kind does
+        # not have must be left unset or 0
+        has_kl = self.kind not in ("mse", "cosine")
+        has_mse = self.kind in ("mse", "combined")
+        for name, has in (("kl_weight", has_kl), ("mse_weight", has_mse)):
+            value = getattr(self, name)
+            if value is None:
+                if self.kind == "combined":
+                    raise V.InvalidParameterError(
+                        f"DistilLoss('combined') needs both kl_weight and mse_weight (got {name}=None); "
+                        "or use DistilLoss.combined(kl_weight, mse_weight, temperature)"
+                    )
+                value = 1.0 if has else 0.0
+            value = V.finite(value, name)
+            if not has and value != 0.0:
+                raise V.InvalidParameterError(f"{name} must be 0 for kind {self.kind!r}, got {value}")
+            object.__setattr__(self, name, value)
         object.__setattr__(self, "beta", V.unit_interval(self.beta, "beta"))
         object.__setattr__(self, "alpha", V.unit_interval(self.alpha, "alpha"))
 
@@ -54,7 +69,7 @@ class DistilLoss:
     @classmethod
     def cosine(cls) -> DistilLoss:
         """``1 - cos(s, t)`` on raw logits; a zero-norm row gives 1.0."""
-        return cls("cosine")
+        return cls("cosine", 1.0)
 
     @classmethod
     def combined(cls, kl_weight: float, mse_weight: float, temperature: float = 1.0) -> DistilLoss:
@@ -93,41 +108,11 @@ class DistilLoss:
 
     def terms(self, weight: float = 1.0, **extra: Any) -> Terms:
         """This loss, times ``weight``, as kernel terms (``extra`` sets the hard-label fields)."""
-        tau = self.temperature
-        t2 = tau * tau
-        div, div_w, lam, c_p, c_q = DIV_NONE, 0.0, 0.0, 0.0, 0.0
-        mse_w = cos_w = 0.0
-        k = self.kind
-        if k in ("kl_divergence", "combined"):
-            div, div_w = DIV_FORWARD_KL, self.kl_weight * t2
-            mse_w = self.mse_weight if k == "combined" else 0.0
-        elif k == "mse":
-            mse_w = self.mse_weight
-        elif k == "cosine":
-            cos_w = 1.0
-        elif k == "reverse_kl":
-            div, div_w = DIV_REVERSE_KL, t2
-        elif k == "jsd":
-            b = self.beta
-            if b == 0.0:
-                div = DIV_FORWARD_KL
-            elif b == 1.0:
-                div = DIV_REVERSE_KL
-            else:
-                div, lam, c_p, c_q = DIV_MIXTURE, b, b, 1.0 - b
-            div_w = t2
-        elif k == "skew_kl":
-            a = self.alpha
-            div = DIV_FORWARD_KL if a == 0.0 else DIV_MIXTURE
-            div_w, lam, c_p, c_q = t2, a, 1.0, 0.0
-        elif k == "skew_reverse_kl":
-            a = self.alpha
-            div = DIV_REVERSE_KL if a == 0.0 else DIV_MIXTURE
-            div_w, lam, c_p, c_q = t2, 1.0 - a, 0.0, 1.0
-        elif k == "tvd":
-            div, div_w = DIV_TVD, 1.0
+        div, div_w, mse_w, cos_w, lam, c_p, c_q = soft_terms(
+            LOSS_CODES[self.kind], self.temperature, self.kl_weight, self.mse_weight, self.beta, self.alpha
+        )
         return Terms(
-            div=div, tau=tau, div_w=div_w * weight, mse_w=mse_w * weight, cos_w=cos_w * weight,
+            div=div, tau=self.temperature, div_w=div_w * weight, mse_w=mse_w * weight, cos_w=cos_w * weight,
             lam=lam, c_p=c_p, c_q=c_q, **extra,
         )
 
@@ -145,3 +130,28 @@ class DistilLoss:
         """``(loss, d loss / d student)``; ``grad_out`` may be a preallocated buffer (even ``student``)."""
         return _dispatch.response(student, teacher, None, self.terms(), reduction=reduction,
                                   num_items=num_items, want_grad=True, grad_out=grad_out, backend=backend)
+
+
+SOFT_LOSSES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse", "cosine")
+
+
+def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float | None = None,
+                      alpha: float | None = None) -> DistilLoss:
+    """The ``DistilLoss`` of a kind name (one of :data:`SOFT_LOSSES`): ``temperature`` defaults to 1.0,
+    ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1."""
+    if kind not in SOFT_LOSSES:
+        raise V.InvalidParameterError(f"soft_loss must be a DistilLoss or one of {SOFT_LOSSES}, got {kind!r}")
+    tau = 1.0 if temperature is None else V.temperature(temperature)
+    b = 0.5 if beta is None else beta
+    a = 0.1 if alpha is None else alpha
+    if kind == "mse":
+        return DistilLoss.mse()
+    if kind == "cosine":
+        return DistilLoss.cosine()
+    if kind == "jsd":
+        return DistilLoss.jsd(beta=b, temperature=tau)
+    if kind == "skew_kl":
+        return DistilLoss.skew_kl(alpha=a, temperature=tau)
+    if kind == "skew_reverse_kl":
+        return DistilLoss.skew_reverse_kl(alpha=a, temperature=tau)
+    return getattr(DistilLoss, kind)(tau)  # kl_divergence, reverse_kl, tvd

@@ -35,12 +35,10 @@ except ImportError as _exc:  # pragma: no cover - exercised only without PyTorch
 from . import _validate as V
 from .distillers import ResponseDistiller
 from .errors import InvalidParameterError
-from .losses import DistilLoss
+from .losses import SOFT_LOSSES, DistilLoss, soft_loss_by_name
 
 __all__ = ["DistillationLoss", "response_loss", "kl_divergence", "feature_loss", "SOFT_LOSSES"]
 
-#: kind names accepted for ``soft_loss``
-SOFT_LOSSES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse", "cosine")
 
 _NATIVE = (torch.float32, torch.float64)
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -64,24 +62,7 @@ def make_soft_loss(soft_loss: str | DistilLoss = "kl_divergence", temperature: f
                     f"set it on the DistilLoss or pass a kind name"
                 )
         return soft_loss
-    if soft_loss not in SOFT_LOSSES:
-        raise InvalidParameterError(
-            f"soft_loss must be a DistilLoss or one of {SOFT_LOSSES}, got {soft_loss!r}"
-        )
-    tau = 1.0 if temperature is None else V.temperature(temperature)
-    b = 0.5 if beta is None else beta
-    a = 0.1 if alpha is None else alpha
-    if soft_loss == "mse":
-        return DistilLoss.mse()
-    if soft_loss == "cosine":
-        return DistilLoss.cosine()
-    if soft_loss == "jsd":
-        return DistilLoss.jsd(beta=b, temperature=tau)
-    if soft_loss == "skew_kl":
-        return DistilLoss.skew_kl(alpha=a, temperature=tau)
-    if soft_loss == "skew_reverse_kl":
-        return DistilLoss.skew_reverse_kl(alpha=a, temperature=tau)
-    return getattr(DistilLoss, soft_loss)(tau)  # kl_divergence, reverse_kl, tvd
+    return soft_loss_by_name(soft_loss, temperature, beta, alpha)
 
 
 # ------------------------------------------------------------------ tensor plumbing

@@ -303,3 +303,30 @@ def test_second_process_loads_cached_kernels():
     _run(code)  # compiles (or loads) and stores the kernels
     warm = float(_run(code))
     assert warm < 2.0, f"second process took {warm:.2f}s: kernels were recompiled"
+
+
+def test_direct_construction_equals_the_named_constructors():
+    # DistilLoss("kl_divergence", 2.0) used to compute 0.0 (its kl_weight defaulted to 0)
+    s, t, _ = make_batch(8, 20, np.float64, seed=5, mask=False)
+    for kind, named in (("kl_divergence", fd.DistilLoss.kl_divergence(2.0)),
+                        ("reverse_kl", fd.DistilLoss.reverse_kl(2.0)),
+                        ("tvd", fd.DistilLoss.tvd(2.0)),
+                        ("jsd", fd.DistilLoss.jsd(0.5, 2.0)),
+                        ("skew_kl", fd.DistilLoss.skew_kl(0.1, 2.0)),
+                        ("skew_reverse_kl", fd.DistilLoss.skew_reverse_kl(0.1, 2.0))):
+        direct = fd.DistilLoss(kind, 2.0)
+        assert direct == named and direct.kl_weight == 1.0 and direct.mse_weight == 0.0
+        assert direct.compute(s, t) == named.compute(s, t) > 0.0
+    assert fd.DistilLoss("mse") == fd.DistilLoss.mse()
+    assert fd.DistilLoss("cosine") == fd.DistilLoss.cosine()
+    assert fd.DistilLoss("mse").compute(s, t) == pytest.approx(((t - s) ** 2).mean(), rel=1e-12)
+    assert fd.DistilLoss("combined", 3.0, 0.5, 0.25) == fd.DistilLoss.combined(0.5, 0.25, 3.0)
+    # a weight the kind needs is never silently zero, one it does not have is refused
+    half = fd.DistilLoss("kl_divergence", 2.0, kl_weight=0.5)
+    assert half.compute(s, t) == pytest.approx(0.5 * fd.DistilLoss.kl_divergence(2.0).compute(s, t), rel=1e-12)
+    with pytest.raises(fd.InvalidParameterError, match="needs both kl_weight and mse_weight"):
+        fd.DistilLoss("combined", 2.0)
+    with pytest.raises(fd.InvalidParameterError, match="kl_weight must be 0 for kind 'mse'"):
+        fd.DistilLoss("mse", kl_weight=0.5)
+    with pytest.raises(fd.InvalidParameterError, match="mse_weight must be 0 for kind 'reverse_kl'"):
+        fd.DistilLoss("reverse_kl", mse_weight=1.0)
