@@ -31,6 +31,14 @@ from .functional import (
 )
 from .losses import DistilLoss
 
+
+def warmup(*losses, dtypes=("float32", "float64"), jobs=1, progress=None):  # type: ignore[no-untyped-def]
+    """Compile the kernel variants ``losses`` run (every variant when none is given) before a job needs
+    them; see :func:`fastdistill.warmup.warmup`."""
+    from .warmup import warmup as _warmup
+
+    return _warmup(*losses, dtypes=dtypes, jobs=jobs, progress=progress)
+
 __all__ = [
     "__version__",
     "DistilLoss",
@@ -45,6 +53,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "available_backends",
+    "warmup",
     "FastDistillError",
     "EmptyInputError",
     "TeacherStudentMismatchError",

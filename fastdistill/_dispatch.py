@@ -1,9 +1,10 @@
-"""Backend choice and the round trip of the caller's arrays.
+"""Backend choice, the resolved call, and the round trip of the caller's arrays.
 
 Two operations cover the whole library: :func:`response` (every loss, with its gradient) and
-:func:`softmax`. Both validate through :mod:`fastdistill._validate`, then run on the CPU kernels
-(imported on first use, so ``import fastdistill`` stays light) or hand the validated call to the CUDA
-backend (imported only when a GPU path is taken).
+:func:`softmax`. Both validate through :mod:`fastdistill._validate` in the contract's order, resolve the
+call once -- its terms, reduction and kernel :class:`~fastdistill._spec.Variant` -- and hand the same
+:class:`ResponseCall` to the CPU kernels (imported on first use, so ``import fastdistill`` stays light) or
+to the CUDA backend (imported only when a GPU path is taken). Backends never import this module.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from . import _validate as V
-from ._spec import Terms
+from ._spec import ResponseCall, Terms, resolve
 from .errors import BackendUnavailableError
 
 TermsLike = Union[Terms, Callable[[], Terms]]
@@ -66,7 +67,7 @@ def response(
     backend: str = "auto",
     needs_labels: bool = False,
 ) -> tuple[Any, Any]:
-    """Validate, run one response loss, reduce. Returns ``(loss, grad or None)``.
+    """Validate, resolve and run one response loss. Returns ``(loss, grad or None)``.
 
     ``terms`` may be a callable, evaluated after the input checks (so a bad parameter is reported after
     a bad input, in the contract's order). ``needs_labels``: the loss has a hard-label term.
@@ -78,43 +79,60 @@ def response(
         l_shape, l_dtype = V.shape_dtype(labels)
         V.check_labels_meta(l_shape, l_dtype, s_shape)
     on_gpu = use_cuda(V.backend(backend), student, teacher, labels, grad_out)
-    if on_gpu:
-        return cuda_backend().response(
-            student, teacher, labels, terms, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-            want_grad=want_grad, grad_out=grad_out, needs_labels=needs_labels,
-        )
-    s = V.host_array(student, "student")
-    t = V.host_array(teacher, "teacher")
-    lab, n_counted = V.host_labels(labels, s_shape, ignore_index) if labels is not None else (None, 0)
-    terms, red, n_items = resolve_params(terms, reduction, num_items, labels, needs_labels)
-    if t.dtype != s.dtype:
-        t = t.astype(s.dtype)  # computed in the student's precision
-    g_out = V.grad_out(grad_out, s_shape, s_dtype, (t, lab)) if (want_grad and grad_out is not None) else None
-    s2 = V.rows_2d(s)
-    t2 = V.rows_2d(t)
-    if lab is None:
-        n_counted = s2.shape[0]
-    div = V.divisor(n_counted, red, n_items)
-    scale = 1.0 / div if div > 0 else 0.0
-    g2 = g_out.reshape(s2.shape) if g_out is not None else None
-    rows, grad = _cpu().response(s2, t2, lab, terms, ignore_index, scale, want_grad, g2)
-    if want_grad:  # the caller's own buffer (array or tensor) when one was given
-        grad = grad_out if g_out is not None else grad.reshape(s_shape)
-    return reduce_rows(rows, red, scale, s_shape, s_dtype), grad
+    gpu = cuda_backend() if on_gpu else None
+    host_lab = None
+    n_counted = 0
+    if labels is not None and not (on_gpu and V.is_device(labels)):
+        host_lab, n_counted = V.host_labels(labels, s_shape, ignore_index)  # range checked here
+    try:
+        call = _resolve(terms, s_shape, s_dtype, labels is not None, ignore_index, reduction, num_items,
+                        want_grad, needs_labels)
+    except V.InvalidParameterError:
+        if gpu is not None and labels is not None and host_lab is None:
+            gpu.check_label_range(labels, s_shape[-1], ignore_index)  # a bad label is reported first
+        raise
+    if gpu is not None:
+        return gpu.response(call, student, teacher, labels if host_lab is None else host_lab, grad_out)
+    return _cpu_response(call, student, teacher, host_lab, n_counted, grad_out)
 
 
-def resolve_params(
-    terms: TermsLike, reduction: str, num_items: Any, labels: Any, needs_labels: bool
-) -> tuple[Terms, str, float | None]:
-    """The call's parameters, checked after its inputs (contract order)."""
+def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, has_labels: bool, ignore_index: int,
+             reduction: str, num_items: Any, want_grad: bool, needs_labels: bool) -> ResponseCall:
+    """The call's parameters, checked after its inputs (contract order), and its kernel variant."""
     resolved = terms() if callable(terms) else terms
     red = V.reduction(reduction)
     n_items = V.num_items(num_items, red)
-    if needs_labels and labels is None:
+    if needs_labels and not has_labels:
         raise V.InvalidParameterError(
             f"labels are required when hard_label_weight is non-zero (it is {resolved.hard_w})"
         )
-    return resolved, red, n_items
+    n = int(s_shape[-1])
+    rows = 1
+    for d in s_shape[:-1]:
+        rows *= int(d)
+    variant = resolve(resolved, has_labels, s_dtype.name)
+    return ResponseCall(variant, resolved, red, n_items, int(ignore_index), bool(want_grad), has_labels,
+                        tuple(s_shape), rows, n)
+
+
+def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
+                  grad_out: Any) -> tuple[Any, Any]:
+    s = V.host_array(student, "student")
+    t = V.host_array(teacher, "teacher")
+    if t.dtype != s.dtype:
+        t = t.astype(s.dtype)  # computed in the student's precision
+    g_out = (V.grad_out(grad_out, call.shape, s.dtype, (t, lab))
+             if (call.want_grad and grad_out is not None) else None)
+    s2 = V.rows_2d(s)
+    t2 = V.rows_2d(t)
+    div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
+    scale = 1.0 / div if div > 0 else 0.0
+    g2 = g_out.reshape(s2.shape) if g_out is not None else None
+    rows, grad = _cpu().response(call.variant, s2, t2, lab, call.terms.pack(), call.ignore_index, scale,
+                                 call.want_grad, g2)
+    if call.want_grad:  # the caller's own buffer (array or tensor) when one was given
+        grad = grad_out if g_out is not None else grad.reshape(call.shape)
+    return reduce_rows(rows, call.reduction, scale, call.shape, s.dtype), grad
 
 
 def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], dtype: np.dtype) -> Any:

@@ -39,3 +39,38 @@ TOL = {np.float32: 1e-5, np.float64: 1e-10}
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch")
+
+
+def stray_signatures() -> list[str]:
+    """Compiled signatures of the CPU driver and softmax kernels other than the one per dtype that the
+    façade and the C ABI use (read-only inputs, writable outputs): each would be a compile of its own."""
+    import sys
+
+    K = sys.modules.get("fastdistill.cpu._kernels")
+    if K is None:
+        return []
+    from numba import types as T
+
+    def arr(dt, nd, ro):
+        return T.Array(dt, nd, "C", readonly=ro)
+
+    out = []
+    for dt in (T.float32, T.float64):
+        drive = (T.int64, arr(dt, 2, True), arr(dt, 2, True), arr(T.int64, 1, True), T.boolean, T.int64,
+                 arr(T.float64, 1, True), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False), T.int64,
+                 T.boolean)
+        softmax = (arr(dt, 2, True), T.float64, arr(dt, 2, False))
+        out += [drive, softmax]
+    allowed = set(out)
+    stray = [f"{K.drive.py_func.__name__}{sig}" for sig in K.drive.signatures if sig not in allowed]
+    for kernel in K._SOFTMAX.values():
+        stray += [f"softmax{sig}" for sig in kernel.signatures if sig not in allowed]
+    return stray
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when any call compiled a CPU kernel signature outside the variant table's."""
+    stray = stray_signatures()
+    if stray:
+        print("\nCompiled outside the kernel variant table:\n  " + "\n  ".join(stray))
+        session.exitstatus = 1

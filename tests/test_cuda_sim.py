@@ -115,6 +115,7 @@ SHAPES = [(1, 1), (3, 5), (4, 33), (2, 70)]
 
 
 def _ref_soft(name, s, t, reduction):
+    pytest.importorskip("torch")
     _, kind, tau, param = LOSSES[name]
     return torch_response(s, t, None, 0.0, 1.0, kind, tau, param, reduction=reduction)
 
@@ -172,6 +173,7 @@ def test_divergences_float32_against_cpu_backend(name, shape):
 @sim
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_combined_loss(dtype):
+    pytest.importorskip("torch")
     s, t, _ = make_batch(4, 33, dtype, seed=3, mask=False)
     loss = fd.DistilLoss.combined(0.7, 0.3, 3.0)
     got, g = loss.compute_with_grad(s, t, backend="cuda")
@@ -200,10 +202,10 @@ _CTOR = {
 def _fused_rows(monkeypatch, rows):
     """The fused loss kernel (labels counted and row losses summed inside) for batches of at most
     ``rows`` rows (0: never)."""
-    from fastdistill import cuda as fc
+    from fastdistill.cuda import _launch
 
     name = "GPU_LAUNCH" if ON_GPU else "SIM_LAUNCH"
-    monkeypatch.setitem(getattr(fc, name), "fused_rows", rows)
+    monkeypatch.setitem(getattr(_launch, name), "fused_rows", rows)
 
 
 @sim
@@ -294,6 +296,7 @@ def test_device_arrays_round_trip_and_in_place():
 
 @sim
 def test_leading_dims_and_single_row():
+    pytest.importorskip("torch")
     s, t, _ = make_batch(6, 11, np.float64, seed=8)
     loss = fd.DistilLoss.kl_divergence(2.0)
     rows, g = loss.compute_with_grad(s.reshape(2, 3, 11), t.reshape(2, 3, 11), reduction="none", backend="cuda")
@@ -370,10 +373,10 @@ def test_softmax(log, dtype):
     {"small_n": 8, "group": 2, "block_small": 4, "max_grid": 3, "fused_rows": 0},
 ])
 def test_launch_geometries(geometry, monkeypatch):
-    from fastdistill import cuda as fc
+    from fastdistill.cuda import _launch
 
     name = "GPU_LAUNCH" if ON_GPU else "SIM_LAUNCH"
-    monkeypatch.setattr(fc, name, {**getattr(fc, name), **geometry})
+    monkeypatch.setattr(_launch, name, {**getattr(_launch, name), **geometry})
     s, t, y = make_batch(5, 13, np.float32, seed=13)
     d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.5, 2.0), 0.5, 0.5, label_smoothing=0.1)
     a, ga = d.loss_and_grad(s, t, y, backend="cuda")
@@ -403,3 +406,51 @@ def test_deterministic_and_float32_accuracy_at_high_temperature():
 
 def _has_torch():
     return importlib.util.find_spec("torch") is not None
+
+
+@sim
+@pytest.mark.parametrize("fuse", [0, 64], ids=["three-kernels", "fused-kernel"])
+def test_teacher_of_another_dtype_is_converted(fuse, monkeypatch):
+    # a float64 teacher with a float32 student was read as float32 (the launch cache key left out the
+    # teacher's dtype, and nothing converted it); the CPU path computes in the student's precision
+    _fused_rows(monkeypatch, fuse)
+    from numba import cuda
+
+    s, t, y = make_batch(4, 33, np.float32, seed=5)
+    t64 = t.astype(np.float64) * 1.5
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.5, 0.5)
+    want, gw = d.loss_and_grad(s, t64, y, backend="cpu")
+    for teacher in (t64, cuda.to_device(t64)):
+        a, ga = d.loss_and_grad(s, teacher, y, backend="cuda")
+        assert a == pytest.approx(want, rel=1e-5) and rel_err(ga, gw) < 1e-5
+    # the same float32 call after the float64 one, and the reverse, from the launch cache
+    b, gb = d.loss_and_grad(s, t64.astype(np.float32), y, backend="cuda")
+    assert b == pytest.approx(want, rel=1e-5)
+    ds, dt64 = cuda.to_device(s), cuda.to_device(t64)
+    rows = d.loss(ds, dt64, cuda.to_device(y), reduction="none", backend="cuda")
+    assert rows.dtype == np.float32
+    np.testing.assert_allclose(rows.copy_to_host(), d.loss(s, t64, y, reduction="none", backend="cpu"), rtol=1e-5)
+
+
+@sim
+@pytest.mark.parametrize("tau", [33.0, 1e4])
+def test_float64_arithmetic_for_float32_at_high_temperature(tau):
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(3, 40))
+    t = rng.normal(size=(3, 40))
+    loss = fd.DistilLoss.kl_divergence(tau)
+    v64, g64 = loss.compute_with_grad(s, t, backend="cpu")
+    v32, g32 = loss.compute_with_grad(s.astype(np.float32), t.astype(np.float32), backend="cuda")
+    assert v32 == pytest.approx(v64, rel=1e-5) and rel_err(g32, g64) < 1e-5
+    assert np.all(loss.compute(s.astype(np.float32), t.astype(np.float32), reduction="none", backend="cuda") >= 0)
+    assert np.all(fd.DistilLoss.kl_divergence(1e8).compute(s, t, reduction="none", backend="cuda") >= 0)
+
+
+@sim
+def test_a_row_that_is_minus_inf_everywhere_gives_nan_on_the_gpu():
+    s, t, y = make_batch(4, 9, np.float64, seed=3, mask=False, ignore=False)
+    s[1] = -np.inf
+    d = fd.ResponseDistiller.balanced()
+    rows, g = d.loss_and_grad(s, t, y, reduction="none", backend="cuda")
+    assert np.isnan(rows[1]) and np.all(np.isfinite(rows[[0, 2, 3]]))
+    assert np.all(np.isnan(g[1])) and np.all(np.isfinite(g[[0, 2, 3]]))

@@ -151,3 +151,25 @@ def test_pytorch_compositions_users_write(torch):
         assert fd.cross_entropy(s, y, label_smoothing=eps) == pytest.approx(float(ce), rel=1e-12)
         d = fd.ResponseDistiller(fd.DistilLoss.mse(), 1.0, 0.0, label_smoothing=eps)
         assert d.loss(s, t, y) == pytest.approx(float(ce), rel=1e-12)
+
+
+MIXTURES = [(c, i) for c, i in zip(LOSSES, IDS) if c[1] in ("jsd", "skew_kl", "skew_reverse_kl") and 0 < c[2] < 1]
+
+
+@pytest.mark.parametrize("case", [c for c, _ in MIXTURES], ids=[i for _, i in MIXTURES])
+def test_mixtures_with_subnormal_probabilities(case):
+    # (cp * p + cq * q) * exp(-log m) overflowed where p and q are subnormal: the ratio is formed from logs
+    make, kind, param = case
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=(3, 12))
+    t = rng.normal(size=(3, 12))
+    s[:, 3] = t[:, 3] = -744.0  # p and q about 1e-324
+    s[:, 4] = -745.0
+    t[:, 4] = -700.0
+    loss = make(1.0)
+    rows, g = loss.compute_with_grad(s, t, reduction="none")
+    assert np.all(np.isfinite(rows)) and np.all(np.isfinite(g))
+    ref = divergence(kind, s, t, 1.0, param)
+    assert rel_err(rows, ref) < 1e-10
+    num = numeric_grad(lambda x: divergence(kind, x, t, 1.0, param).sum(), s, h=1e-6)
+    assert rel_err(g, num) < 1e-6

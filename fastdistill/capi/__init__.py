@@ -18,6 +18,8 @@ import sys
 import sysconfig
 from typing import Sequence
 
+from .._spec import LOSS_CODES
+
 ABI_VERSION = 1
 
 # status codes (fastdistill.h: enum fd_status)
@@ -79,18 +81,8 @@ STATUS_NAMES = {
     FD_INTERNAL_ERROR: "FD_INTERNAL_ERROR",
 }
 
-LOSS_KINDS = {
-    "kl_divergence": FD_KL,
-    "reverse_kl": FD_REVERSE_KL,
-    "jsd": FD_JSD,
-    "skew_kl": FD_SKEW_KL,
-    "skew_reverse_kl": FD_SKEW_REVERSE_KL,
-    "tvd": FD_TVD,
-    "mse": FD_MSE,
-    "cosine": FD_COSINE,
-    "ce_only": FD_CE_ONLY,
-    "combined": FD_COMBINED,
-}
+# the names and codes of the library's own table (fastdistill._spec.LOSS_CODES): the same numbers
+LOSS_KINDS = dict(LOSS_CODES)
 
 REDUCTIONS = {"mean": FD_MEAN, "sum": FD_SUM, "none": FD_NONE}
 
@@ -116,19 +108,27 @@ def header_path() -> str:
     return os.path.join(include_dir(), "fastdistill.h")
 
 
-def symbols(precision: str | None = None) -> dict[str, int]:
+def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, int]:
     """``{C name: function address}`` of the entry points (``fastdistill.h`` has their prototypes).
 
     ``precision``: ``"f32"`` or ``"f64"`` for that precision's entry points only (plus
-    ``fd_abi_version``), ``None`` for all. The first call compiles them -- minutes on a cold Numba
-    cache, about a second once the cache is warm -- and the addresses stay valid for the life of the
-    process.
+    ``fd_abi_version``), ``None`` for all. The first call compiles them and the kernel variant each
+    entry point can run -- about a minute on a cold Numba cache, a second or two once the cache is
+    warm -- and the addresses stay valid for the life of the process. ``jobs``: processes compiling
+    the variants side by side on a cold cache (default: up to 4, the machine's cores; 1 in an
+    interpreter embedded without a ``python`` executable to start).
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     wanted = PRECISIONS if precision is None else (precision,)
+    from ..warmup import can_spawn, warmup
     from . import _cfuncs
 
+    if jobs is None:
+        jobs = min(4, os.cpu_count() or 1) if can_spawn() else 1
+    missing = [p for p in wanted if f"fd_response_{p}" not in _cfuncs.CFUNCS]
+    if missing and jobs > 1:
+        warmup(dtypes=[_cfuncs.DTYPES[p] for p in missing], jobs=jobs)
     for p in wanted:
         _cfuncs.build(p)
     for name, cf in _cfuncs.CFUNCS.items():

@@ -13,9 +13,11 @@ Rules every entry point follows (an exception inside a ``cfunc`` would print and
   ``FD_INTERNAL_ERROR``;
 * the thread count of the calling thread is set only for the call and restored afterwards.
 
-The loss-kind -> :class:`~fastdistill._spec.Terms` mapping of :meth:`DistilLoss.terms` is replicated in
-:func:`loss_terms` (jitted, no Python objects); the tests check it against ``DistilLoss.terms`` for
-every kind.
+The loss kinds' terms and the choice of compiled code are the façade's own functions
+(:func:`fastdistill._spec.soft_terms`, :func:`fastdistill._spec.variant_fields`), compiled here; the
+entry points call the same workers (one per kernel variant, :func:`fastdistill.cpu._kernels.worker`)
+through the same parallel driver as the Python API, found in a table built from
+:func:`fastdistill._spec.reachable`.
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ from numba.extending import intrinsic
 from numba.np.ufunc import parallel as _parallel
 
 from .. import cpu as _cpu  # noqa: F401  (sets the thread-safe threading layer before the pool starts)
+from .. import _spec
 from .._spec import (
-    DIV_FORWARD_KL,
     DIV_MIXTURE,
-    DIV_NONE,
-    DIV_REVERSE_KL,
     DIV_TVD,
+    FLOAT32,
+    FLOAT64,
     N_PARAMS,
     P_COS_W,
     P_CP,
@@ -49,6 +51,7 @@ from .._spec import (
     P_TAU,
 )
 from ..cpu import _kernels as K
+from ..cpu._math import read_only_view
 from . import (
     ABI_VERSION,
     FD_BAD_KIND,
@@ -148,7 +151,10 @@ def _addr(typingctx, ptr):  # type: ignore[no-untyped-def]
 JIT = dict(cache=True, error_model="numpy", nogil=True)
 CJIT = dict(cache=True, error_model="numpy")
 
-# ---------------------------------------------------------------- the loss description (one source)
+# ---------------------------------------------------------------- the loss and its variant (the façade's own code)
+
+_soft_terms = njit(**JIT)(_spec.soft_terms)
+_variant_fields = njit(**JIT)(_spec.variant_fields)
 
 
 @njit(**JIT)
@@ -161,66 +167,16 @@ def loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P):  # type: ignore[
     """
     for k in range(N_PARAMS):
         P[k] = 0.0
-    t2 = tau * tau
-    div = DIV_NONE
-    div_w = 0.0
-    lam = 0.0
-    c_p = 0.0
-    c_q = 0.0
-    mse_w = 0.0
-    cos_w = 0.0
-    if kind == FD_KL or kind == FD_COMBINED:
-        div = DIV_FORWARD_KL
-        div_w = 1.0 * t2
-        if kind == FD_COMBINED:
-            mse_w = param
-    elif kind == FD_MSE:
+    if kind == FD_MSE or kind == FD_COSINE or kind == FD_CE_ONLY:
         tau = 1.0
-        mse_w = 1.0
-    elif kind == FD_COSINE:
-        tau = 1.0
-        cos_w = 1.0
-    elif kind == FD_CE_ONLY:
-        tau = 1.0
-        soft_w = 0.0
-    elif kind == FD_REVERSE_KL:
-        div = DIV_REVERSE_KL
-        div_w = t2
-    elif kind == FD_JSD:
-        b = param
-        if b == 0.0:
-            div = DIV_FORWARD_KL
-        elif b == 1.0:
-            div = DIV_REVERSE_KL
-        else:
-            div = DIV_MIXTURE
-            lam = b
-            c_p = b
-            c_q = 1.0 - b
-        div_w = t2
-    elif kind == FD_SKEW_KL:
-        a = param
-        div = DIV_FORWARD_KL if a == 0.0 else DIV_MIXTURE
-        div_w = t2
-        lam = a
-        c_p = 1.0
-        c_q = 0.0
-    elif kind == FD_SKEW_REVERSE_KL:
-        a = param
-        div = DIV_REVERSE_KL if a == 0.0 else DIV_MIXTURE
-        div_w = t2
-        lam = 1.0 - a
-        c_p = 0.0
-        c_q = 1.0
-    elif kind == FD_TVD:
-        div = DIV_TVD
-        div_w = 1.0
-    else:
+    mse_w = param if kind == FD_COMBINED else 1.0
+    div, div_w, mse, cos_w, lam, c_p, c_q = _soft_terms(kind, tau, 1.0, mse_w, param, param)
+    if div < 0:
         return -1
     P[P_TAU] = tau
     P[P_HARD_W] = hard_w
     P[P_DIV_W] = div_w * soft_w
-    P[P_MSE_W] = mse_w * soft_w
+    P[P_MSE_W] = mse * soft_w
     P[P_COS_W] = cos_w * soft_w
     P[P_LAM] = lam
     P[P_CP] = c_p
@@ -229,18 +185,18 @@ def loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P):  # type: ignore[
     return div
 
 
+VARIANTS = _spec.reachable()
+VARIANT_INDEX = _spec.index_table(VARIANTS)
+
+
 @njit(**JIT)
-def kernel_variant(div, P, has_labels):  # type: ignore[no-untyped-def]
-    """``(div_kind, ce_mode, lin)``: the compiled variant ``fastdistill.cpu.response`` would pick."""
-    div_kind = div if P[P_DIV_W] != 0.0 else DIV_NONE
+def kernel_variant(div, P, has_labels, f64):  # type: ignore[no-untyped-def]
+    """The position in :data:`VARIANTS` of the variant the Python API runs for these terms on float32 or
+    (``f64``) float64 logits, and whether it has a mixture/TVD pass."""
+    div_kind = div if P[P_DIV_W] != 0.0 else 0
     lin = P[P_MSE_W] != 0.0 or P[P_COS_W] != 0.0
-    if P[P_HARD_W] == 0.0 or not has_labels:
-        ce = K.CE_NONE
-    elif div_kind != DIV_NONE and P[P_TAU] == 1.0:
-        ce = K.CE_SHARED
-    else:
-        ce = K.CE_OWN
-    return div_kind, ce, lin
+    d, ce, ln, pw, f64_math = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], lin, not f64)
+    return VARIANT_INDEX[d, ce, int(ln), pw, int(f64), int(f64_math)], d == DIV_MIXTURE or d == DIV_TVD
 
 
 # ---------------------------------------------------------------- checks (never raise)
@@ -336,29 +292,40 @@ def _itemsize(typingctx, ptr):  # type: ignore[no-untyped-def]
     return types.uint64(ptr), codegen
 
 
-# ---------------------------------------------------------------- the kernel variants
+# ---------------------------------------------------------------- the workers, by variant
 
-# Every (divergence, cross-entropy mode, linear term) combination a loss kind can select. Each is one
-# compiled kernel of fastdistill.cpu (shared with the Python API, and with its on-disk cache).
-_R_N_N = K.response_kernel(DIV_NONE, K.CE_NONE, False)
-_R_N_O = K.response_kernel(DIV_NONE, K.CE_OWN, False)
-_R_N_N_L = K.response_kernel(DIV_NONE, K.CE_NONE, True)
-_R_N_O_L = K.response_kernel(DIV_NONE, K.CE_OWN, True)
-_R_F_N = K.response_kernel(DIV_FORWARD_KL, K.CE_NONE, False)
-_R_F_S = K.response_kernel(DIV_FORWARD_KL, K.CE_SHARED, False)
-_R_F_O = K.response_kernel(DIV_FORWARD_KL, K.CE_OWN, False)
-_R_F_N_L = K.response_kernel(DIV_FORWARD_KL, K.CE_NONE, True)
-_R_F_S_L = K.response_kernel(DIV_FORWARD_KL, K.CE_SHARED, True)
-_R_F_O_L = K.response_kernel(DIV_FORWARD_KL, K.CE_OWN, True)
-_R_R_N = K.response_kernel(DIV_REVERSE_KL, K.CE_NONE, False)
-_R_R_S = K.response_kernel(DIV_REVERSE_KL, K.CE_SHARED, False)
-_R_R_O = K.response_kernel(DIV_REVERSE_KL, K.CE_OWN, False)
-_R_M_N = K.response_kernel(DIV_MIXTURE, K.CE_NONE, False)
-_R_M_S = K.response_kernel(DIV_MIXTURE, K.CE_SHARED, False)
-_R_M_O = K.response_kernel(DIV_MIXTURE, K.CE_OWN, False)
-_R_T_N = K.response_kernel(DIV_TVD, K.CE_NONE, False)
-_R_T_S = K.response_kernel(DIV_TVD, K.CE_SHARED, False)
-_R_T_O = K.response_kernel(DIV_TVD, K.CE_OWN, False)
+# The address of each variant's worker, at its position in VARIANTS (0 until built), read by the compiled
+# entry points through a named symbol: a cached entry point always sees this process's addresses.
+_WORKERS = (ctypes.c_int64 * len(VARIANTS))()
+_WORKERS_SYMBOL = "fastdistill_capi_workers"
+ll.add_symbol(_WORKERS_SYMBOL, ctypes.addressof(_WORKERS))
+
+
+@intrinsic
+def _worker_address(typingctx, i):  # type: ignore[no-untyped-def]
+    """Entry ``i`` of the worker table (no bounds check: callers check)."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        mod = builder.module
+        aty = ir.ArrayType(ir.IntType(64), len(VARIANTS))
+        gv = mod.globals.get(_WORKERS_SYMBOL)
+        if gv is None:
+            gv = ir.GlobalVariable(mod, aty, _WORKERS_SYMBOL)
+            gv.linkage = "external"
+        idx = context.cast(builder, args[0], signature.args[0], types.int64)
+        ptr = builder.gep(gv, [ir.Constant(ir.IntType(64), 0), idx])
+        return builder.load(ptr)
+
+    return types.int64(i), codegen
+
+
+def build_workers(dtype: str) -> None:
+    """Compile (or load from the cache) the worker of every variant on ``dtype`` logits, into the table."""
+    for i, v in enumerate(VARIANTS):
+        if v.dtype == dtype and _WORKERS[i] == 0:
+            _WORKERS[i] = int(K.worker(v).address)
 
 
 @njit(**JIT)
@@ -423,12 +390,8 @@ _SOFTMAX_LOG = K.softmax_kernel(True)
 # ---------------------------------------------------------------- the cfuncs
 #
 # Each entry point: checks (a failure returns its code), then the computation with the caller's thread
-# count, inside try/except; the status is FD_INTERNAL_ERROR until the computation has completed.
-#
-# The kernels are called directly from the cfunc bodies, not through helper functions: every separately
-# compiled function that calls a kernel carries its own code generation of that kernel (cold builds
-# get slower with each such layer), and inline="always" helpers are no way out, because a failure inside
-# inlined code escapes the cfunc's try/except (the failing call's status is ignored).
+# count, inside try/except; the status is FD_INTERNAL_ERROR until the computation has completed. The
+# computation is the Python API's: the variant's worker, run by the parallel driver.
 
 
 def _response_sig(ft):  # type: ignore[no-untyped-def]
@@ -452,6 +415,7 @@ def _softmax_sig(ft):  # type: ignore[no-untyped-def]
 
 def _make(ft):  # type: ignore[no-untyped-def]
     """The entry points for one float type."""
+    F64 = ft == types.float64
 
     @cfunc(_response_sig(ft), **CJIT)
     def response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
@@ -479,59 +443,13 @@ def _make(ft):  # type: ignore[no-untyped-def]
             labels = carray(lp, (rows if has_labels else 0,))
             scale = _count_and_scale(lp, rows, ignore_index, reduction)
             out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
-            dk, ce, lin = kernel_variant(div, P, has_labels)
-            a = (s, t, labels, has_labels, np.int64(ignore_index), P, scale, want_grad, out, g,
-                 np.int64(_get_num_threads()))
-            ran = div >= 0
-            if dk == DIV_NONE:
-                if lin:
-                    if ce == K.CE_NONE:
-                        _R_N_N_L(*a)
-                    else:
-                        _R_N_O_L(*a)
-                elif ce == K.CE_NONE:
-                    _R_N_N(*a)
-                else:
-                    _R_N_O(*a)
-            elif dk == DIV_FORWARD_KL:
-                if lin:
-                    if ce == K.CE_NONE:
-                        _R_F_N_L(*a)
-                    elif ce == K.CE_SHARED:
-                        _R_F_S_L(*a)
-                    else:
-                        _R_F_O_L(*a)
-                elif ce == K.CE_NONE:
-                    _R_F_N(*a)
-                elif ce == K.CE_SHARED:
-                    _R_F_S(*a)
-                else:
-                    _R_F_O(*a)
-            elif lin:
-                ran = False  # no loss kind combines these divergences with MSE/cosine
-            elif dk == DIV_REVERSE_KL:
-                if ce == K.CE_NONE:
-                    _R_R_N(*a)
-                elif ce == K.CE_SHARED:
-                    _R_R_S(*a)
-                else:
-                    _R_R_O(*a)
-            elif dk == DIV_MIXTURE:
-                if ce == K.CE_NONE:
-                    _R_M_N(*a)
-                elif ce == K.CE_SHARED:
-                    _R_M_S(*a)
-                else:
-                    _R_M_O(*a)
-            elif dk == DIV_TVD:
-                if ce == K.CE_NONE:
-                    _R_T_N(*a)
-                elif ce == K.CE_SHARED:
-                    _R_T_S(*a)
-                else:
-                    _R_T_O(*a)
-            else:
-                ran = False
+            idx, two_pass = kernel_variant(div, P, has_labels, F64)
+            worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
+            if worker != 0:
+                K.drive(worker, read_only_view(s), read_only_view(t), read_only_view(labels), has_labels,
+                        np.int64(ignore_index), read_only_view(P), scale, want_grad, out, g,
+                        np.int64(_get_num_threads()), two_pass)
+            ran = worker != 0
             if ran:
                 _reduce(out, rows, reduction, scale, lossp)
                 status = FD_OK
@@ -558,7 +476,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 _set_num_threads(nthreads)
             try:
                 P = _empty_f64(N_PARAMS)
-                loss_terms(kind, 1.0, 0.0, 1.0, 0.0, 0.0, P)
+                div = loss_terms(np.int32(kind), 1.0, 0.0, 1.0, 0.0, 0.0, P)
                 want_grad = _addr(gp) != 0
                 s = carray(sp, (rows, n))
                 t = carray(tp, (rows, n))
@@ -566,10 +484,15 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 labels = carray(_null_labels(), (0,))
                 scale = 1.0 / rows if reduction == FD_MEAN else 1.0
                 out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
-                _R_N_N_L(s, t, labels, False, np.int64(-100), P, scale, want_grad, out, g,
-                         np.int64(_get_num_threads()))
-                _reduce(out, rows, reduction, scale, lossp)
-                status = FD_OK
+                idx, two_pass = kernel_variant(div, P, np.bool_(False), F64)
+                worker = _worker_address(idx) if idx >= 0 else 0
+                if worker != 0:
+                    # np.bool_: a literal False would compile the driver again, for that literal
+                    K.drive(worker, read_only_view(s), read_only_view(t), read_only_view(labels), np.bool_(False),
+                            np.int64(-100), read_only_view(P), scale, want_grad, out, g,
+                            np.int64(_get_num_threads()), two_pass)
+                    _reduce(out, rows, reduction, scale, lossp)
+                    status = FD_OK
             except Exception:  # noqa: BLE001
                 status = FD_INTERNAL_ERROR
             if nthreads > 0:
@@ -595,7 +518,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             if nthreads > 0:
                 _set_num_threads(nthreads)
             try:
-                kernel(carray(xp, (rows, n)), 1.0 / tau, carray(outp, (rows, n)))
+                kernel(read_only_view(carray(xp, (rows, n))), 1.0 / tau, carray(outp, (rows, n)))
                 status = FD_OK
             except Exception:  # noqa: BLE001
                 status = FD_INTERNAL_ERROR
@@ -620,11 +543,14 @@ def abi_version():  # type: ignore[no-untyped-def]
 
 
 FLOAT_TYPES = {"f32": types.float32, "f64": types.float64}
+DTYPES = {"f32": FLOAT32, "f64": FLOAT64}
 CFUNCS = {"fd_abi_version": abi_version}
 
 
 def build(precision: str) -> None:
-    """Compile (or load from the cache) the entry points of one precision, ``"f32"`` or ``"f64"``."""
+    """Compile (or load from the cache) the entry points of one precision, ``"f32"`` or ``"f64"``, and
+    the workers they call."""
+    build_workers(DTYPES[precision])
     if f"fd_response_{precision}" not in CFUNCS:
         for name, cf in _make(FLOAT_TYPES[precision]).items():
             CFUNCS[f"fd_{name}_{precision}"] = cf

@@ -1,7 +1,10 @@
 """CPU backend: host wrappers around the Numba kernels in ``_kernels``.
 
 Inputs arrive validated and normalised by the façade: C-contiguous 2-D float32/float64 arrays of one
-dtype, labels as int64 or ``None``.
+dtype, labels as int64 or ``None``, and the :class:`~fastdistill._spec.Variant` to run. Logits and labels
+are handed to the kernels as read-only views, so that writable, read-only and memory-mapped inputs all
+use the same compiled code (Numba compiles one machine-code version per argument type, and a read-only
+array is another type).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import os
 import numba
 import numpy as np
 
-from .._spec import DIV_NONE, Terms
+from .._spec import Variant
 from . import _kernels as K
 
 # Calls from several Python (or C) threads at once need a thread-safe threading layer (workqueue aborts
@@ -19,9 +22,30 @@ if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _NO_LABELS = np.zeros(0, dtype=np.int64)
+_NO_LABELS.flags.writeable = False
 # calls on at most this many logits run in the calling thread alone: waking the thread pool costs ~2 us
 # on an idle machine and tens of microseconds on a busy one, more than such a call's work
 SMALL = 1 << 15
+
+
+_NO_GRAD: dict = {}
+
+
+def _no_grad(dtype: np.dtype) -> np.ndarray:
+    """A writable one-element stand-in for the gradient of a loss-only call (never written)."""
+    g = _NO_GRAD.get(dtype)
+    if g is None:
+        g = _NO_GRAD[dtype] = np.zeros((1, 1), dtype=dtype)
+    return g
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """``a`` as a read-only view (``a`` itself when it already is one)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _threads_for(size: int) -> tuple[int, int]:
@@ -43,50 +67,44 @@ def _launch(kernel, threads: tuple[int, int], *args) -> None:  # type: ignore[no
         numba.set_num_threads(n)
 
 
-def ce_mode(terms: Terms, has_labels: bool) -> int:
-    """How the kernels evaluate the hard-label term."""
-    if terms.hard_w == 0.0 or not has_labels:
-        return K.CE_NONE
-    if terms.div_kind != DIV_NONE and terms.tau == 1.0:
-        return K.CE_SHARED
-    return K.CE_OWN
-
-
 def response(
+    variant: Variant,
     s: np.ndarray,
     t: np.ndarray,
     labels: np.ndarray | None,
-    terms: Terms,
+    params: np.ndarray,
     ignore_index: int,
     scale: float,
     want_grad: bool,
     grad_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Row losses (float64, 0 for ignored rows) and, if asked, the gradient of ``scale * sum(rows)``."""
-    has_labels = labels is not None
-    lin = terms.mse_w != 0.0 or terms.cos_w != 0.0
-    ce = ce_mode(terms, has_labels)
-    kernel = K.response_kernel(terms.div_kind, ce, lin, K.power_of(terms.tau, terms.div_kind, ce))
+    """Row losses (float64, 0 for ignored rows) and, if asked, the gradient of ``scale * sum(rows)``.
+
+    ``params`` is ``Terms.pack()`` of the call's terms.
+    """
+    address = K.worker(variant).address
     out_loss = np.empty(s.shape[0], dtype=np.float64)
     if want_grad:
         grad = grad_out if grad_out is not None else np.empty_like(s)
     else:
-        grad = s  # never written: the kernel only writes it when want_grad
+        grad = _no_grad(s.dtype)  # never written: the workers only write it when want_grad
     threads = _threads_for(s.size)
     _launch(
-        kernel,
+        K.drive,
         threads,
-        s,
-        t,
-        labels if has_labels else _NO_LABELS,
-        has_labels,
+        address,
+        read_only(s),
+        read_only(t),
+        read_only(labels) if labels is not None else _NO_LABELS,
+        labels is not None,
         ignore_index,
-        terms.pack(),
+        read_only(params),
         float(scale),
         want_grad,
         out_loss,
         grad,
         threads[0],
+        variant.two_pass,
     )
     return out_loss, (grad if want_grad else None)
 
@@ -95,5 +113,5 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
     """Row-wise softmax (or log-softmax) of ``x / tau``."""
     if out is None:
         out = np.empty_like(x)
-    _launch(K.softmax_kernel(log), _threads_for(x.size), x, float(1.0 / tau), out)
+    _launch(K.softmax_kernel(log), _threads_for(x.size), read_only(x), float(1.0 / tau), out)
     return out

@@ -1,35 +1,51 @@
 """Numba CPU kernels: row-wise softmax and the fused response loss with its gradient.
 
-Private module. Every loss of the library runs through :func:`response_kernel`, specialised at compile
-time on the divergence kind, the cross-entropy mode and whether a linear (MSE/cosine) term exists, so
-each compiled variant holds only the loops it needs. A row is processed in at most four streaming
-passes over its logits, each one a branch-free, vectorizable loop:
+Private module. Every loss of the library runs through :func:`response_kernel`, one compiled kernel per
+:class:`~fastdistill._spec.Variant`. A row is processed in at most four streaming passes over its
+logits, each one a branch-free, vectorizable loop:
 
 1. maxima of ``t`` and ``s`` (and a NaN flag);
-2. sums of exponentials and the cross terms of the forward/reverse KL (float64 accumulators);
-   cross-entropy normaliser, label-smoothing sum, MSE/cosine dot products when present;
+2. sums of exponentials and the cross terms of the forward/reverse KL (float64 totals); cross-entropy
+   normaliser, label-smoothing sum, MSE/cosine dot products when present;
 3. (mixture divergences and TVD only) the loss terms that need normalised probabilities;
 4. (gradient only) one fused write of the gradient of every term.
 
 Rows are spread over threads with ``prange``; when there are fewer rows than threads, each pass of a
-row is split into column chunks spread over threads instead, so one huge row still
-uses every core. Nothing of size ``rows x classes`` is allocated besides the gradient.
+row is split into column chunks spread over threads instead, so one huge row still uses every core.
+Nothing of size ``rows x classes`` is allocated besides the gradient.
+
+How the code is compiled (the cost users wait for): each pass is an ordinary jitted function, never
+inlined at the Numba IR level (``inline="always"`` re-runs the whole pipeline on every inlined body:
+most of a 20-30 s variant compile). The variant's constants reach a pass as *literal* arguments
+(``literally``): Numba prunes the branches of the other variants before lowering, so each loop is
+compiled with only its own terms and vectorizes as if written by hand, and a pass is compiled once per
+set of constants it depends on and shared (in memory and in the on-disk cache) by every kernel that
+uses it. LLVM inlines the small helpers into their callers. A kernel's ``prange`` bodies are one call
+each, which keeps Numba's parfor passes cheap.
+
+``ct`` is a zero of the arithmetic precision (``Variant.math``): float32 logits are read as float32,
+or as float64 for the float64-math variants; every total is float64.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import carray, cfunc, njit, prange
 from numba.core import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .._spec import (
+    CE_NONE,
+    CE_OWN,
+    CE_SHARED,
     DIV_FORWARD_KL,
     DIV_MIXTURE,
     DIV_NONE,
     DIV_REVERSE_KL,
     DIV_TVD,
+    N_PARAMS,
     P_COS_W,
     P_CP,
     P_CQ,
@@ -39,16 +55,39 @@ from .._spec import (
     P_MSE_W,
     P_SMOOTH,
     P_TAU,
+    REACHABLE,
+    Variant,
 )
-from ._math import abs_bits, fexp, from_okey, masked, okey, prefetch, wide_vectors
+from ._math import (
+    abs_bits,
+    borrowed,
+    constant,
+    fexp,
+    from_okey,
+    inline_into_callers,
+    keep_alive,
+    masked,
+    okey,
+    prefetch,
+    wide_vectors,
+)
 
 # nnan/ninf are left out on purpose: -inf logits are masked classes and NaN must propagate.
 FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT = dict(cache=True, fastmath=FLAGS, error_model="numpy", nogil=True)
+# the passes, called from jitted code only: no Python entry point to generate (its boxing code for a
+# dozen array arguments costs LLVM time, in every compile)
+JIT_INNER = dict(JIT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+JIT_C = dict(cache=True, fastmath=FLAGS, error_model="numpy")  # the workers (C functions: no GIL to release)
 
-CE_NONE = 0  # no hard-label term
-CE_SHARED = 1  # cross-entropy at the divergence's temperature (tau == 1): shares its normaliser
-CE_OWN = 2  # cross-entropy with its own normaliser
+
+
+def _literal_values(*tys):  # type: ignore[no-untyped-def]
+    """The values of Numba literal types (a tuple), or None when one is not a literal."""
+    if not all(isinstance(t, types.Literal) for t in tys):
+        return None
+    return tuple(t.literal_value for t in tys)
+
 
 # statistics of one row (float64 vector), filled by the passes
 S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_KP, S_KQ, S_R, S_T, S_G = range(18)
@@ -91,16 +130,8 @@ def _limits_of_impl(ref):  # type: ignore[no-untyped-def]
     return lambda ref: (lo64, -708.0)
 
 
-def power_of(tau: float, div: int, ce: int) -> int:
-    """The ``pw`` variant for a temperature: 4 or 2 when the cross-entropy's ``exp(s - max)`` can be the
-    divergence's ``exp((s - max) / tau)`` squared twice or once (tau = 4 or 2), else 0."""
-    if ce != CE_OWN or div == DIV_NONE:
-        return 0
-    return 4 if tau == 4.0 else (2 if tau == 2.0 else 0)
-
-
-@njit(inline="always", **JIT)
-def _exp1(ds, wb, pw, cut, zero):  # type: ignore[no-untyped-def]
+@njit(inline="always", **JIT_INNER)
+def _exp1(ds, wb, cut, zero, pw):  # type: ignore[no-untyped-def]
     """``exp(ds)`` given ``wb = exp(ds / tau)``: ``wb ** pw`` for ``pw`` 2 or 4 (0 where the result would
     be subnormal, a slow path on x86; ``zero`` is a constant, ``wb * 0`` kept the loop from vectorizing),
     else an exponential of its own."""
@@ -115,25 +146,28 @@ def _exp1(ds, wb, pw, cut, zero):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- pass 1: maxima
 
 
-@njit(inline="always", **JIT)
-def _max_nan(x, lo, hi):  # type: ignore[no-untyped-def]
-    """(max of ``x[lo:hi]`` as float64, whether it holds a NaN), through integer keys (vectorized)."""
-    x0 = x[lo]
+@njit(**JIT_INNER)
+def _max_nan(x, ct):  # type: ignore[no-untyped-def]
+    """(max of ``x`` as float64, whether it holds a NaN), through integer keys (vectorized)."""
+    inline_into_callers()
+    wide_vectors()
+    x0 = as_type_of(ct, x[0])
     k = okey(as_type_of(x0, -np.inf))
     ab = abs_bits(as_type_of(x0, 0.0))
-    for j in range(lo, hi):
-        a = okey(x[j])
+    for j in range(x.shape[0]):
+        xj = as_type_of(ct, x[j])
+        a = okey(xj)
         k = a if a > k else k
-        c = abs_bits(x[j])
+        c = abs_bits(xj)
         ab = c if c > ab else ab
     return np.float64(from_okey(k, x0)), ab > abs_bits(as_type_of(x0, np.inf))
 
 
-@njit(inline="always", **JIT)
-def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
-    wide_vectors()
-    mt, nan_t = _max_nan(t, lo, hi)
-    ms, nan_s = _max_nan(s, lo, hi)
+@njit(**JIT_INNER)
+def _pass_max(s, t, st, ct):  # type: ignore[no-untyped-def]
+    inline_into_callers()
+    mt, nan_t = _max_nan(t, ct)
+    ms, nan_s = _max_nan(s, ct)
     st[S_MT] = max(st[S_MT], mt)
     st[S_MS] = max(st[S_MS], ms)
     if nan_t or nan_s:
@@ -143,33 +177,40 @@ def _pass_max(s, t, lo, hi, st):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- pass 2: sums
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _no_nan(d, lowest):  # type: ignore[no-untyped-def]
     """``d``, with -inf and NaN (a class masked in both rows) raised to ``lowest``: a weight of 0 times it
     is 0, and the select vectorizes where ``masked``'s test on the weight does not."""
+    inline_into_callers()
     return d if d > lowest else lowest
 
 
-@njit(inline="always", **JIT)
-def _count_eq(x, lo, hi, m):  # type: ignore[no-untyped-def]
-    """How many of ``x[lo:hi]`` are at ``m`` (``x - m == 0``: none in a row that is all ``-inf``, whose
-    softmax stays NaN)."""
+@njit(**JIT_INNER)
+def _count_eq(x, m):  # type: ignore[no-untyped-def]
+    """How many of ``x`` are at ``m`` (``x - m == 0``: none in a row that is all ``-inf``)."""
+    wide_vectors()
+    inline_into_callers()
     zero = as_type_of(m, 0.0)
     k = 0
-    for j in range(lo, hi):
-        k += 1 if x[j] - m == zero else 0
+    for j in range(x.shape[0]):
+        k += 1 if as_type_of(m, x[j]) - m == zero else 0
     return k
 
 
-@njit(inline="always", **JIT)
-def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw, acc):  # type: ignore[no-untyped-def]
-    """``acc`` (float64 sums ``sa, sb, sx, s1``) plus the exponential sums of columns ``[j0, j1)``, these
-    summed in the input's precision (one short vectorized loop).
+@njit(inline="always", **JIT_INNER)
+def _sums_block(s, t, j0, j1, mt, ms, invt, div, ce, pw):  # type: ignore[no-untyped-def]
+    """The exponential sums ``sa, sb, sx, s1`` of columns ``[j0, j1)``, summed in the arithmetic
+    precision (one short vectorized loop; the caller adds them up in float64).
 
     A column at its row's maximum has an exponential of exactly 1; it is left out of the sums here (and
     counted apart by ``_count_eq``), so that a float32 sum holds only the terms below 1 and keeps their
     digits: a confident row's ``log(1 + 1e-4)`` stays exact to float32 precision instead of to 1e-3.
+
+    Inlined at the Numba IR level into :func:`_pass_sums` (twice: the blocks and the tail): only there
+    does LLVM see the fixed trip count of a block, which it unrolls across the accumulators' dependency
+    chains; compiled on its own, the same loop ran 3x slower.
     """
+    zero = as_type_of(mt, 0.0)
     lowest, cut = limits_of(zero)
     one = as_type_of(zero, 1.0)
     sa = zero
@@ -177,8 +218,8 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw, acc):  # type: ig
     sx = zero
     s1 = zero
     for j in range(j0, j1):
-        dt = t[j] - mt
-        ds = s[j] - ms
+        dt = as_type_of(zero, t[j]) - mt
+        ds = as_type_of(zero, s[j]) - ms
         # 0 at the maximum, else 1; ``w * keep``, not ``w - 1`` (fastmath's reassociation would add the 1
         # into the sum and take it out at the end) nor a select on the sum (kept the loop from vectorizing)
         keep_s = zero if ds == zero else one
@@ -195,51 +236,72 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, zero, div, ce, pw, acc):  # type: ig
             elif div == DIV_REVERSE_KL:
                 sx += wb * _no_nan(ds - dt, lowest)
         if ce == CE_OWN:
-            s1 += _exp1(ds, wb, pw, cut, zero) * keep_s
-    a, b, x, e = acc
-    return a + np.float64(sa), b + np.float64(sb), x + np.float64(sx), e + np.float64(s1)
+            s1 += _exp1(ds, wb, cut, zero, pw) * keep_s
+    return sa, sb, sx, s1
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _prefetch_block(x, j0, j1, ahead):  # type: ignore[no-untyped-def]
     """Prefetch columns ``[j0, j1)`` of the next row of ``x`` (``ahead`` elements on; none when 0)."""
+    inline_into_callers()
     if ahead != 0:
         for j in range(j0 + ahead, j1 + ahead, LINE // x.itemsize):
             prefetch(x, j)
 
 
-@njit(inline="always", **JIT)
-def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw, ahead):  # type: ignore[no-untyped-def]
-    """The exponential sums of columns ``[lo, hi)``. ``ahead`` (elements; 0 for none) is the distance to
-    the same columns of the row this thread takes next: their cache lines are prefetched block by block,
-    so that the next row's first pass, which streams from memory, overlaps this one, which computes
-    (forward 35% faster at 16384x1000 and 1024x32000). Prefetching the next gradient row for writing as
-    well was measured too: 2% faster at 16384x1000, 7% slower at 1024x32000; left out."""
-    wide_vectors()
-    x0 = s[lo]
-    invt = as_type_of(x0, 1.0 / P[P_TAU])
-    mt = as_type_of(x0, st[S_MT])
-    ms = as_type_of(x0, st[S_MS])
-    zero = as_type_of(x0, 0.0)
-    if div != DIV_NONE or ce == CE_OWN:
-        # blocks of BLOCK columns summed in the input's precision (a float32 loop vectorizes twice as
-        # wide), block totals in float64; a fixed trip count, then the tail (a select in the bound of a
-        # single loop kept it from vectorizing as well)
-        acc = (0.0, 0.0, 0.0, 0.0)
-        nb = (hi - lo) // BLOCK
+def _pass_sums(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """The exponential sums of a row (or chunk). ``ahead`` (elements; 0 for none) is the distance to the
+    same columns of the row this thread takes next: their cache lines are prefetched block by block, so
+    that the next row's first pass, which streams from memory, overlaps this one, which computes (forward
+    35% faster at 16384x1000 and 1024x32000). Prefetching the next gradient row for writing as well was
+    measured too: 2% faster at 16384x1000, 7% slower at 1024x32000; left out."""
+
+
+@overload(_pass_sums, prefer_literal=True, jit_options=JIT_INNER)
+def _pass_sums_specialised(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]
+    # compiled once per value of the constants, which the body reads as closure constants: Numba
+    # prunes the other variants' branches before typing them
+    div, ce, pw = _literal_values(DIV, CE, PW)
+    if div is None:
+        return None
+
+    def impl(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]
+        if div == DIV_NONE and ce != CE_OWN:
+            return
+        wide_vectors()
+        n = s.shape[0]
+        invt = as_type_of(ct, 1.0 / P[P_TAU])
+        mt = as_type_of(ct, st[S_MT])
+        ms = as_type_of(ct, st[S_MS])
+        # blocks of BLOCK columns summed in the arithmetic precision (a float32 loop vectorizes twice as
+        # wide), block totals in float64; a fixed trip count, then the tail
+        sa = 0.0
+        sb = 0.0
+        sx = 0.0
+        s1 = 0.0
+        nb = n // BLOCK
         for b in range(nb):
-            j0 = lo + b * BLOCK
+            j0 = b * BLOCK
             _prefetch_block(s, j0, j0 + BLOCK, ahead)
             _prefetch_block(t, j0, j0 + BLOCK, ahead)
-            acc = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, zero, div, ce, pw, acc)
-        _prefetch_block(s, lo + nb * BLOCK, hi, ahead)
-        _prefetch_block(t, lo + nb * BLOCK, hi, ahead)
-        sa, sb, sx, s1 = _sums_block(s, t, lo + nb * BLOCK, hi, mt, ms, invt, zero, div, ce, pw, acc)
-        # the columns at the maxima, counted in integer loops (per-element float counts in the block
-        # loop cost a quarter of the forward time)
-        cs = np.float64(_count_eq(s, lo, hi, ms))
+            a, bb, x, e = _sums_block(s, t, j0, j0 + BLOCK, mt, ms, invt, div, ce, pw)
+            sa += np.float64(a)
+            sb += np.float64(bb)
+            sx += np.float64(x)
+            s1 += np.float64(e)
+        j0 = nb * BLOCK
+        _prefetch_block(s, j0, n, ahead)
+        _prefetch_block(t, j0, n, ahead)
+        a, bb, x, e = _sums_block(s, t, j0, n, mt, ms, invt, div, ce, pw)
+        sa += np.float64(a)
+        sb += np.float64(bb)
+        sx += np.float64(x)
+        s1 += np.float64(e)
+        # the columns at the maxima, counted in integer loops (per-element float counts in the block loop
+        # cost a quarter of the forward time)
+        cs = np.float64(_count_eq(s, ms))
         if div != DIV_NONE:
-            st[S_SA] += np.float64(_count_eq(t, lo, hi, mt)) + sa
+            st[S_SA] += np.float64(_count_eq(t, mt)) + sa
             st[S_SB] += cs + sb
         if div == DIV_FORWARD_KL:
             st[S_SX] += sx
@@ -247,81 +309,116 @@ def _pass_sums(s, t, lo, hi, st, P, div, ce, lin, pw, ahead):  # type: ignore[no
             st[S_SY] += sx
         if ce == CE_OWN:
             st[S_S1] += cs + s1
-    if ce != CE_NONE and P[P_SMOOTH] != 0.0:
-        ssum = 0.0
-        for j in range(lo, hi):
-            ssum += s[j]
-        st[S_SSUM] += ssum
-    if lin:
-        d2 = 0.0
-        dst = 0.0
-        dss = 0.0
-        dtt = 0.0
-        for j in range(lo, hi):
-            tj = np.float64(t[j])  # products in float64: cosine of (anti)parallel rows is exact
-            sj = np.float64(s[j])
-            d = tj - sj
-            d2 += d * d
-            dst += sj * tj
-            dss += sj * sj
-            dtt += tj * tj
-        st[S_D2] += d2
-        st[S_ST] += dst
-        st[S_SS] += dss
-        st[S_TT] += dtt
+
+    return impl
+
+
+@njit(**JIT_INNER)
+def _pass_label_smoothing(s, st):  # type: ignore[no-untyped-def]
+    """The row sum the label-smoothing term needs."""
+    wide_vectors()
+    inline_into_callers()
+    ssum = 0.0
+    for j in range(s.shape[0]):
+        ssum += s[j]
+    st[S_SSUM] += ssum
+
+
+@njit(**JIT_INNER)
+def _pass_linear(s, t, st):  # type: ignore[no-untyped-def]
+    """The dot products of the MSE and cosine terms (in float64: cosine of (anti)parallel rows is exact)."""
+    wide_vectors()
+    inline_into_callers()
+    d2 = 0.0
+    dst = 0.0
+    dss = 0.0
+    dtt = 0.0
+    for j in range(s.shape[0]):
+        tj = np.float64(t[j])
+        sj = np.float64(s[j])
+        d = tj - sj
+        d2 += d * d
+        dst += sj * tj
+        dss += sj * sj
+        dtt += tj * tj
+    st[S_D2] += d2
+    st[S_ST] += dst
+    st[S_SS] += dss
+    st[S_TT] += dtt
 
 
 # ---------------------------------------------------------------- pass 3: mixture / TVD terms
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _logaddexp(x, y):  # type: ignore[no-untyped-def]
+    inline_into_callers()
     m = max(x, y)
     if m == -np.inf:
         return m
     return m + math.log(math.exp(x - m) + math.exp(y - m))
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _mix_logs(sj, tj, mt, ms, invt, lsa, lsb, loglam, log1mlam):  # type: ignore[no-untyped-def]
+    """(log p, log q, log m) of one class, ``m = lam * p + (1 - lam) * q``."""
+    inline_into_callers()
     lp = (tj - mt) * invt - lsa
     lq = (sj - ms) * invt - lsb
     lm = _logaddexp(loglam + lp, log1mlam + lq)
     return lp, lq, lm
 
 
-@njit(inline="always", **JIT)
-def _pass_div2(s, t, lo, hi, st, P, div):  # type: ignore[no-untyped-def]
-    """Loss terms of divergences that need normalised probabilities (float64 math)."""
-    wide_vectors()
+@njit(**JIT_INNER)
+def _mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
+    """``(cp * p + cq * q) / m`` as ratios of logs: each ratio with a non-zero weight is bounded (m holds
+    that distribution with a positive weight), so nothing overflows or underflows, however small p and q."""
+    inline_into_callers()
+    r = 0.0
+    if cp != 0.0:
+        r += cp * math.exp(lp - lm)
+    if cq != 0.0:
+        r += cq * math.exp(lq - lm)
+    return r
+
+
+@njit(**JIT_INNER)
+def _log_weights(lam):  # type: ignore[no-untyped-def]
+    """(log lam, log(1 - lam)), -inf for a zero weight."""
+    inline_into_callers()
+    return (math.log(lam) if lam > 0.0 else -np.inf), (math.log(1.0 - lam) if lam < 1.0 else -np.inf)
+
+
+@njit(**JIT_INNER)
+def _pass_div2(s, t, st, P, div):  # type: ignore[no-untyped-def]
+    """Loss terms of divergences that need normalised probabilities (float64 math; ``div`` is a run-time
+    argument: the loops do not vectorize, and a test outside them costs nothing)."""
     mt = st[S_MT]
     ms = st[S_MS]
     invt = 1.0 / P[P_TAU]
     lsa = math.log(st[S_SA])
     lsb = math.log(st[S_SB])
     if div == DIV_MIXTURE:
-        lam = P[P_LAM]
         cp = P[P_CP]
         cq = P[P_CQ]
-        loglam = math.log(lam) if lam > 0.0 else -np.inf
-        log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
+        loglam, log1mlam = _log_weights(P[P_LAM])
         kp = 0.0
         kq = 0.0
         r = 0.0
-        for j in range(lo, hi):
+        for j in range(s.shape[0]):
             lp, lq, lm = _mix_logs(np.float64(s[j]), np.float64(t[j]), mt, ms, invt, lsa, lsb, loglam, log1mlam)
             p = math.exp(lp)
             q = math.exp(lq)
             kp += masked(p, lp - lm)
             kq += masked(q, lq - lm)
-            r += masked(q, (cp * p + cq * q) * math.exp(-lm))
+            r += masked(q, _mix_ratio(lp, lq, lm, cp, cq))
         st[S_KP] += kp
         st[S_KQ] += kq
         st[S_R] += r
     elif div == DIV_TVD:
         tv = 0.0
         g = 0.0
-        for j in range(lo, hi):
+        for j in range(s.shape[0]):
             p = math.exp((np.float64(t[j]) - mt) * invt - lsa)
             q = math.exp((np.float64(s[j]) - ms) * invt - lsb)
             tv += abs(p - q)
@@ -333,34 +430,57 @@ def _pass_div2(s, t, lo, hi, st, P, div):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- row loss from the statistics
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
+def _finish_stats(st, div, ce):  # type: ignore[no-untyped-def]
+    """After the sums: a row whose student (or, for a divergence, teacher) logits are all ``-inf`` has no
+    distribution; its normalisers become NaN, so its loss and its gradient are NaN (as in PyTorch),
+    never -inf."""
+    inline_into_callers()
+    if (div != DIV_NONE or ce != CE_NONE) and st[S_MS] == -np.inf:
+        st[S_SB] = np.nan
+        st[S_S1] = np.nan
+    if div != DIV_NONE and st[S_MT] == -np.inf:
+        st[S_SA] = np.nan
+
+
+@njit(**JIT_INNER)
+def _non_negative(d):  # type: ignore[no-untyped-def]
+    """A divergence rounded below 0 is 0 (NaN stays NaN)."""
+    inline_into_callers()
+    return 0.0 if d < 0.0 else d
+
+
+@njit(**JIT_INNER)
 def _lse1(st, ce):  # type: ignore[no-untyped-def]
     """log-sum-exp of the student row at temperature 1."""
+    inline_into_callers()
     return st[S_MS] + math.log(st[S_SB] if ce == CE_SHARED else st[S_S1])
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _cos_parts(st):  # type: ignore[no-untyped-def]
     """(cosine similarity, |s|*|t|); a zero-norm row has similarity 0 and no gradient."""
+    inline_into_callers()
     den = math.sqrt(st[S_SS]) * math.sqrt(st[S_TT])
     return (st[S_ST] / den if den > 0.0 else 0.0), den
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped-def]
-    """The weighted row loss from its statistics (float64). ``hard``: the row has a hard-label term."""
+    """The weighted row loss from its statistics (float64). ``hard``: the row has a hard-label term.
+    Shared by every variant (its branches are on scalars, outside any loop)."""
+    inline_into_callers()
     if st[S_NAN] != 0.0:
         return np.nan
     invt = 1.0 / P[P_TAU]
-    ms = st[S_MS]
     loss = 0.0
     dw = P[P_DIV_W]
     if div == DIV_FORWARD_KL:
-        loss += dw * (invt * st[S_SX] / st[S_SA] - math.log(st[S_SA] / st[S_SB]))
+        loss += dw * _non_negative(invt * st[S_SX] / st[S_SA] - math.log(st[S_SA] / st[S_SB]))
     elif div == DIV_REVERSE_KL:
-        loss += dw * (invt * st[S_SY] / st[S_SB] - math.log(st[S_SB] / st[S_SA]))
+        loss += dw * _non_negative(invt * st[S_SY] / st[S_SB] - math.log(st[S_SB] / st[S_SA]))
     elif div == DIV_MIXTURE:
-        loss += dw * (P[P_CP] * st[S_KP] + P[P_CQ] * st[S_KQ])
+        loss += dw * (P[P_CP] * _non_negative(st[S_KP]) + P[P_CQ] * _non_negative(st[S_KQ]))
     elif div == DIV_TVD:
         loss += dw * 0.5 * st[S_T]
     if ce != CE_NONE and hard:
@@ -380,247 +500,310 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
 # ---------------------------------------------------------------- pass 4: gradient
 
 
-@njit(inline="always", **JIT)
-def _pass_grad(s, t, g, lo, hi, st, P, div, ce, lin, hard, scale, n, pw):  # type: ignore[no-untyped-def]
-    """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g[lo:hi]``.
+def _pass_grad(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g`` (a row or a chunk).
 
     One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself. The
     one-hot part of the cross-entropy gradient is left to the caller.
     """
-    wide_vectors()
-    x0 = s[lo]
-    invt64 = 1.0 / P[P_TAU]
-    invt = as_type_of(x0, invt64)
-    mt64 = st[S_MT]
-    ms64 = st[S_MS]
-    mt = as_type_of(x0, mt64)
-    ms = as_type_of(x0, ms64)
-    zero = as_type_of(x0, 0.0)
-    _, cut = limits_of(zero)
-    # divergence: d row loss / d s = div_w / tau * d D / d b
-    cd64 = scale * P[P_DIV_W] * invt64
-    cd = as_type_of(x0, cd64)
-    isa = as_type_of(x0, 1.0 / st[S_SA]) if div != DIV_NONE else zero
-    isb = as_type_of(x0, 1.0 / st[S_SB]) if div != DIV_NONE else zero
-    lsa = math.log(st[S_SA]) if div != DIV_NONE else 0.0
-    lsb = math.log(st[S_SB]) if div != DIV_NONE else 0.0
-    roff = zero  # reverse KL: dD/db = q * (log q - log p - D)
-    if div == DIV_REVERSE_KL:
-        d = invt64 * st[S_SY] / st[S_SB] - (lsb - lsa)
-        roff = as_type_of(x0, lsa - lsb - d)
-    lam = P[P_LAM]
-    cp = P[P_CP]
-    cq = P[P_CQ]
-    loglam = math.log(lam) if lam > 0.0 else -np.inf
-    log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
-    big_g = 0.0
-    if div == DIV_MIXTURE:
-        big_g = cq * st[S_KQ] - (1.0 - lam) * st[S_R]
-    elif div == DIV_TVD:
-        big_g = st[S_G]
-    # cross-entropy: softmax(s) - eps / n (the one-hot part is the caller's)
-    counted_ce = ce != CE_NONE and hard
-    ch = as_type_of(x0, scale * P[P_HARD_W] if counted_ce else 0.0)
-    ceps = as_type_of(x0, scale * P[P_HARD_W] * P[P_SMOOTH] / n if counted_ce else 0.0)
-    is1 = as_type_of(x0, 1.0 / st[S_S1]) if ce == CE_OWN else zero
-    # linear (MSE + cosine): g += A * s + B * t
-    a_s = zero
-    b_t = zero
-    if lin:
-        cos, den = _cos_parts(st)
-        a64 = 2.0 * P[P_MSE_W] / n
-        b64 = -a64
-        if den > 0.0:
-            a64 += P[P_COS_W] * cos / st[S_SS]
-            b64 -= P[P_COS_W] / den
-        a_s = as_type_of(x0, scale * a64)
-        b_t = as_type_of(x0, scale * b64)
-    for j in range(lo, hi):
-        sj = s[j]
-        tj = t[j]
-        acc = zero
-        q = zero
-        wb = zero
-        if div != DIV_NONE:
-            wb = fexp((sj - ms) * invt)
-            q = wb * isb
-        if div == DIV_FORWARD_KL:
-            acc += cd * (q - fexp((tj - mt) * invt) * isa)
-        elif div == DIV_REVERSE_KL:
-            acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
-        elif div == DIV_MIXTURE:
-            lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
-            p64 = math.exp(lp)
-            q64 = math.exp(lq)
-            gk = cq * (lq - lm) - (1.0 - lam) * (cp * p64 + cq * q64) * math.exp(-lm)
-            acc += as_type_of(x0, cd64 * masked(q64, gk - big_g))
+
+
+@overload(_pass_grad, prefer_literal=True, jit_options=JIT_INNER)
+def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
+    # compiled once per value of the constants, which the body reads as closure constants: Numba
+    # prunes the other variants' branches before typing them
+    div, ce, lin, pw = _literal_values(DIV, CE, LIN, PW)
+    if div is None:
+        return None
+
+    def impl(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
+        wide_vectors()
+        invt64 = 1.0 / P[P_TAU]
+        invt = as_type_of(ct, invt64)
+        mt64 = st[S_MT]
+        ms64 = st[S_MS]
+        mt = as_type_of(ct, mt64)
+        ms = as_type_of(ct, ms64)
+        zero = as_type_of(ct, 0.0)
+        _, cut = limits_of(zero)
+        # divergence: d row loss / d s = div_w / tau * d D / d b
+        cd64 = scale * P[P_DIV_W] * invt64
+        cd = as_type_of(ct, cd64)
+        isa = as_type_of(ct, 1.0 / st[S_SA]) if div != DIV_NONE else zero
+        isb = as_type_of(ct, 1.0 / st[S_SB]) if div != DIV_NONE else zero
+        lsa = math.log(st[S_SA]) if div != DIV_NONE else 0.0
+        lsb = math.log(st[S_SB]) if div != DIV_NONE else 0.0
+        roff = zero  # reverse KL: dD/db = q * (log q - log p - D)
+        if div == DIV_REVERSE_KL:
+            d = invt64 * st[S_SY] / st[S_SB] - (lsb - lsa)
+            roff = as_type_of(ct, lsa - lsb - d)
+        lam = P[P_LAM]
+        cp = P[P_CP]
+        cq = P[P_CQ]
+        loglam, log1mlam = _log_weights(lam)
+        big_g = 0.0
+        if div == DIV_MIXTURE:
+            big_g = cq * st[S_KQ] - (1.0 - lam) * st[S_R]
         elif div == DIV_TVD:
-            p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
-            q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
-            acc += as_type_of(x0, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
-        if ce == CE_SHARED:
-            acc += ch * q - ceps
-        elif ce == CE_OWN:
-            acc += ch * _exp1(sj - ms, wb, pw, cut, zero) * is1 - ceps
+            big_g = st[S_G]
+        # cross-entropy: softmax(s) - eps / n (the one-hot part is the caller's)
+        counted_ce = ce != CE_NONE and hard
+        ch = as_type_of(ct, scale * P[P_HARD_W] if counted_ce else 0.0)
+        ceps = as_type_of(ct, scale * P[P_HARD_W] * P[P_SMOOTH] / n if counted_ce else 0.0)
+        is1 = as_type_of(ct, 1.0 / st[S_S1]) if ce == CE_OWN else zero
+        # linear (MSE + cosine): g += A * s + B * t
+        a_s = zero
+        b_t = zero
         if lin:
-            acc += a_s * sj + b_t * tj
-        g[j] = acc
+            cos, den = _cos_parts(st)
+            a64 = 2.0 * P[P_MSE_W] / n
+            b64 = -a64
+            if den > 0.0:
+                a64 += P[P_COS_W] * cos / st[S_SS]
+                b64 -= P[P_COS_W] / den
+            a_s = as_type_of(ct, scale * a64)
+            b_t = as_type_of(ct, scale * b64)
+        for j in range(s.shape[0]):
+            sj = as_type_of(ct, s[j])
+            tj = as_type_of(ct, t[j])
+            acc = zero
+            q = zero
+            wb = zero
+            if div != DIV_NONE:
+                wb = fexp((sj - ms) * invt)
+                q = wb * isb
+            if div == DIV_FORWARD_KL:
+                acc += cd * (q - fexp((tj - mt) * invt) * isa)
+            elif div == DIV_REVERSE_KL:
+                acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
+            elif div == DIV_MIXTURE:
+                lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
+                q64 = math.exp(lq)
+                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
+                acc += as_type_of(ct, cd64 * masked(q64, gk - big_g))
+            elif div == DIV_TVD:
+                p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
+                q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
+                acc += as_type_of(ct, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
+            if ce == CE_SHARED:
+                acc += ch * q - ceps
+            elif ce == CE_OWN:
+                acc += ch * _exp1(sj - ms, wb, cut, zero, pw) * is1 - ceps
+            if lin:
+                acc += a_s * sj + b_t * tj
+            g[j] = acc
+
+    return impl
 
 
-# ---------------------------------------------------------------- whole rows
+@njit(**JIT_INNER)
+def _grad_label(g, lab, P, scale):  # type: ignore[no-untyped-def]
+    """The one-hot part of the cross-entropy gradient."""
+    inline_into_callers()
+    g[lab] -= scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH])
 
 
-@njit(inline="always", **JIT)
-def _hard(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-def]
-    """(counted, label) of row r: ignored rows are not counted; label -1 when there are no labels."""
-    if not has_labels:
-        return True, -1
-    lab = labels[r]
-    return lab != ignore_index, lab
+@njit(**JIT_INNER)
+def _undefined(st, div, ce):  # type: ignore[no-untyped-def]
+    """Whether the row's distributions are undefined (see :func:`_finish_stats`)."""
+    inline_into_callers()
+    return (div != DIV_NONE and st[S_MT] == -np.inf) or ((div != DIV_NONE or ce != CE_NONE) and st[S_MS] == -np.inf)
 
 
-@njit(inline="always", **JIT)
-def _one_row(s, t, g, st, P, div, ce, lin, pw, lab, want_grad, scale, n, ahead):  # type: ignore[no-untyped-def]
-    """Statistics, loss and (optionally) gradient of one counted row, all columns in this thread."""
-    _pass_max(s, t, 0, n, st)
-    _pass_sums(s, t, 0, n, st, P, div, ce, lin, pw, ahead)
-    if div == DIV_MIXTURE or div == DIV_TVD:
-        _pass_div2(s, t, 0, n, st, P, div)
-    hard = lab >= 0
-    s_label = np.float64(s[lab]) if hard else 0.0
-    loss = _row_loss(st, P, div, ce, lin, hard, s_label, n)
-    if want_grad:
-        _pass_grad(s, t, g, 0, n, st, P, div, ce, lin, hard, scale, n, pw)
-        if ce != CE_NONE and hard:
-            g[lab] -= as_type_of(s[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
-    return loss
+@njit(**JIT_INNER)
+def _fill_nan(g):  # type: ignore[no-untyped-def]
+    inline_into_callers()
+    for j in range(g.shape[0]):
+        g[j] = np.nan
 
 
-@njit(inline="always", **JIT)
-def _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad):  # type: ignore[no-untyped-def]
-    """``_hard`` for row ``r``; an ignored row gets its zero loss (and zero gradient row) here."""
-    counted, lab = _hard(has_labels, labels, r, ignore_index)
-    if not counted:
-        out_loss[r] = 0.0
-        if want_grad:
-            grad[r, :] = 0
-    return counted, lab
+# ---------------------------------------------------------------- the work of one variant on a row or a chunk
 
 
-@njit(inline="always", **JIT)
-def _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, st, r, div, ce, lin, pw):  # type: ignore[no-untyped-def]
-    """Row ``r`` in this thread: ignored rows get loss 0 (and a zero gradient row)."""
-    counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
-    if not counted:
-        return
-    _reset(st)
-    # the next row, at s.strides[0] bytes, is usually this thread's next one (prange hands out contiguous
-    # ranges); past the last row the prefetch reads nothing
-    ahead = s.strides[0] // s.itemsize
-    out_loss[r] = _one_row(s[r], t[r], grad[r], st, P, div, ce, lin, pw, lab, want_grad, scale, s.shape[1],
-                           ahead)
-
-
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _reset(st):  # type: ignore[no-untyped-def]
+    inline_into_callers()
     for k in range(N_MAX):
         st[k] = -np.inf
     for k in range(N_MAX, N_STATS):
         st[k] = 0.0
 
 
-_KERNELS: dict = {}
+@njit(**JIT_INNER)
+def _label_of(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-def]
+    """(counted, label) of row r: ignored rows are not counted; label -1 when there are no labels."""
+    inline_into_callers()
+    if not has_labels:
+        return True, np.int64(-1)
+    lab = labels[r]
+    return lab != ignore_index, lab
 
 
-def response_kernel(div: int, ce: int, lin: bool, pw: int = 0):  # type: ignore[no-untyped-def]
-    """The compiled response kernel for one (divergence, cross-entropy mode, linear term, power) variant.
+# The work on one row (PHASE_ROW: all of it, in the calling thread) or, for a row split across threads,
+# one pass over one chunk of it or one serial step (PHASE_LOSS, PHASE_LABEL).
+PHASE_ROW = 0  # row r: statistics, loss into out_loss[r], gradient
+PHASE_MAX = 1  # chunk c of row r: partial maxima into part[c]
+PHASE_STATS = 2  # chunk c: partial sums into part[c] (the merged maxima in st)
+PHASE_DIV2 = 3  # chunk c: partial mixture / TVD terms into part[c] (the merged sums in st)
+PHASE_LOSS = 4  # row r: its loss from the merged statistics in st
+PHASE_GRAD = 5  # chunk c: its part of the gradient
+PHASE_LABEL = 6  # row r: the one-hot part of the cross-entropy gradient
+# the statistics a chunk phase fills: [first, last); the earlier ones come merged in st
+PHASE_FIRST = (0, 0, S_SA, S_KP)
+PHASE_LAST = (0, S_SA, S_KP, N_STATS)
 
-    ``pw`` (see :func:`power_of`) is 0, or 2/4 for kernels that only take parameters with that temperature.
 
-    ``kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads)``:
-    ``s``, ``t`` C-contiguous ``(rows, n)`` float32/float64; ``labels`` int64 ``(rows,)`` (ignored when
-    ``has_labels`` is false); ``P`` the packed float64 parameters; ``scale`` multiplies the gradient
-    (the reduction factor); ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored
-    rows); ``grad`` (same shape/dtype as ``s``, may be ``s`` itself) receives the gradient when
-    ``want_grad``; ``nthreads`` is the caller's thread count (rows fewer than that are split across
-    threads). Labels must already be validated.
+
+
+# ---------------------------------------------------------------- workers: one compiled function per variant
+#
+# A variant's code is one C-callable function, its *worker*: ``worker(phase, s, t, g, labels, P, st, part,
+# out_loss, rows, n, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as addresses (int64),
+# flags as 0/1. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
+# every variant: Numba's parfor passes, the costliest part of a parallel kernel's compile, run once per
+# dtype instead of once per variant, and the C ABI calls the same workers through the same driver.
+
+WORKER_ARGS = (types.int64,) * 16 + (types.float64,)
+WORKER_SIG = types.void(*WORKER_ARGS)
+_STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0)}
+
+
+@intrinsic
+def _address_as(typingctx, addr, like):  # type: ignore[no-untyped-def]
+    """The address ``addr`` as a pointer to elements of ``like``'s type."""
+    ty = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(ty))
+
+    return ty(addr, like), codegen
+
+
+@intrinsic
+def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_loss, rows, n, r, c, has_labels,  # type: ignore[no-untyped-def]  # noqa: E501
+                 ignore_index, want_grad, scale):
+    """Call the worker at address ``worker`` (a function of :data:`WORKER_SIG`)."""
+    argtys = (phase, s, t, g, labels, P, st, part, out_loss, rows, n, r, c, has_labels, ignore_index, want_grad,
+              scale)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.VoidType(), [context.get_value_type(a) for a in WORKER_ARGS])
+        fn = builder.inttoptr(args[0], fnty.as_pointer())
+        vals = [context.cast(builder, v, ty, want) for v, ty, want in zip(args[1:], argtys, WORKER_ARGS)]
+        builder.call(fn, vals)
+        return context.get_dummy_value()
+
+    return types.none(worker, *argtys), codegen
+
+
+_WORKERS: dict = {}
+
+
+def worker(v: Variant):  # type: ignore[no-untyped-def]
+    """The compiled worker of variant ``v`` (one of :data:`fastdistill._spec.REACHABLE`), a ``numba.cfunc``
+    (its ``.address`` is what :func:`drive` and the C ABI call); compiled on first use, or loaded from
+    Numba's on-disk cache."""
+    w = _WORKERS.get(v)
+    if w is None:
+        if v not in REACHABLE:
+            raise RuntimeError(f"internal error: kernel variant {v} is not in fastdistill._spec.reachable()")
+        w = _WORKERS[v] = _make_worker(v.div, v.ce, v.lin, v.pw, _STORAGE[v.dtype], _STORAGE[v.math])
+    return w
+
+
+def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
+    """The worker of the variant ``(div, ce, lin, pw)`` on logits stored as ``ST``'s type, computed in
+    ``ct``'s: one step of its work on a batch (see the ``PHASE_*`` constants).
+
+    ``s``, ``t``, ``g`` ``(rows, n)``; ``st`` the row's statistics (PHASE_ROW) or the merged ones of a
+    split row; ``part`` ``(chunks, N_STATS)`` the chunks' partial statistics. The variant's constants are
+    closure constants: Numba prunes the other variants' branches before typing them. Each pass is called
+    from one place (a call site is a compile of its own); the constants go to the shared helpers as
+    run-time int64 values (a literal argument would compile a helper once per value; LLVM inlines them
+    and folds the constants anyway), and as literals to the passes specialised on them.
     """
-    key = (div, ce, lin, pw)
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = _make_response_kernel(div, ce, lin, pw)
-    return k
+    DIV, CE, LIN, PW = div, ce, lin, pw  # (the passes' literal arguments)
 
-
-def _make_response_kernel(div, ce, lin, pw):  # type: ignore[no-untyped-def]
-    two_pass_div = div == DIV_MIXTURE or div == DIV_TVD
-
-    @njit(parallel=True, **JIT)
-    def kernel(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads):  # type: ignore[no-untyped-def]
-        rows, n = s.shape
-        # one copy of the row code per path: a serial copy for small batches saved ~2 us per call and
-        # cost a third more compile time
-        if rows >= nthreads or n < 2 * CHUNK:
-            stats = np.empty((rows, N_STATS), dtype=np.float64)
-            for r in prange(rows):
-                _whole_row(s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,
-                           stats[r], r, div, ce, lin, pw)
-            return
-        # fewer rows than threads: each pass of a row runs over column chunks in parallel, then merges
-        nchunks = (n + CHUNK - 1) // CHUNK
-        part = np.empty((nchunks, N_STATS), dtype=np.float64)
-        st = np.empty(N_STATS, dtype=np.float64)
-        for r in range(rows):
-            counted, lab = _counted_row(has_labels, labels, r, ignore_index, want_grad, out_loss, grad)
-            if not counted:
-                continue
-            # each chunk works on its own slices s[r, lo:hi] (contiguous views, as a whole row is): passing
-            # the row and a column range instead compiled to code half as fast
-            for c in prange(nchunks):
-                lo, hi = _chunk(c, n)
-                pc = part[c]
-                _reset(pc)
-                _pass_max(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc)
-            _reset(st)
-            _merge(st, part, 0, S_SA)
-            for c in prange(nchunks):
-                lo, hi = _chunk(c, n)
-                pc = part[c]
-                _copy_head(pc, st, S_SA)
-                _pass_sums(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div, ce, lin, pw, 0)
-            _merge(st, part, S_SA, S_KP)
-            if two_pass_div:
-                for c in prange(nchunks):
-                    lo, hi = _chunk(c, n)
-                    pc = part[c]
-                    _copy_head(pc, st, S_KP)
-                    _pass_div2(s[r, lo:hi], t[r, lo:hi], 0, hi - lo, pc, P, div)
-                _merge(st, part, S_KP, N_STATS)
-            sr = s[r]
-            gr = grad[r]
+    @cfunc(WORKER_SIG, **JIT_C)
+    def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, r, c, has_lab, ignore_index, grad_flag,  # type: ignore[no-untyped-def]  # noqa: E501
+             scale):
+        has_labels = has_lab != 0
+        want_grad = grad_flag != 0
+        s = carray(_address_as(sp, ST), (rows, n))
+        t = carray(_address_as(tp, ST), (rows, n))
+        # a loss-only call's gradient is a (1, 1) stand-in
+        g = carray(_address_as(gp, ST), (rows if want_grad else 1, n if want_grad else 1))
+        labels = carray(_address_as(lp, np.int64(0)), (rows if has_labels else 0,))
+        P = carray(_address_as(pp, 0.0), (N_PARAMS,))
+        st = carray(_address_as(stp, 0.0), (N_STATS,))
+        part = carray(_address_as(partp, 0.0), ((n + CHUNK - 1) // CHUNK, N_STATS))
+        out_loss = carray(_address_as(outp, 0.0), (rows,))
+        kdiv = np.int64(div)
+        kce = np.int64(ce)
+        if has_labels:
+            lab = labels[r]
+            if lab == ignore_index:  # (the driver skips ignored rows of split batches)
+                out_loss[r] = 0.0
+                if want_grad:
+                    borrowed(g, r, 0, n)[:] = 0
+                return
+        else:
+            lab = np.int64(-1)
+        whole = phase == PHASE_ROW
+        lo = 0
+        hi = n
+        ahead = n  # prefetch distance: the next row (usually this thread's next one; prange hands out
+        # contiguous ranges; past the last row the prefetch reads nothing)
+        stats = st
+        if not whole:
+            lo = c * CHUNK
+            hi = min(n, lo + CHUNK)
+            ahead = 0
+            if phase <= PHASE_DIV2:
+                stats = borrowed(part, c, 0, N_STATS)
+                first = PHASE_FIRST[phase]
+                for k in range(first):
+                    stats[k] = st[k]
+                for k in range(first, N_STATS):
+                    stats[k] = -np.inf if k < N_MAX else 0.0
+        else:
+            _reset(stats)
+        # each chunk works on its own slices (contiguous views, as a whole row is): passing the row and a
+        # column range instead compiled to code half as fast
+        sr = borrowed(s, r, lo, hi)
+        tr = borrowed(t, r, lo, hi)
+        if whole or phase == PHASE_MAX:
+            _pass_max(sr, tr, stats, ct)
+        if whole or phase == PHASE_STATS:
+            _pass_sums(sr, tr, stats, P, ct, ahead, DIV, CE, PW)
+            if ce != CE_NONE and P[P_SMOOTH] != 0.0:
+                _pass_label_smoothing(sr, stats)
+            if lin:
+                _pass_linear(sr, tr, stats)
+        if whole or phase == PHASE_DIV2:
+            if div == DIV_MIXTURE or div == DIV_TVD:
+                _pass_div2(sr, tr, stats, P, kdiv)
+        if whole or phase == PHASE_LOSS:
+            _finish_stats(stats, kdiv, kce)
             hard = lab >= 0
-            s_label = np.float64(sr[lab]) if hard else 0.0
-            out_loss[r] = _row_loss(st, P, div, ce, lin, hard, s_label, n)
-            if want_grad:
-                for c in prange(nchunks):
-                    lo, hi = _chunk(c, n)
-                    _pass_grad(s[r, lo:hi], t[r, lo:hi], grad[r, lo:hi], 0, hi - lo, st, P, div, ce, lin, hard, scale, n,
-                               pw)
-                if ce != CE_NONE and hard:
-                    gr[lab] -= as_type_of(sr[0], scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]))
+            s_label = np.float64(s[r, lab]) if hard else 0.0
+            out_loss[r] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, n)
+        if want_grad and (whole or phase == PHASE_GRAD):
+            gr = borrowed(g, r, lo, hi)
+            if _undefined(stats, kdiv, kce):
+                _fill_nan(gr)
+            else:
+                _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0, scale, n, DIV, CE, LIN, PW)
+        if want_grad and (whole or phase == PHASE_LABEL):
+            if ce != CE_NONE and lab >= 0 and not _undefined(stats, kdiv, kce):
+                _grad_label(borrowed(g, r, 0, n), lab, P, scale)
 
-    return kernel
-
-
-@njit(inline="always", **JIT)
-def _chunk(c, n):  # type: ignore[no-untyped-def]
-    """Columns ``[lo, hi)`` of chunk ``c`` of a row of ``n``."""
-    lo = c * CHUNK
-    return lo, min(n, lo + CHUNK)
+    return work
 
 
-@njit(inline="always", **JIT)
+@njit(**JIT_INNER)
 def _merge(st, part, k0, k1):  # type: ignore[no-untyped-def]
+    """Statistics ``[k0, k1)`` of the whole row from the chunks' partial ones."""
     for k in range(k0, k1):
         if k < N_MAX:
             v = -np.inf
@@ -634,13 +817,65 @@ def _merge(st, part, k0, k1):  # type: ignore[no-untyped-def]
             st[k] = v
 
 
-@njit(inline="always", **JIT)
-def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
-    """Give a chunk the merged statistics ``[0, k1)`` and reset its later sums."""
-    for k in range(k1):
-        dst[k] = src[k]
-    for k in range(k1, N_STATS):
-        dst[k] = 0.0
+@njit(parallel=True, **JIT)
+def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads,  # type: ignore[no-untyped-def]  # noqa: E501
+          two_pass):
+    """Run the worker at address ``worker`` over a batch: rows spread over threads, or, when there are
+    fewer rows than threads (``nthreads``, the caller's count) and they are long, each row's passes
+    split into column chunks spread over threads.
+
+    ``s``, ``t`` C-contiguous ``(rows, n)``; ``labels`` int64 ``(rows,)`` (ignored unless ``has_labels``);
+    ``P`` the packed float64 parameters; ``scale`` multiplies the gradient (the reduction factor);
+    ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored rows); ``grad``
+    (``s``'s shape and dtype, may be ``s`` itself; any ``(1, 1)`` array when not ``want_grad``) receives
+    the gradient when ``want_grad``; ``two_pass``: the variant's divergence needs the PHASE_DIV2 pass.
+    Labels must already be validated.
+    """
+    rows, n = s.shape
+    sp = s.ctypes.data
+    tp = t.ctypes.data
+    gp = grad.ctypes.data
+    lp = labels.ctypes.data
+    pp = P.ctypes.data
+    op = out_loss.ctypes.data
+    if rows >= nthreads or n < 2 * CHUNK:
+        stats = np.empty((rows, N_STATS), dtype=np.float64)
+        stp = stats.ctypes.data
+        for r in prange(rows):
+            ri = np.int64(r)
+            _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ri * (N_STATS * 8), 0, op, rows, n, ri, 0,
+                         has_labels, ignore_index, want_grad, scale)
+        keep_alive(stats)
+        return
+    nchunks = (n + CHUNK - 1) // CHUNK
+    part = np.empty((nchunks, N_STATS), dtype=np.float64)
+    st = np.empty(N_STATS, dtype=np.float64)
+    stp = st.ctypes.data
+    partp = part.ctypes.data
+    for r in range(rows):
+        counted, lab = _label_of(has_labels, labels, r, ignore_index)
+        if not counted:
+            out_loss[r] = 0.0
+            if want_grad:
+                grad[r, :] = 0
+            continue
+        _reset(st)
+        # the passes over chunks, each followed by the merge of its statistics; the loss; the gradient
+        for phase in range(PHASE_MAX, (PHASE_DIV2 if two_pass else PHASE_STATS) + 1):
+            for c in prange(nchunks):
+                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, np.int64(c),
+                             has_labels, ignore_index, want_grad, scale)
+            _merge(st, part, PHASE_FIRST[phase], PHASE_LAST[phase])
+        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, 0, has_labels,
+                     ignore_index, want_grad, scale)
+        if want_grad:
+            for c in prange(nchunks):
+                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, np.int64(c),
+                             has_labels, ignore_index, want_grad, scale)
+            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, 0, has_labels,
+                         ignore_index, want_grad, scale)
+    keep_alive(part)
+    keep_alive(st)
 
 
 # ---------------------------------------------------------------- softmax
@@ -648,7 +883,7 @@ def _copy_head(dst, src, k1):  # type: ignore[no-untyped-def]
 # bit-identical results (a loop that also stores may be vectorized differently when arrays alias).
 
 
-@njit(inline="always", **JIT)
+@njit(inline="always", **JIT_INNER)
 def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
     """Sum of the exponentials below 1 (columns at the maximum left out): see ``_sums_block``."""
     zero = as_type_of(m, 0.0)
@@ -660,19 +895,43 @@ def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
     return acc
 
 
-@njit(inline="always", **JIT)
-def _expsum(x, lo, hi, m, it, ahead):  # type: ignore[no-untyped-def]
-    """``sum(exp((x[lo:hi] - m) * it))`` in float64 over blocks summed in the input's precision, the next
-    row prefetched (as in ``_pass_sums``)."""
+@njit(**JIT_INNER)
+def _expsum(x, m, it, ahead):  # type: ignore[no-untyped-def]
+    """``sum(exp((x - m) * it))`` in float64 over blocks summed in the input's precision, the next row
+    prefetched (as in ``_pass_sums``)."""
+    wide_vectors()
+    n = x.shape[0]
     total = 0.0
-    nb = (hi - lo) // BLOCK
+    nb = n // BLOCK
     for b in range(nb):
-        j0 = lo + b * BLOCK
+        j0 = b * BLOCK
         _prefetch_block(x, j0, j0 + BLOCK, ahead)
         total += _expsum_block(x, j0, j0 + BLOCK, m, it)
-    _prefetch_block(x, lo + nb * BLOCK, hi, ahead)
-    total += _expsum_block(x, lo + nb * BLOCK, hi, m, it)
-    return np.float64(_count_eq(x, lo, hi, m)) + total
+    _prefetch_block(x, nb * BLOCK, n, ahead)
+    total += _expsum_block(x, nb * BLOCK, n, m, it)
+    return np.float64(_count_eq(x, m)) + total
+
+
+@njit(**JIT_INNER)
+def _softmax_row(xr, orow, invt, ahead, LOG):  # type: ignore[no-untyped-def]
+    log = constant(LOG)
+    wide_vectors()
+    n = xr.shape[0]
+    x0 = xr[0]
+    m, nan = _max_nan(xr, x0)
+    it = as_type_of(x0, invt)
+    mm = as_type_of(x0, m)
+    ssum = _expsum(xr, mm, it, ahead)
+    if nan:
+        ssum = np.nan
+    if log:
+        off = as_type_of(x0, math.log(ssum))
+        for j in range(n):
+            orow[j] = (xr[j] - mm) * it - off
+    else:
+        inv = as_type_of(x0, 1.0 / ssum)
+        for j in range(n):
+            orow[j] = fexp((xr[j] - mm) * it) * inv
 
 
 _SOFTMAX: dict = {}
@@ -687,27 +946,11 @@ def softmax_kernel(log: bool):  # type: ignore[no-untyped-def]
     return k
 
 
-def _make_softmax_kernel(log):  # type: ignore[no-untyped-def]
+def _make_softmax_kernel(LOG):  # type: ignore[no-untyped-def]
     @njit(parallel=True, **JIT)
     def kernel(x, invt, out):  # type: ignore[no-untyped-def]
-        rows, n = x.shape
-        for r in prange(rows):
-            wide_vectors()
-            xr = x[r]
-            orow = out[r]
-            m, nan = _max_nan(xr, 0, n)
-            it = as_type_of(xr[0], invt)
-            mm = as_type_of(xr[0], m)
-            ssum = _expsum(xr, 0, n, mm, it, x.strides[0] // x.itemsize)
-            if nan:
-                ssum = np.nan
-            if log:
-                off = as_type_of(xr[0], math.log(ssum))
-                for j in range(n):
-                    orow[j] = (xr[j] - mm) * it - off
-            else:
-                inv = as_type_of(xr[0], 1.0 / ssum)
-                for j in range(n):
-                    orow[j] = fexp((xr[j] - mm) * it) * inv
+        ahead = x.strides[0] // x.itemsize
+        for r in prange(x.shape[0]):
+            _softmax_row(x[r], out[r], invt, ahead, LOG)
 
     return kernel

@@ -38,6 +38,9 @@ except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
 from .._spec import (
+    CE_NONE,
+    CE_OWN,
+    CE_SHARED,
     DIV_FORWARD_KL,
     DIV_MIXTURE,
     DIV_NONE,
@@ -56,9 +59,6 @@ from .._spec import (
 
 SIM = bool(_config.ENABLE_CUDASIM)
 
-CE_NONE = 0
-CE_SHARED = 1  # cross-entropy at tau == 1 next to a divergence: shares the student normaliser
-CE_OWN = 2
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
@@ -68,11 +68,6 @@ NK = 10  # values reduced at once
 SH = 64 if SIM else 32
 MAX_BLOCK = SH if SIM else 1024
 RED_BLOCK = 8 if SIM else 256  # threads of the single-block label kernel
-# ``fuse`` flags of the fused response kernels (small batches): count the labels in every block (no
-# label kernel before), reduce the row losses into ``info[2]`` in the last block to finish (no sum kernel
-# after)
-FUSE_LABELS = 1
-FUSE_SUM = 2
 
 NEG_INF = -np.inf
 
@@ -85,7 +80,8 @@ _JIT_RESPONSE64 = {} if SIM else {"cache": True, "max_registers": 128}
 
 
 def response_options(div: int, f32: bool) -> dict:
-    """The ``cuda.jit`` options of one response kernel variant (its register cap)."""
+    """The ``cuda.jit`` options of one response kernel variant (its register cap; ``f32``: float32
+    arithmetic)."""
     two_pass = div == DIV_MIXTURE or div == DIV_TVD
     return _JIT_RESPONSE32 if f32 and not two_pass else _JIT_RESPONSE64
 
@@ -172,6 +168,12 @@ def _mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True, inline=True)
+def _non_negative(d):  # type: ignore[no-untyped-def]
+    """A divergence rounded below 0 is 0 (NaN stays NaN)."""
+    return 0.0 if d < 0.0 else d
+
+
+@cuda.jit(device=True, inline=True)
 def _sign(x):  # type: ignore[no-untyped-def]
     if x > 0.0:
         return 1.0
@@ -224,23 +226,24 @@ _RESPONSE: dict = {}
 
 
 def response_kernel(div: int, ce: int, lin: bool, f32: bool, fused: bool = False):  # type: ignore[no-untyped-def]
-    """The kernel for one (divergence, cross-entropy mode, linear term, float32, fused) variant.
+    """The kernel for one (divergence, cross-entropy mode, linear term, float32 arithmetic, fused) variant.
 
     ``kernel[grid, block, stream](s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items,
-    want_grad, out_loss, grad, G, fuse)``: ``s``, ``t`` 2-D ``(rows, n)``; ``labels`` 1-D integers; ``P``
-    the packed float64 parameters; ``info`` float64 ``[counted rows, bad labels, loss, blocks done]``;
-    ``n_items`` <= 0 means none; ``out_loss`` receives the unscaled row losses (0 for ignored rows);
-    ``grad`` the gradient of the reduced loss when ``want_grad``; ``G`` threads per row (a power of two
-    dividing the block; > 32 only when equal to the block); ``fuse`` the FUSE_* flags.
+    want_grad, out_loss, grad, G, fuse_sum)``: ``s``, ``t`` 2-D ``(rows, n)`` (float32 or float64 storage;
+    the arithmetic is float32 when ``f32``, else float64); ``labels`` 1-D int64; ``P`` the packed float64
+    parameters; ``info`` float64 ``[counted rows, bad labels, loss, blocks done]``; ``n_items`` <= 0
+    means none; ``out_loss`` float64, receives the unscaled row losses (0 for ignored rows); ``grad`` the
+    gradient of the reduced loss when ``want_grad``; ``G`` threads per row (a power of two dividing the
+    block; > 32 only when equal to the block).
 
-    Unfused kernels (large batches) ignore ``fuse``: :func:`label_kernel` wrote ``info[0:2]`` before
-    them and :func:`sum_kernel` reduces the row losses after them. Fused kernels (``fused``; small
-    batches, where each launch costs more than the work) do both themselves, as ``fuse`` asks: with
-    FUSE_LABELS every block counts the labels (block 0 stores ``info[0:2]``); with FUSE_SUM, ``info[3]``
-    must start at 0, each block adds 1 to it once its rows are written (an exact float64 atomic, so the
-    count is deterministic) and the block that finishes last sums the row losses in a fixed order into
-    ``info[2]``, times the reduction factor. The two are separate compilations so that the large-batch
-    kernels carry none of this code (it costs registers in the main loops).
+    Unfused kernels (large batches): :func:`label_kernel` wrote ``info[0:2]`` before them and
+    :func:`sum_kernel` reduces the row losses after them. Fused kernels (``fused``; small batches, where
+    each launch costs more than the work) count the labels in every block (block 0 stores ``info[0:2]``)
+    and, with ``fuse_sum``, reduce the row losses themselves: ``info[3]`` must start at 0, each block adds
+    1 to it once its rows are written (an exact float64 atomic, so the count is deterministic) and the
+    block that finishes last sums the row losses in a fixed order into ``info[2]``, times the reduction
+    factor. The two are separate compilations so that the large-batch kernels carry none of this code (it
+    costs registers in the main loops).
     """
     key = (div, ce, lin, f32, fused)
     k = _RESPONSE.get(key)
@@ -249,15 +252,13 @@ def response_kernel(div: int, ce: int, lin: bool, f32: bool, fused: bool = False
     return k
 
 
-def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  # noqa: C901
-    ft = float32 if F32 else float64
+def _make_element_terms(DIV, CE, ft):  # type: ignore[no-untyped-def]
+    """``terms(tj, sj, mt, ms, invt)``: one element's contributions to the row sums of pass 1, relative
+    to the running maxima: (teacher weight, student weight, KL cross term, CE weight, NaN flag)."""
     HAS_DIV = DIV != DIV_NONE
-    NEED_MS = HAS_DIV or CE != CE_NONE
-    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
 
     @cuda.jit(device=True, inline=True)
-    def _p1(tj, sj, mt, ms, invt):  # type: ignore[no-untyped-def]
-        """One element's terms: (teacher weight, student weight, KL cross term, CE weight, NaN flag)."""
+    def terms(tj, sj, mt, ms, invt):  # type: ignore[no-untyped-def]
         zero = ft(0.0)
         wa = zero
         wb = zero
@@ -276,10 +277,164 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
         bad = zero if (tj == tj and sj == sj) else ft(1.0)
         return wa, wb, x, w1, bad
 
+    return terms
+
+
+def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
+    """``sums(s, t, r, n, lane, G, invt, invt64)``: pass 1 of this thread's share of row ``r`` (columns
+    ``lane, lane + G, ...``), one streaming read with an *online* softmax: running maxima of ``t`` and
+    ``s``, the sums rescaled when a maximum grows. Four elements per step (loads first), their terms
+    summed pairwise in the arithmetic precision, then added in float64. Returns the thread's
+    ``(mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan)``."""
+    HAS_DIV = DIV != DIV_NONE
+    NEED_MS = HAS_DIV or CE != CE_NONE
+    terms = _make_element_terms(DIV, CE, ft)
+
     @cuda.jit(device=True, inline=True)
-    def _g1(sj, tj, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, MT, MS, lsa, lsb,  # type: ignore[no-untyped-def]  # noqa: E501
-            loglam, log1mlam, cp, cq, lam, big_g, cd64, invt, invt64):
-        """One element of the gradient (the variant's terms; the row constants come in)."""
+    def sums(s, t, r, n, lane, G, invt, invt64):  # type: ignore[no-untyped-def]
+        zero = ft(0.0)
+        mt = ft(NEG_INF)
+        ms = ft(NEG_INF)
+        sa = 0.0
+        sb = 0.0
+        sx = 0.0
+        s1 = 0.0
+        ssum = 0.0
+        d2 = 0.0
+        dst = 0.0
+        dss = 0.0
+        dtt = 0.0
+        nan = 0.0
+        j = lane
+        while j < n:
+            j1 = j + G
+            j2 = j1 + G
+            j3 = j2 + G
+            t0 = ft(t[r, j])
+            s0 = ft(s[r, j])
+            if j3 < n:
+                t1 = ft(t[r, j1])
+                s1_ = ft(s[r, j1])
+                t2 = ft(t[r, j2])
+                s2 = ft(s[r, j2])
+                t3 = ft(t[r, j3])
+                s3 = ft(s[r, j3])
+                k = 4
+            else:  # the tail: one element
+                t1 = t0
+                s1_ = s0
+                t2 = t0
+                s2 = s0
+                t3 = t0
+                s3 = s0
+                k = 1
+            # new maxima of the step (rare rescale of the float64 sums)
+            if HAS_DIV:
+                cm = max(max(t0, t1), max(t2, t3))
+                if cm > mt:
+                    c = math.exp((float64(mt) - float64(cm)) * invt64)
+                    sa *= c
+                    if DIV == DIV_FORWARD_KL:
+                        sx *= c
+                    mt = cm
+            if NEED_MS:
+                cm = max(max(s0, s1_), max(s2, s3))
+                if cm > ms:
+                    if HAS_DIV:
+                        c = math.exp((float64(ms) - float64(cm)) * invt64)
+                        sb *= c
+                        if DIV == DIV_REVERSE_KL:
+                            sx *= c
+                    if CE == CE_OWN:
+                        s1 *= math.exp(float64(ms) - float64(cm))
+                    ms = cm
+            e0 = terms(t0, s0, mt, ms, invt)
+            if k == 4:
+                e1 = terms(t1, s1_, mt, ms, invt)
+                e2 = terms(t2, s2, mt, ms, invt)
+                e3 = terms(t3, s3, mt, ms, invt)
+                # pairwise within the step
+                ca = (e0[0] + e1[0]) + (e2[0] + e3[0])
+                cb = (e0[1] + e1[1]) + (e2[1] + e3[1])
+                cx = (e0[2] + e1[2]) + (e2[2] + e3[2])
+                c1 = (e0[3] + e1[3]) + (e2[3] + e3[3])
+                cn = (e0[4] + e1[4]) + (e2[4] + e3[4])
+                j = j3 + G
+            else:
+                ca = e0[0]
+                cb = e0[1]
+                cx = e0[2]
+                c1 = e0[3]
+                cn = e0[4]
+                j = j1
+            if HAS_DIV:
+                sa += float64(ca)
+                sb += float64(cb)
+                if DIV == DIV_FORWARD_KL or DIV == DIV_REVERSE_KL:
+                    sx += float64(cx)
+            if CE == CE_OWN:
+                s1 += float64(c1)
+            if cn != zero:
+                nan += 1.0
+            if CE != CE_NONE:
+                ssum += float64((s0 + s1_) + (s2 + s3)) if k == 4 else float64(s0)
+            if LIN:
+                if k == 4:
+                    d2 += float64(((t0 - s0) * (t0 - s0) + (t1 - s1_) * (t1 - s1_))
+                                  + ((t2 - s2) * (t2 - s2) + (t3 - s3) * (t3 - s3)))
+                    dst += float64((s0 * t0 + s1_ * t1) + (s2 * t2 + s3 * t3))
+                    dss += float64((s0 * s0 + s1_ * s1_) + (s2 * s2 + s3 * s3))
+                    dtt += float64((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3))
+                else:
+                    d2 += float64((t0 - s0) * (t0 - s0))
+                    dst += float64(s0 * t0)
+                    dss += float64(s0 * s0)
+                    dtt += float64(t0 * t0)
+        return mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan
+
+    return sums
+
+
+def _make_mixture_terms(DIV):  # type: ignore[no-untyped-def]
+    """``mixture(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq)``: pass 2 of
+    this thread's share of a row, for the divergences that need normalised probabilities (float64):
+    ``(KL(p||m) part, KL(q||m) part, sum q (cp p + cq q) / m)`` for mixtures, ``(sum |p - q|, sum q sign(q -
+    p) / 2, 0)`` for TVD."""
+
+    @cuda.jit(device=True, inline=True)
+    def mixture(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq):  # type: ignore[no-untyped-def]  # noqa: E501
+        kp = 0.0
+        kq = 0.0
+        rr = 0.0
+        for j in range(lane, n, G):
+            lp = (float64(t[r, j]) - MT) * invt64 - lsa
+            lq = (float64(s[r, j]) - MS) * invt64 - lsb
+            p = math.exp(lp)
+            q = math.exp(lq)
+            if DIV == DIV_MIXTURE:
+                lm = _logaddexp(loglam + lp, log1mlam + lq)
+                if p > 0.0:
+                    kp += p * (lp - lm)
+                if q > 0.0:
+                    kq += q * (lq - lm)
+                    rr += q * _mix_ratio(lp, lq, lm, cp, cq)
+            else:
+                kp += abs(p - q)
+                kq += q * 0.5 * _sign(q - p)
+        return kp, kq, rr
+
+    return mixture
+
+
+def _make_grad_element(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
+    """``grad(sj, tj, j, lab, k, k64)``: one element of the gradient of the reduced loss, from the row's
+    constants (built by :func:`_grad_constants`): ``k`` in the arithmetic precision, ``k64`` float64."""
+    HAS_DIV = DIV != DIV_NONE
+
+    @cuda.jit(device=True, inline=True)
+    def grad(sj, tj, j, lab, k, k64):  # type: ignore[no-untyped-def]
+        cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, invt = k
+        MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64, invt64 = k64
         zero = ft(0.0)
         acc = zero
         q = zero
@@ -316,9 +471,66 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
             acc += a_s * sj + b_t * tj
         return acc
 
+    return grad
+
+
+def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
+    """``constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1, KQ, R, DSS,
+    cos, den, lsa, lsb, loglam, log1mlam)``: the row constants of the gradient, as the two tuples
+    :func:`_make_grad_element` takes. (The kernel's own values come in rather than being read from
+    ``P`` again: ptxas then allocates registers as for the code written in one piece, which spilled
+    less.)"""
+    HAS_DIV = DIV != DIV_NONE
+
+    @cuda.jit(device=True, inline=True)
+    def constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1, KQ, R, DSS, cos, den,  # type: ignore[no-untyped-def]  # noqa: E501
+                  lsa, lsb, loglam, log1mlam):
+        zero = ft(0.0)
+        cd64 = scale * P[P_DIV_W] * invt64
+        isa = ft(1.0 / SA) if HAS_DIV else zero
+        isb = ft(1.0 / SB) if HAS_DIV else zero
+        roff = zero
+        if DIV == DIV_REVERSE_KL:
+            dd = invt64 * SX / SB - ((MS - MT) * invt64 + lsb - lsa)
+            roff = ft(lsa - lsb - dd)
+        big_g = 0.0
+        if DIV == DIV_MIXTURE:
+            big_g = cq * KQ - (1.0 - lam) * R
+        elif DIV == DIV_TVD:
+            big_g = KQ
+        ch = ft(scale * P[P_HARD_W]) if hard else zero
+        ceps = ft(scale * P[P_HARD_W] * eps / nf) if hard else zero
+        c_lab = ft(scale * P[P_HARD_W] * (1.0 - eps)) if hard else zero
+        is1 = ft(1.0 / S1) if CE == CE_OWN else zero
+        a_s = zero
+        b_t = zero
+        if LIN:
+            a64 = 2.0 * P[P_MSE_W] / nf
+            b64 = -a64
+            if den > 0.0:
+                a64 += P[P_COS_W] * cos / DSS
+                b64 -= P[P_COS_W] / den
+            a_s = ft(scale * a64)
+            b_t = ft(scale * b64)
+        k = (ft(cd64), ft(MT), ft(MS), isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, invt)
+        k64 = (MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64, invt64)
+        return k, k64
+
+    return constants
+
+
+def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
+    ft = float32 if F32 else float64
+    HAS_DIV = DIV != DIV_NONE
+    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    row_sums = _make_row_sums(DIV, CE, LIN, ft)
+    mixture_terms = _make_mixture_terms(DIV)
+    grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
+    grad_element = _make_grad_element(DIV, CE, LIN, ft)
+
     @cuda.jit(**response_options(DIV, F32))
     def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G,  # type: ignore[no-untyped-def]  # noqa: E501
-               fuse):
+               fuse_sum):
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
         tid = int64(cuda.threadIdx.x)
@@ -330,24 +542,19 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
         if FUSED:
             counted_rows = float64(rows)
             if has_labels:
-                if fuse & FUSE_LABELS:
-                    cnt, bad = _count_labels(labels, n, ignore_index, tid, nthr)
-                    v[0] = cnt
-                    v[1] = bad
-                    _group_reduce(v, 2, False, sh, nthr)
-                    counted_rows = v[0]
-                    if cuda.blockIdx.x == 0 and tid == 0:
-                        info[0] = v[0]
-                        info[1] = v[1]
-                else:
-                    counted_rows = info[0]
+                cnt, bad = _count_labels(labels, n, ignore_index, tid, nthr)
+                v[0] = cnt
+                v[1] = bad
+                _group_reduce(v, 2, False, sh, nthr)
+                counted_rows = v[0]
+                if cuda.blockIdx.x == 0 and tid == 0:
+                    info[0] = v[0]
+                    info[1] = v[1]
             scale = _scale(counted_rows, red_mean, n_items)
         else:
             scale = _scale_info(has_labels, info, rows, red_mean, n_items)
-        tau = P[P_TAU]
-        invt64 = 1.0 / tau
+        invt64 = 1.0 / P[P_TAU]
         invt = ft(invt64)
-        zero = ft(0.0)
         eps = P[P_SMOOTH]
         nf = float64(n)
         step = int64(cuda.gridDim.x) * gpb
@@ -359,106 +566,14 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
                 lab = int64(labels[r])
                 counted = lab != ignore_index
             hard = counted and lab >= 0 and lab < n and CE != CE_NONE
-            # ---- pass 1: online maxima and sums, U elements per thread and step (loads first), the
-            # elementwise terms summed in the input precision per step and then added in float64
-            mt = ft(NEG_INF)
-            ms = ft(NEG_INF)
-            sa = 0.0
-            sb = 0.0
-            sx = 0.0
-            s1 = 0.0
-            ssum = 0.0
-            d2 = 0.0
-            dst = 0.0
-            dss = 0.0
-            dtt = 0.0
-            nan = 0.0
+            # ---- pass 1: this thread's partial statistics, then the row's (every thread of the block
+            # reaches the group reductions)
             if counted:
-                j = lane
-                while j < n:
-                    j1 = j + G
-                    j2 = j1 + G
-                    j3 = j2 + G
-                    t0 = ft(t[r, j])
-                    s0 = ft(s[r, j])
-                    if j3 < n:
-                        t1 = ft(t[r, j1])
-                        s1_ = ft(s[r, j1])
-                        t2 = ft(t[r, j2])
-                        s2 = ft(s[r, j2])
-                        t3 = ft(t[r, j3])
-                        s3 = ft(s[r, j3])
-                        k = 4
-                    else:  # the tail: one element
-                        t1 = t0
-                        s1_ = s0
-                        t2 = t0
-                        s2 = s0
-                        t3 = t0
-                        s3 = s0
-                        k = 1
-                    # new maxima of the step (rare rescale of the float64 sums)
-                    if HAS_DIV:
-                        cm = max(max(t0, t1), max(t2, t3))
-                        if cm > mt:
-                            c = math.exp((float64(mt) - float64(cm)) * invt64)
-                            sa *= c
-                            if DIV == DIV_FORWARD_KL:
-                                sx *= c
-                            mt = cm
-                    if NEED_MS:
-                        cm = max(max(s0, s1_), max(s2, s3))
-                        if cm > ms:
-                            if HAS_DIV:
-                                c = math.exp((float64(ms) - float64(cm)) * invt64)
-                                sb *= c
-                                if DIV == DIV_REVERSE_KL:
-                                    sx *= c
-                            if CE == CE_OWN:
-                                s1 *= math.exp(float64(ms) - float64(cm))
-                            ms = cm
-                    e0 = _p1(t0, s0, mt, ms, invt)
-                    if k == 4:
-                        e1 = _p1(t1, s1_, mt, ms, invt)
-                        e2 = _p1(t2, s2, mt, ms, invt)
-                        e3 = _p1(t3, s3, mt, ms, invt)
-                        # pairwise within the step
-                        ca = (e0[0] + e1[0]) + (e2[0] + e3[0])
-                        cb = (e0[1] + e1[1]) + (e2[1] + e3[1])
-                        cx = (e0[2] + e1[2]) + (e2[2] + e3[2])
-                        c1 = (e0[3] + e1[3]) + (e2[3] + e3[3])
-                        cn = (e0[4] + e1[4]) + (e2[4] + e3[4])
-                        j = j3 + G
-                    else:
-                        ca = e0[0]
-                        cb = e0[1]
-                        cx = e0[2]
-                        c1 = e0[3]
-                        cn = e0[4]
-                        j = j1
-                    if HAS_DIV:
-                        sa += float64(ca)
-                        sb += float64(cb)
-                        if DIV == DIV_FORWARD_KL or DIV == DIV_REVERSE_KL:
-                            sx += float64(cx)
-                    if CE == CE_OWN:
-                        s1 += float64(c1)
-                    if cn != zero:
-                        nan += 1.0
-                    if CE != CE_NONE:
-                        ssum += float64((s0 + s1_) + (s2 + s3)) if k == 4 else float64(s0)
-                    if LIN:
-                        if k == 4:
-                            d2 += float64(((t0 - s0) * (t0 - s0) + (t1 - s1_) * (t1 - s1_))
-                                          + ((t2 - s2) * (t2 - s2) + (t3 - s3) * (t3 - s3)))
-                            dst += float64((s0 * t0 + s1_ * t1) + (s2 * t2 + s3 * t3))
-                            dss += float64((s0 * s0 + s1_ * s1_) + (s2 * s2 + s3 * s3))
-                            dtt += float64((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3))
-                        else:
-                            d2 += float64((t0 - s0) * (t0 - s0))
-                            dst += float64(s0 * t0)
-                            dss += float64(s0 * s0)
-                            dtt += float64(t0 * t0)
+                mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan = row_sums(s, t, r, n, lane, G, invt, invt64)
+            else:
+                mt = ft(NEG_INF)
+                ms = ft(NEG_INF)
+                sa = sb = sx = s1 = ssum = d2 = dst = dss = dtt = nan = 0.0
             v[0] = mt
             v[1] = ms
             _group_reduce(v, 2, True, sh, G)
@@ -507,9 +622,9 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
             lsa = math.log(SA) if HAS_DIV else 0.0
             lsb = math.log(SB) if HAS_DIV else 0.0
             # ---- pass 2: mixture / TVD terms (float64)
-            lam = P[P_LAM]
             cp = P[P_CP]
             cq = P[P_CQ]
+            lam = P[P_LAM]
             loglam = math.log(lam) if lam > 0.0 else NEG_INF
             log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
             KP = 0.0
@@ -520,21 +635,8 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
                 kq = 0.0
                 rr = 0.0
                 if counted:
-                    for j in range(lane, n, G):
-                        lp = (float64(t[r, j]) - MT) * invt64 - lsa
-                        lq = (float64(s[r, j]) - MS) * invt64 - lsb
-                        p = math.exp(lp)
-                        q = math.exp(lq)
-                        if DIV == DIV_MIXTURE:
-                            lm = _logaddexp(loglam + lp, log1mlam + lq)
-                            if p > 0.0:
-                                kp += p * (lp - lm)
-                            if q > 0.0:
-                                kq += q * (lq - lm)
-                                rr += q * _mix_ratio(lp, lq, lm, cp, cq)
-                        else:
-                            kp += abs(p - q)
-                            kq += q * 0.5 * _sign(q - p)
+                    kp, kq, rr = mixture_terms(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp,
+                                               cq)
                 v[0] = kp
                 v[1] = kq
                 v[2] = rr
@@ -547,21 +649,19 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
                 loss = 0.0
                 dw = P[P_DIV_W]
                 if DIV == DIV_FORWARD_KL:
-                    loss += dw * (invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
+                    loss += dw * _non_negative(invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
                 elif DIV == DIV_REVERSE_KL:
-                    loss += dw * (invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
+                    loss += dw * _non_negative(invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
                 elif DIV == DIV_MIXTURE:
-                    loss += dw * (cp * KP + cq * KQ)
+                    loss += dw * (cp * _non_negative(KP) + cq * _non_negative(KQ))
                 elif DIV == DIV_TVD:
                     loss += dw * 0.5 * KP
-                lse1 = 0.0
-                if CE != CE_NONE:
+                if CE != CE_NONE and hard:
                     lse1 = MS + math.log(S1)
-                    if hard:
-                        h = (1.0 - eps) * (lse1 - float64(s[r, lab]))
-                        if eps != 0.0:
-                            h += eps * (lse1 - SSUM / nf)
-                        loss += P[P_HARD_W] * h
+                    h = (1.0 - eps) * (lse1 - float64(s[r, lab]))
+                    if eps != 0.0:
+                        h += eps * (lse1 - SSUM / nf)
+                    loss += P[P_HARD_W] * h
                 cos = 0.0
                 den = 0.0
                 if LIN:
@@ -572,39 +672,12 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
                     loss = np.nan
                 if lane == 0:
                     out_loss[r] = loss
-                # ---- pass 3: gradient
+                # ---- pass 3: gradient, U elements per thread and step: all loads before the stores
                 if want_grad:
-                    cd64 = scale * P[P_DIV_W] * invt64
-                    cd = ft(cd64)
-                    mtf = ft(MT)
-                    msf = ft(MS)
-                    isa = ft(1.0 / SA) if HAS_DIV else zero
-                    isb = ft(1.0 / SB) if HAS_DIV else zero
-                    roff = zero
-                    if DIV == DIV_REVERSE_KL:
-                        dd = invt64 * SX / SB - ((MS - MT) * invt64 + lsb - lsa)
-                        roff = ft(lsa - lsb - dd)
-                    big_g = 0.0
-                    if DIV == DIV_MIXTURE:
-                        big_g = cq * KQ - (1.0 - lam) * R
-                    elif DIV == DIV_TVD:
-                        big_g = KQ
-                    ch = ft(scale * P[P_HARD_W]) if hard else zero
-                    ceps = ft(scale * P[P_HARD_W] * eps / nf) if hard else zero
-                    c_lab = ft(scale * P[P_HARD_W] * (1.0 - eps)) if hard else zero
-                    is1 = ft(1.0 / S1) if CE == CE_OWN else zero
-                    a_s = zero
-                    b_t = zero
-                    if LIN:
-                        a64 = 2.0 * P[P_MSE_W] / nf
-                        b64 = -a64
-                        if den > 0.0:
-                            a64 += P[P_COS_W] * cos / DSS
-                            b64 -= P[P_COS_W] / den
-                        a_s = ft(scale * a64)
-                        b_t = ft(scale * b64)
+                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1,
+                                            KQ, R, DSS, cos, den, lsa, lsb, loglam, log1mlam)
                     j = lane
-                    while j < n:  # U elements per thread and step: all loads before the stores
+                    while j < n:
                         j1 = j + G
                         j2 = j1 + G
                         j3 = j2 + G
@@ -617,49 +690,46 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]  #
                             t2 = ft(t[r, j2])
                             s3 = ft(s[r, j3])
                             t3 = ft(t[r, j3])
-                            grad[r, j] = _g1(s0, t0, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s,
-                                             b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
-                                             invt, invt64)
-                            grad[r, j1] = _g1(s1_, t1, j1, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
-                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
-                                              invt, invt64)
-                            grad[r, j2] = _g1(s2, t2, j2, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
-                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
-                                              invt, invt64)
-                            grad[r, j3] = _g1(s3, t3, j3, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1,
-                                              a_s, b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
-                                              invt, invt64)
+                            grad[r, j] = grad_element(s0, t0, j, lab, k, k64)
+                            grad[r, j1] = grad_element(s1_, t1, j1, lab, k, k64)
+                            grad[r, j2] = grad_element(s2, t2, j2, lab, k, k64)
+                            grad[r, j3] = grad_element(s3, t3, j3, lab, k, k64)
                             j = j3 + G
                         else:
-                            grad[r, j] = _g1(s0, t0, j, lab, cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s,
-                                             b_t, MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64,
-                                             invt, invt64)
+                            grad[r, j] = grad_element(s0, t0, j, lab, k, k64)
                             j = j1
             elif r < rows:
                 if lane == 0:
                     out_loss[r] = 0.0
                 if want_grad:
                     for j in range(lane, n, G):
-                        grad[r, j] = zero
+                        grad[r, j] = ft(0.0)
         # ---- the reduced loss: the last block to finish sums every row loss (fixed order)
-        if FUSED and fuse & FUSE_SUM:
-            cuda.threadfence()  # this block's row losses are visible device-wide before it is counted
-            cuda.syncthreads()
-            if tid == 0:
-                sh[0, 0] = cuda.atomic.add(info, 3, 1.0)
-            cuda.syncthreads()
-            last = sh[0, 0] == float64(cuda.gridDim.x - 1)  # uniform across the block
-            cuda.syncthreads()
-            if last:
-                acc = 0.0
-                for i in range(tid, rows, nthr):
-                    acc += out_loss[i]
-                v[0] = acc
-                _group_reduce(v, 1, False, sh, nthr)
-                if tid == 0:
-                    info[2] = v[0] * scale
+        if FUSED and fuse_sum:
+            _sum_in_last_block(out_loss, rows, info, scale, v, sh, tid, nthr)
 
     return kernel
+
+
+@cuda.jit(device=True)
+def _sum_in_last_block(out_loss, rows, info, scale, v, sh, tid, nthr):  # type: ignore[no-untyped-def]
+    """``info[2]`` = ``scale`` times the fixed-order sum of the row losses, by the block that finishes last
+    (``info[3]`` counts the finished blocks)."""
+    cuda.threadfence()  # this block's row losses are visible device-wide before it is counted
+    cuda.syncthreads()
+    if tid == 0:
+        sh[0, 0] = cuda.atomic.add(info, 3, 1.0)
+    cuda.syncthreads()
+    last = sh[0, 0] == float64(cuda.gridDim.x - 1)  # uniform across the block
+    cuda.syncthreads()
+    if last:
+        acc = 0.0
+        for i in range(tid, rows, nthr):
+            acc += out_loss[i]
+        v[0] = acc
+        _group_reduce(v, 1, False, sh, nthr)
+        if tid == 0:
+            info[2] = v[0] * scale
 
 
 # ---------------------------------------------------------------- softmax
@@ -774,3 +844,11 @@ def sum_kernel(row_loss, has_labels, red_mean, n_items, info):  # type: ignore[n
     total = _block_sum(acc, buf)
     if tid == 0:
         info[2] = total * _scale_info(has_labels, info, rows, red_mean, n_items)
+
+
+@cuda.jit(**_JIT)
+def cast_kernel(src, dst):  # type: ignore[no-untyped-def]
+    """``dst[i] = src[i]`` (1-D, converted to ``dst``'s type): device arrays of other dtypes, for
+    producers without a conversion of their own (numba device arrays)."""
+    for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+        dst[i] = src[i]

@@ -16,11 +16,7 @@ import contextlib
 import re
 from typing import Any, Iterator, NamedTuple
 
-from .._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, DIV_TVD
-
-DIVS = {DIV_NONE: "none", DIV_FORWARD_KL: "kl", DIV_REVERSE_KL: "reverse_kl", DIV_MIXTURE: "mixture",
-        DIV_TVD: "tvd"}
-CES = ("no CE", "CE shared", "CE own")
+from .._spec import CE_NAMES, CE_OWN, DIV_NAMES, FLOAT32, reachable
 
 
 class Variant(NamedTuple):
@@ -38,14 +34,34 @@ class Resources(NamedTuple):
     smem: int
 
 
-def variants(all_label_types: bool = False, lean: bool = False) -> list[Variant]:
+def kernel_keys() -> list[tuple[int, int, bool, bool, str]]:
+    """``(div, ce, lin, float32 arithmetic, storage dtype)`` of every response kernel the launcher can
+    run: the variants of :func:`fastdistill._spec.reachable` (the CUDA kernels have no power trick)."""
+    keys = dict.fromkeys((v.div, v.ce, v.lin, v.math == FLOAT32, v.dtype) for v in reachable())
+    return list(keys)
+
+
+def response_signature(storage: str) -> tuple:
+    """The argument types :func:`fastdistill.cuda.response` launches a response kernel with, for logits
+    stored as ``storage`` (labels int64, parameters, info and row losses float64)."""
+    from numba.cuda import types as T
+
+    ft = T.float32 if storage == FLOAT32 else T.float64
+
+    def arr(t: Any, nd: int = 1) -> Any:
+        return T.Array(t, nd, "C")
+
+    return (arr(ft, 2), arr(ft, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64), arr(T.float64), T.boolean,
+            T.float64, T.boolean, arr(T.float64), arr(ft, 2), T.int64, T.boolean)
+
+
+def variants(fused_all: bool = False) -> list[Variant]:
     """Every kernel the launchers can ask for, with the argument types they pass.
 
-    Response kernels: each (divergence, CE mode, linear term, precision), lean and fused, with int64
-    labels and float64 row partials; float32 kernels also (unless ``lean``) with the per-row result in
-    float32 (``reduction='none'``) and int32 labels; ``lean`` compiles the fused kernels only for the
-    cross-entropy-with-its-own-normaliser variants. ``all_label_types``: every label dtype PyTorch tensors can
-    bring, for each variant.
+    Response kernels: every key of :func:`kernel_keys`, lean (large batches); the fused ones (small
+    batches) for the keys with their own cross-entropy normaliser and no linear term (their prologue and
+    epilogue do not depend on the terms), or for every key with ``fused_all``. Then softmax, the label
+    count, the final sum and the dtype conversion.
     """
     from numba.cuda import types as T
 
@@ -55,38 +71,26 @@ def variants(all_label_types: bool = False, lean: bool = False) -> list[Variant]
         return T.Array(t, nd, "C")
 
     out = []
-    label_types = [T.int64, T.int32, T.int16, T.int8, T.uint8] if all_label_types else None
     for fused in (False, True):
-        for div, dname in DIVS.items():
-            for ce in (K.CE_NONE, K.CE_SHARED, K.CE_OWN):
-                for lin in (False, True):
-                    if fused and lean and (ce != K.CE_OWN or lin):
-                        continue  # lean: the fused prologue and epilogue do not depend on the terms
-                    for f32 in (True, False):
-                        ft = T.float32 if f32 else T.float64
-                        k = K.response_kernel(div, ce, lin, f32, fused)
-                        cap = K.response_options(div, f32).get("max_registers")
-                        combos = [(T.int64, T.float64)]
-                        if f32 and not lean:
-                            combos.append((T.int32, T.float32))
-                        if label_types:
-                            combos = [(lt, rt) for lt in label_types for rt in dict.fromkeys([T.float64, ft])]
-                        for lt, rt in combos:
-                            sig = (arr(ft, 2), arr(ft, 2), arr(lt), T.boolean, T.int64, arr(T.float64),
-                                   arr(T.float64), T.boolean, T.float64, T.boolean, arr(rt), arr(ft, 2), T.int64,
-                                   T.int64)
-                            name = (f"response {dname}, {CES[ce]}{', mse/cos' if lin else ''}, {ft}"
-                                    f"{', fused' if fused else ''} (labels {lt}, rows {rt})")
-                            out.append(Variant(name, k, sig, cap))
+        for div, ce, lin, f32, storage in kernel_keys():
+            if fused and not fused_all and (ce != CE_OWN or lin):
+                continue
+            k = K.response_kernel(div, ce, lin, f32, fused)
+            cap = K.response_options(div, f32).get("max_registers")
+            arith = "float32" if f32 else "float64"
+            math = "" if arith == storage else f" ({arith} math)"
+            name = (f"response {DIV_NAMES[div]}, {CE_NAMES[ce]}{', mse/cos' if lin else ''}, {storage}{math}"
+                    f"{', fused' if fused else ''}")
+            out.append(Variant(name, k, response_signature(storage), cap))
     for log in (False, True):
         for f32 in (True, False):
             ft = T.float32 if f32 else T.float64
             out.append(Variant(f"{'log_' if log else ''}softmax {ft}", K.softmax_kernel(log, f32),
                                (arr(ft, 2), T.float64, arr(ft, 2), T.int64), None))
-    for lt in ([T.int64, T.int32, T.int16, T.int8, T.uint8] if all_label_types else [T.int64, T.int32]):
-        out.append(Variant(f"labels {lt}", K.label_kernel, (arr(lt), T.int64, T.int64, arr(T.float64)), None))
+    out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
     out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
                        None))
+    out.append(Variant("cast float64 -> float32", K.cast_kernel, (arr(T.float64), arr(T.float32)), None))
     return out
 
 
@@ -174,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "and report ptxas' resource use.")
     ap.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 (H100/H200), 8.0 (A100)")
     ap.add_argument("--json", action="store_true", help="one JSON object per variant instead of a table")
-    ap.add_argument("--all-label-types", action="store_true", help="every label dtype for every variant")
+    ap.add_argument("--fused-all", action="store_true", help="the fused kernel of every variant (default: of "
+                    "the variants with their own cross-entropy normaliser and no linear term)")
     ap.add_argument("--no-assemble", action="store_true", help="PTX only (no nvJitLink needed)")
-    ap.add_argument("--lean", action="store_true", help="int64 labels and float64 row partials only")
+    ap.add_argument("--shard", default="0/1", help="K/N: compile every N-th variant from the K-th (processes "
+                    "that compile the table side by side)")
     args = ap.parse_args(argv)
     cc = tuple(int(x) for x in args.cc.split("."))
     why = toolchain_missing()
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| kernel (sm_{cc[0]}{cc[1]}) | registers (cap) | spill stores / loads, bytes | stack bytes "
               "| smem bytes |")
         print("|---|---|---|---|---|")
-    for v in variants(args.all_label_types, args.lean):
+    k, n = (int(x) for x in args.shard.split("/"))
+    for v in variants(args.fused_all)[k::n]:
         code = ptx(v, cc)  # type: ignore[arg-type]
         r = None if args.no_assemble else assemble(code, cc, v.max_registers)  # type: ignore[arg-type]
         if args.json:
