@@ -29,15 +29,9 @@ from .functional import (
     set_num_threads,
     softmax,
 )
+from ._warmup import warmup
 from .losses import DistilLoss
 
-
-def warmup(*losses, dtypes=("float32", "float64"), jobs=1, progress=None):  # type: ignore[no-untyped-def]
-    """Compile the kernel variants ``losses`` run (every variant when none is given) before a job needs
-    them; see :func:`fastdistill.warmup.warmup`."""
-    from .warmup import warmup as _warmup
-
-    return _warmup(*losses, dtypes=dtypes, jobs=jobs, progress=progress)
 
 __all__ = [
     "__version__",

@@ -17,12 +17,20 @@ from ._spec import ResponseCall, Terms, resolve
 from .errors import BackendUnavailableError
 
 TermsLike = Union[Terms, Callable[[], Terms]]
+# (``dtype.name`` is a Python property of NumPy's, a few microseconds per call)
+_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+
+
+_CPU: list = []
 
 
 def _cpu():  # type: ignore[no-untyped-def]
-    from . import cpu
+    """The CPU backend module (imported on the first call that needs it)."""
+    if not _CPU:
+        from . import cpu
 
-    return cpu
+        _CPU.append(cpu)
+    return _CPU[0]
 
 
 def cuda_backend():  # type: ignore[no-untyped-def]
@@ -110,7 +118,7 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, has_
     rows = 1
     for d in s_shape[:-1]:
         rows *= int(d)
-    variant = resolve(resolved, has_labels, s_dtype.name)
+    variant = resolve(resolved, has_labels, _DTYPE_NAMES[s_dtype])
     return ResponseCall(variant, resolved, red, n_items, int(ignore_index), bool(want_grad), has_labels,
                         tuple(s_shape), rows, n)
 
@@ -128,11 +136,24 @@ def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarra
     div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
     scale = 1.0 / div if div > 0 else 0.0
     g2 = g_out.reshape(s2.shape) if g_out is not None else None
-    rows, grad = _cpu().response(call.variant, s2, t2, lab, call.terms.pack(), call.ignore_index, scale,
+    rows, grad = _cpu().response(call.variant, s2, t2, lab, packed(call.terms), call.ignore_index, scale,
                                  call.want_grad, g2)
     if call.want_grad:  # the caller's own buffer (array or tensor) when one was given
         grad = grad_out if g_out is not None else grad.reshape(call.shape)
     return reduce_rows(rows, call.reduction, scale, call.shape, s.dtype), grad
+
+
+_PACKED: dict = {}
+
+
+def packed(terms: Terms) -> np.ndarray:
+    """``terms.pack()``, kept for the losses a process uses (read only by the kernels)."""
+    p = _PACKED.get(terms)
+    if p is None:
+        if len(_PACKED) > 256:
+            _PACKED.clear()
+        p = _PACKED[terms] = terms.pack()
+    return p
 
 
 def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], dtype: np.dtype) -> Any:

@@ -9,7 +9,7 @@ COMMANDS = {
     "bench": ("fastdistill.bench", "time the kernels side by side with NumPy, PyTorch and memory floors"),
     "demo": ("fastdistill.demo", "distill a teacher into a student on real data, with and without KD"),
     "capi": ("fastdistill.capi", "print the C header path and the C entry points' addresses"),
-    "warmup": ("fastdistill.warmup", "compile kernel variants ahead of a job (into the on-disk cache)"),
+    "warmup": ("fastdistill._warmup", "compile kernel variants ahead of a job (into the on-disk cache)"),
 }
 
 

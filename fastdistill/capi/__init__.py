@@ -121,7 +121,7 @@ def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     wanted = PRECISIONS if precision is None else (precision,)
-    from ..warmup import can_spawn, warmup
+    from .._warmup import can_spawn, warmup
     from . import _cfuncs
 
     if jobs is None:

@@ -51,7 +51,6 @@ from .._spec import (
     P_TAU,
 )
 from ..cpu import _kernels as K
-from ..cpu._math import read_only_view
 from . import (
     ABI_VERSION,
     FD_BAD_KIND,
@@ -446,8 +445,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             idx, two_pass = kernel_variant(div, P, has_labels, F64)
             worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
             if worker != 0:
-                K.drive(worker, read_only_view(s), read_only_view(t), read_only_view(labels), has_labels,
-                        np.int64(ignore_index), read_only_view(P), scale, want_grad, out, g,
+                K.drive(worker, s, t, labels, has_labels, np.int64(ignore_index), P, scale, want_grad, out, g,
                         np.int64(_get_num_threads()), two_pass)
             ran = worker != 0
             if ran:
@@ -488,8 +486,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 worker = _worker_address(idx) if idx >= 0 else 0
                 if worker != 0:
                     # np.bool_: a literal False would compile the driver again, for that literal
-                    K.drive(worker, read_only_view(s), read_only_view(t), read_only_view(labels), np.bool_(False),
-                            np.int64(-100), read_only_view(P), scale, want_grad, out, g,
+                    K.drive(worker, s, t, labels, np.bool_(False), np.int64(-100), P, scale, want_grad, out, g,
                             np.int64(_get_num_threads()), two_pass)
                     _reduce(out, rows, reduction, scale, lossp)
                     status = FD_OK
@@ -518,7 +515,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             if nthreads > 0:
                 _set_num_threads(nthreads)
             try:
-                kernel(read_only_view(carray(xp, (rows, n))), 1.0 / tau, carray(outp, (rows, n)))
+                kernel(carray(xp, (rows, n)), 1.0 / tau, carray(outp, (rows, n)))
                 status = FD_OK
             except Exception:  # noqa: BLE001
                 status = FD_INTERNAL_ERROR

@@ -1,10 +1,9 @@
 """CPU backend: host wrappers around the Numba kernels in ``_kernels``.
 
 Inputs arrive validated and normalised by the façade: C-contiguous 2-D float32/float64 arrays of one
-dtype, labels as int64 or ``None``, and the :class:`~fastdistill._spec.Variant` to run. Logits and labels
-are handed to the kernels as read-only views, so that writable, read-only and memory-mapped inputs all
-use the same compiled code (Numba compiles one machine-code version per argument type, and a read-only
-array is another type).
+dtype, labels as int64 or ``None``, and the :class:`~fastdistill._spec.Variant` to run. Read-only and
+memory-mapped inputs reach the kernels as writable-typed aliases (:func:`as_kernel_input`), so every
+input uses the same compiled code.
 """
 from __future__ import annotations
 
@@ -22,13 +21,13 @@ if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _NO_LABELS = np.zeros(0, dtype=np.int64)
-_NO_LABELS.flags.writeable = False
 # calls on at most this many logits run in the calling thread alone: waking the thread pool costs ~2 us
 # on an idle machine and tens of microseconds on a busy one, more than such a call's work
 SMALL = 1 << 15
 
 
 _NO_GRAD: dict = {}
+_ADDRESSES: dict = {}  # worker address by variant
 
 
 def _no_grad(dtype: np.dtype) -> np.ndarray:
@@ -39,13 +38,26 @@ def _no_grad(dtype: np.dtype) -> np.ndarray:
     return g
 
 
-def read_only(a: np.ndarray) -> np.ndarray:
-    """``a`` as a read-only view (``a`` itself when it already is one)."""
-    if not a.flags.writeable:
+class _Alias:
+    """An ``__array_interface__`` that describes another array's memory as writable."""
+
+    __slots__ = ("__array_interface__", "base")
+
+    def __init__(self, a: np.ndarray) -> None:
+        iface = dict(a.__array_interface__)
+        iface["data"] = (iface["data"][0], False)
+        self.__array_interface__ = iface
+        self.base = a  # keeps the memory alive
+
+
+def as_kernel_input(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or for a read-only array (``setflags(write=False)``, ``np.load(mmap_mode="r")``) a
+    writable-typed alias of the same memory: Numba compiles one machine-code version per argument type,
+    and a read-only array is another type (and failed to type where the student doubles as the gradient
+    buffer). The kernels never write their inputs; only the gradient, which is checked writable."""
+    if a.flags.writeable:
         return a
-    v = a.view()
-    v.flags.writeable = False
-    return v
+    return np.asarray(_Alias(a))
 
 
 def _threads_for(size: int) -> tuple[int, int]:
@@ -82,7 +94,9 @@ def response(
 
     ``params`` is ``Terms.pack()`` of the call's terms.
     """
-    address = K.worker(variant).address
+    address = _ADDRESSES.get(variant)
+    if address is None:
+        address = _ADDRESSES[variant] = K.worker(variant).address
     out_loss = np.empty(s.shape[0], dtype=np.float64)
     if want_grad:
         grad = grad_out if grad_out is not None else np.empty_like(s)
@@ -93,12 +107,12 @@ def response(
         K.drive,
         threads,
         address,
-        read_only(s),
-        read_only(t),
-        read_only(labels) if labels is not None else _NO_LABELS,
+        as_kernel_input(s),
+        as_kernel_input(t),
+        as_kernel_input(labels) if labels is not None else _NO_LABELS,
         labels is not None,
         ignore_index,
-        read_only(params),
+        params,
         float(scale),
         want_grad,
         out_loss,
@@ -113,5 +127,5 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
     """Row-wise softmax (or log-softmax) of ``x / tau``."""
     if out is None:
         out = np.empty_like(x)
-    _launch(K.softmax_kernel(log), _threads_for(x.size), read_only(x), float(1.0 / tau), out)
+    _launch(K.softmax_kernel(log), _threads_for(x.size), as_kernel_input(x), float(1.0 / tau), out)
     return out

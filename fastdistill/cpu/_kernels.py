@@ -36,6 +36,7 @@ from numba import carray, cfunc, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from .._scalar import logaddexp, mix_ratio
 from .._spec import (
     CE_NONE,
     CE_OWN,
@@ -350,13 +351,8 @@ def _pass_linear(s, t, st):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- pass 3: mixture / TVD terms
 
 
-@njit(**JIT_INNER)
-def _logaddexp(x, y):  # type: ignore[no-untyped-def]
-    inline_into_callers()
-    m = max(x, y)
-    if m == -np.inf:
-        return m
-    return m + math.log(math.exp(x - m) + math.exp(y - m))
+_logaddexp = njit(**JIT_INNER)(logaddexp)
+_mix_ratio = njit(**JIT_INNER)(mix_ratio)
 
 
 @njit(**JIT_INNER)
@@ -367,19 +363,6 @@ def _mix_logs(sj, tj, mt, ms, invt, lsa, lsb, loglam, log1mlam):  # type: ignore
     lq = (sj - ms) * invt - lsb
     lm = _logaddexp(loglam + lp, log1mlam + lq)
     return lp, lq, lm
-
-
-@njit(**JIT_INNER)
-def _mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
-    """``(cp * p + cq * q) / m`` as ratios of logs: each ratio with a non-zero weight is bounded (m holds
-    that distribution with a positive weight), so nothing overflows or underflows, however small p and q."""
-    inline_into_callers()
-    r = 0.0
-    if cp != 0.0:
-        r += cp * math.exp(lp - lm)
-    if cq != 0.0:
-        r += cq * math.exp(lq - lm)
-    return r
 
 
 @njit(**JIT_INNER)
@@ -641,7 +624,9 @@ def _label_of(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-d
 
 # The work on one row (PHASE_ROW: all of it, in the calling thread) or, for a row split across threads,
 # one pass over one chunk of it or one serial step (PHASE_LOSS, PHASE_LABEL).
-PHASE_ROW = 0  # row r: statistics, loss into out_loss[r], gradient
+PHASE_ROW = 0  # rows [r, c): statistics, loss into out_loss, gradient
+# shares of rows per thread on the row path (a few, so that threads finishing early take another)
+ROW_TASKS_PER_THREAD = 4
 PHASE_MAX = 1  # chunk c of row r: partial maxima into part[c]
 PHASE_STATS = 2  # chunk c: partial sums into part[c] (the merged maxima in st)
 PHASE_DIV2 = 3  # chunk c: partial mixture / TVD terms into part[c] (the merged sums in st)
@@ -659,7 +644,7 @@ PHASE_LAST = (0, S_SA, S_KP, N_STATS)
 #
 # A variant's code is one C-callable function, its *worker*: ``worker(phase, s, t, g, labels, P, st, part,
 # out_loss, rows, n, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as addresses (int64),
-# flags as 0/1. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
+# flags as 0/1; ``c`` is the end of the share of rows for PHASE_ROW, the chunk for the chunk phases. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
 # every variant: Numba's parfor passes, the costliest part of a parallel kernel's compile, run once per
 # dtype instead of once per variant, and the C ABI calls the same workers through the same driver.
 
@@ -740,63 +725,66 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
         out_loss = carray(_address_as(outp, 0.0), (rows,))
         kdiv = np.int64(div)
         kce = np.int64(ce)
-        if has_labels:
-            lab = labels[r]
-            if lab == ignore_index:  # (the driver skips ignored rows of split batches)
-                out_loss[r] = 0.0
-                if want_grad:
-                    borrowed(g, r, 0, n)[:] = 0
-                return
-        else:
-            lab = np.int64(-1)
-        whole = phase == PHASE_ROW
-        lo = 0
-        hi = n
-        ahead = n  # prefetch distance: the next row (usually this thread's next one; prange hands out
-        # contiguous ranges; past the last row the prefetch reads nothing)
-        stats = st
-        if not whole:
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            ahead = 0
-            if phase <= PHASE_DIV2:
-                stats = borrowed(part, c, 0, N_STATS)
-                first = PHASE_FIRST[phase]
-                for k in range(first):
-                    stats[k] = st[k]
-                for k in range(first, N_STATS):
-                    stats[k] = -np.inf if k < N_MAX else 0.0
-        else:
-            _reset(stats)
-        # each chunk works on its own slices (contiguous views, as a whole row is): passing the row and a
-        # column range instead compiled to code half as fast
-        sr = borrowed(s, r, lo, hi)
-        tr = borrowed(t, r, lo, hi)
-        if whole or phase == PHASE_MAX:
-            _pass_max(sr, tr, stats, ct)
-        if whole or phase == PHASE_STATS:
-            _pass_sums(sr, tr, stats, P, ct, ahead, DIV, CE, PW)
-            if ce != CE_NONE and P[P_SMOOTH] != 0.0:
-                _pass_label_smoothing(sr, stats)
-            if lin:
-                _pass_linear(sr, tr, stats)
-        if whole or phase == PHASE_DIV2:
-            if div == DIV_MIXTURE or div == DIV_TVD:
-                _pass_div2(sr, tr, stats, P, kdiv)
-        if whole or phase == PHASE_LOSS:
-            _finish_stats(stats, kdiv, kce)
-            hard = lab >= 0
-            s_label = np.float64(s[r, lab]) if hard else 0.0
-            out_loss[r] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, n)
-        if want_grad and (whole or phase == PHASE_GRAD):
-            gr = borrowed(g, r, lo, hi)
-            if _undefined(stats, kdiv, kce):
-                _fill_nan(gr)
+        # PHASE_ROW: the rows [r, c) one after the other (one call per thread's share of rows, so that the
+        # call and its array views are paid once per share, not once per row); other phases: row r
+        for ri in range(r, c if phase == PHASE_ROW else r + 1):
+            if has_labels:
+                lab = labels[ri]
+                if lab == ignore_index:  # (the driver skips ignored rows of split batches)
+                    out_loss[ri] = 0.0
+                    if want_grad:
+                        borrowed(g, ri, 0, n)[:] = 0
+                    continue
             else:
-                _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0, scale, n, DIV, CE, LIN, PW)
-        if want_grad and (whole or phase == PHASE_LABEL):
-            if ce != CE_NONE and lab >= 0 and not _undefined(stats, kdiv, kce):
-                _grad_label(borrowed(g, r, 0, n), lab, P, scale)
+                lab = np.int64(-1)
+            whole = phase == PHASE_ROW
+            lo = 0
+            hi = n
+            ahead = n  # prefetch distance: the next row of the share (past the last row the prefetch reads
+            # nothing)
+            stats = st
+            if not whole:
+                lo = c * CHUNK
+                hi = min(n, lo + CHUNK)
+                ahead = 0
+                if phase <= PHASE_DIV2:
+                    stats = borrowed(part, c, 0, N_STATS)
+                    first = PHASE_FIRST[phase]
+                    for k in range(first):
+                        stats[k] = st[k]
+                    for k in range(first, N_STATS):
+                        stats[k] = -np.inf if k < N_MAX else 0.0
+            else:
+                _reset(stats)
+            # each chunk works on its own slices (contiguous views, as a whole row is): passing the row and a
+            # column range instead compiled to code half as fast
+            sr = borrowed(s, ri, lo, hi)
+            tr = borrowed(t, ri, lo, hi)
+            if whole or phase == PHASE_MAX:
+                _pass_max(sr, tr, stats, ct)
+            if whole or phase == PHASE_STATS:
+                _pass_sums(sr, tr, stats, P, ct, ahead, DIV, CE, PW)
+                if ce != CE_NONE and P[P_SMOOTH] != 0.0:
+                    _pass_label_smoothing(sr, stats)
+                if lin:
+                    _pass_linear(sr, tr, stats)
+            if whole or phase == PHASE_DIV2:
+                if div == DIV_MIXTURE or div == DIV_TVD:
+                    _pass_div2(sr, tr, stats, P, kdiv)
+            if whole or phase == PHASE_LOSS:
+                _finish_stats(stats, kdiv, kce)
+                hard = lab >= 0
+                s_label = np.float64(s[ri, lab]) if hard else 0.0
+                out_loss[ri] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, n)
+            if want_grad and (whole or phase == PHASE_GRAD):
+                gr = borrowed(g, ri, lo, hi)
+                if _undefined(stats, kdiv, kce):
+                    _fill_nan(gr)
+                else:
+                    _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0, scale, n, DIV, CE, LIN, PW)
+            if want_grad and (whole or phase == PHASE_LABEL):
+                if ce != CE_NONE and lab >= 0 and not _undefined(stats, kdiv, kce):
+                    _grad_label(borrowed(g, ri, 0, n), lab, P, scale)
 
     return work
 
@@ -839,12 +827,18 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
     pp = P.ctypes.data
     op = out_loss.ctypes.data
     if rows >= nthreads or n < 2 * CHUNK:
-        stats = np.empty((rows, N_STATS), dtype=np.float64)
+        # rows in a few shares per thread (the worker loops over a share's rows)
+        tasks = min(rows, ROW_TASKS_PER_THREAD * nthreads)
+        per = (rows + tasks - 1) // tasks
+        stats = np.empty((tasks, N_STATS), dtype=np.float64)
         stp = stats.ctypes.data
-        for r in prange(rows):
-            ri = np.int64(r)
-            _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ri * (N_STATS * 8), 0, op, rows, n, ri, 0,
-                         has_labels, ignore_index, want_grad, scale)
+        for k in prange(tasks):
+            ki = np.int64(k)
+            r0 = ki * per
+            r1 = min(rows, r0 + per)
+            if r0 < r1:
+                _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ki * (N_STATS * 8), 0, op, rows, n, r0, r1,
+                             has_labels, ignore_index, want_grad, scale)
         keep_alive(stats)
         return
     nchunks = (n + CHUNK - 1) // CHUNK
@@ -914,6 +908,7 @@ def _expsum(x, m, it, ahead):  # type: ignore[no-untyped-def]
 
 @njit(**JIT_INNER)
 def _softmax_row(xr, orow, invt, ahead, LOG):  # type: ignore[no-untyped-def]
+    inline_into_callers()
     log = constant(LOG)
     wide_vectors()
     n = xr.shape[0]
@@ -949,8 +944,9 @@ def softmax_kernel(log: bool):  # type: ignore[no-untyped-def]
 def _make_softmax_kernel(LOG):  # type: ignore[no-untyped-def]
     @njit(parallel=True, **JIT)
     def kernel(x, invt, out):  # type: ignore[no-untyped-def]
-        ahead = x.strides[0] // x.itemsize
+        n = x.shape[1]
         for r in prange(x.shape[0]):
-            _softmax_row(x[r], out[r], invt, ahead, LOG)
+            ri = np.int64(r)
+            _softmax_row(borrowed(x, ri, 0, n), borrowed(out, ri, 0, n), invt, n, LOG)
 
     return kernel

@@ -14,7 +14,6 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, errors
-from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 
 
@@ -230,22 +229,6 @@ def keep_alive(typingctx, a):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return types.none(a), codegen
-
-
-@intrinsic
-def read_only_view(typingctx, a):  # type: ignore[no-untyped-def]
-    """``a`` typed as a read-only array (the same data; Numba's read-only and writable arrays differ only
-    in their type): arrays made in compiled code then reach a function with the signature the Python
-    callers' read-only views gave it, and reuse its compiled code."""
-    if not isinstance(a, types.Array):
-        return None
-    ro = a.copy(readonly=True)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        # a new reference to the same memory (the caller releases the result as well as ``a``)
-        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
-
-    return ro(a), codegen
 
 
 # ---------------------------------------------------------------- borrowed row views
