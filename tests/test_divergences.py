@@ -163,9 +163,9 @@ def test_mixtures_with_subnormal_probabilities(case):
     rng = np.random.default_rng(4)
     s = rng.normal(size=(3, 12))
     t = rng.normal(size=(3, 12))
-    s[:, 3] = t[:, 3] = -744.0  # p and q about 1e-324
-    s[:, 4] = -745.0
-    t[:, 4] = -700.0
+    s[:, 3] = t[:, 3] = -718.0  # p and q about 1e-313 (subnormal): 1 / m overflows
+    s[:, 4] = -725.0
+    t[:, 4] = -712.0
     loss = make(1.0)
     rows, g = loss.compute_with_grad(s, t, reduction="none")
     assert np.all(np.isfinite(rows)) and np.all(np.isfinite(g))
