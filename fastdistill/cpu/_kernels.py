@@ -267,6 +267,7 @@ def _pass_sums_specialised(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore
         return None
 
     def impl(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]
+        inline_into_callers()
         if div == DIV_NONE and ce != CE_OWN:
             return
         wide_vectors()
@@ -500,6 +501,7 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW)
         return None
 
     def impl(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
+        inline_into_callers()
         wide_vectors()
         invt64 = 1.0 / P[P_TAU]
         invt = as_type_of(ct, invt64)
