@@ -74,15 +74,19 @@ def response(
     grad_out: Any = None,
     backend: str = "auto",
     needs_labels: bool = False,
+    vocab_mismatch: str = "error",
 ) -> tuple[Any, Any]:
     """Validate, resolve and run one response loss. Returns ``(loss, grad or None)``.
 
     ``terms`` may be a callable, evaluated after the input checks (so a bad parameter is reported after
     a bad input, in the contract's order). ``needs_labels``: the loss has a hard-label term.
+    ``vocab_mismatch="truncate"``: student and teacher widths may differ; the loss is computed on the
+    first ``min`` of both (the student's other columns get a zero gradient).
     """
     s_shape, s_dtype = V.shape_dtype(student)
     t_shape, t_dtype = V.shape_dtype(teacher)
-    V.check_pair(s_shape, s_dtype, t_shape, t_dtype)
+    V.check_pair(s_shape, s_dtype, t_shape, t_dtype, truncate=vocab_mismatch == "truncate")
+    n = min(s_shape[-1], t_shape[-1])  # the classes computed
     if labels is not None:
         l_shape, l_dtype = V.shape_dtype(labels)
         V.check_labels_meta(l_shape, l_dtype, s_shape)
@@ -91,21 +95,27 @@ def response(
     host_lab = None
     n_counted = 0
     if labels is not None and not (on_gpu and V.is_device(labels)):
-        host_lab, n_counted = V.host_labels(labels, s_shape, ignore_index)  # range checked here
+        host_lab, n_counted = V.host_labels(labels, n, ignore_index)  # range checked here
     try:
-        call = _resolve(terms, s_shape, s_dtype, labels is not None, ignore_index, reduction, num_items,
+        call = _resolve(terms, s_shape, s_dtype, n, labels is not None, ignore_index, reduction, num_items,
                         want_grad, needs_labels)
     except V.InvalidParameterError:
         if gpu is not None and labels is not None and host_lab is None:
-            gpu.check_label_range(labels, s_shape[-1], ignore_index)  # a bad label is reported first
+            gpu.check_label_range(labels, n, ignore_index)  # a bad label is reported first
         raise
     if gpu is not None:
+        if s_shape != t_shape:
+            raise V.InvalidParameterError(
+                f"vocab_mismatch='truncate' on the CUDA backend needs student and teacher of one width (got "
+                f"{s_shape[-1]} and {t_shape[-1]} classes): pass x[..., :{n}] made contiguous "
+                "(fastdistill.torch does this for CUDA tensors)"
+            )
         return gpu.response(call, student, teacher, labels if host_lab is None else host_lab, grad_out)
     return _cpu_response(call, student, teacher, host_lab, n_counted, grad_out)
 
 
-def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, has_labels: bool, ignore_index: int,
-             reduction: str, num_items: Any, want_grad: bool, needs_labels: bool) -> ResponseCall:
+def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, n: int, has_labels: bool,
+             ignore_index: int, reduction: str, num_items: Any, want_grad: bool, needs_labels: bool) -> ResponseCall:
     """The call's parameters, checked after its inputs (contract order), and its kernel variant."""
     resolved = terms() if callable(terms) else terms
     red = V.reduction(reduction)
@@ -114,13 +124,12 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, has_
         raise V.InvalidParameterError(
             f"labels are required when hard_label_weight is non-zero (it is {resolved.hard_w})"
         )
-    n = int(s_shape[-1])
     rows = 1
     for d in s_shape[:-1]:
         rows *= int(d)
     variant = resolve(resolved, has_labels, _DTYPE_NAMES[s_dtype])
     return ResponseCall(variant, resolved, red, n_items, int(ignore_index), bool(want_grad), has_labels,
-                        tuple(s_shape), rows, n)
+                        tuple(s_shape), rows, int(n))
 
 
 def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,

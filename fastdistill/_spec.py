@@ -121,14 +121,15 @@ LOSS_CODES = {
  K_COMBINED) = range(10)
 
 
-def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, alpha: float) -> tuple:
+def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, alpha: float,
+               t2_scale: bool) -> tuple:
     """The soft part of a loss kind as kernel terms: ``(div, div_w, mse_w, cos_w, lam, c_p, c_q)``.
 
     Plain scalar code, read by :meth:`DistilLoss.terms` and compiled by Numba for the C ABI (one
-    description of the losses for both). ``div_w`` carries tau**2 for the KL-type divergences (not TVD);
-    an unknown ``code`` gives ``div = -1``.
+    description of the losses for both). ``div_w`` carries tau**2 for the KL-type divergences (not TVD)
+    when ``t2_scale``; an unknown ``code`` gives ``div = -1``.
     """
-    t2 = tau * tau
+    t2 = tau * tau if t2_scale else 1.0
     div = DIV_NONE
     div_w = 0.0
     lam = 0.0
@@ -254,4 +255,5 @@ class ResponseCall(NamedTuple):
     has_labels: bool
     shape: tuple[int, ...]  # the student's shape
     rows: int
-    n: int  # classes
+    n: int  # classes computed (the first n of both student and teacher: fewer than the student's when
+    # vocabularies padded to other widths are truncated)

@@ -27,6 +27,7 @@ from .errors import (
 )
 
 REDUCTIONS = ("mean", "sum", "none")
+VOCAB_MISMATCH = ("error", "truncate")
 BACKENDS = ("auto", "cpu", "cuda")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -115,13 +116,15 @@ def check_logits(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
 
 def check_pair(
     s_shape: tuple[int, ...], s_dtype: np.dtype, t_shape: tuple[int, ...], t_dtype: np.dtype,
-    student: str = "student", teacher: str = "teacher",
+    student: str = "student", teacher: str = "teacher", truncate: bool = False,
 ) -> None:
-    """Empty, then shape mismatch, then dtype, for a student/teacher pair."""
+    """Empty, then shape mismatch, then dtype, for a student/teacher pair. ``truncate``: the last
+    dimensions (vocabularies padded to other widths) may differ."""
     for shape, name in ((s_shape, student), (t_shape, teacher)):
         if len(shape) > 0 and 0 in shape:
             raise EmptyInputError(f"{name} is empty: shape {shape} has a zero-sized dimension")
-    if s_shape != t_shape:
+    widths_only = truncate and len(s_shape) == len(t_shape) > 0 and s_shape[:-1] == t_shape[:-1]
+    if s_shape != t_shape and not widths_only:
         if len(s_shape) == 1 and len(t_shape) == 1:
             raise TeacherStudentMismatchError(
                 teacher=t_shape[0], student=s_shape[0],
@@ -178,13 +181,13 @@ def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> 
     )
 
 
-def host_labels(labels: Any, s_shape: tuple[int, ...], ignore_index: int) -> tuple[np.ndarray, int]:
-    """(labels as a contiguous int64 vector, the number of rows they count), after their range check.
+def host_labels(labels: Any, n: int, ignore_index: int) -> tuple[np.ndarray, int]:
+    """(labels as a contiguous int64 vector, the number of rows they count), after their range check
+    against ``n`` classes.
 
     Their dtype and length have passed :func:`check_labels_meta`.
     """
     lab = np.ascontiguousarray(host_array(labels, "labels"), dtype=np.int64).reshape(-1)
-    n = s_shape[-1]
     lo = lab.min()
     hi = lab.max()
     if 0 <= lo and hi < n:  # every label valid: two reductions, and a count only if ignore_index can occur
@@ -238,6 +241,12 @@ def integer(value: Any, name: str) -> int:
 def reduction(value: Any) -> str:
     if value not in REDUCTIONS:
         raise InvalidParameterError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return str(value)
+
+
+def vocab_mismatch(value: Any) -> str:
+    if value not in VOCAB_MISMATCH:
+        raise InvalidParameterError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {value!r}")
     return str(value)
 
 

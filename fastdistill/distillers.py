@@ -16,10 +16,15 @@ class ResponseDistiller:
     """Response-based distillation: per row ``hard_label_weight * CE(student, label)
     + soft_label_weight * soft_loss(student, teacher)``, CE at temperature 1 (PyTorch's formula, with
     optional ``label_smoothing``). Rows whose label is ``ignore_index`` count nowhere.
+
+    ``vocab_mismatch="truncate"`` computes on the first ``min(student classes, teacher classes)`` classes
+    of both when their widths differ (embedding tables padded to other sizes): labels must lie below that
+    width, and the student's other classes get a zero gradient. The default ``"error"`` raises
+    :class:`~fastdistill.TeacherStudentMismatchError`.
     """
 
     def __init__(self, soft_loss: DistilLoss, hard_label_weight: float, soft_label_weight: float, *,
-                 ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+                 ignore_index: int = -100, label_smoothing: float = 0.0, vocab_mismatch: str = "error") -> None:
         if not isinstance(soft_loss, DistilLoss):
             raise TypeError(f"soft_loss must be a DistilLoss, got {type(soft_loss).__name__}")
         self.soft_loss = soft_loss
@@ -27,6 +32,7 @@ class ResponseDistiller:
         self.soft_label_weight = V.finite(soft_label_weight, "soft_label_weight")
         self.ignore_index = V.integer(ignore_index, "ignore_index")
         self.label_smoothing = V.label_smoothing(label_smoothing)
+        self.vocab_mismatch = V.vocab_mismatch(vocab_mismatch)
 
     @classmethod
     def pure_kl(cls, temperature: float) -> ResponseDistiller:
@@ -41,7 +47,8 @@ class ResponseDistiller:
     def __repr__(self) -> str:
         return (f"ResponseDistiller({self.soft_loss!r}, hard_label_weight={self.hard_label_weight}, "
                 f"soft_label_weight={self.soft_label_weight}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing})")
+                f"label_smoothing={self.label_smoothing}"
+                + (f", vocab_mismatch={self.vocab_mismatch!r})" if self.vocab_mismatch != "error" else ")"))
 
     def terms(self) -> Terms:
         """This distiller as kernel terms."""
@@ -51,7 +58,8 @@ class ResponseDistiller:
 
     def _run(self, student: Any, teacher: Any, labels: Any, **kw: Any) -> tuple[Any, Any]:
         return _dispatch.response(student, teacher, labels, self.terms, ignore_index=self.ignore_index,
-                                  needs_labels=self.hard_label_weight != 0.0, **kw)
+                                  needs_labels=self.hard_label_weight != 0.0, vocab_mismatch=self.vocab_mismatch,
+                                  **kw)
 
     def loss(self, student: Any, teacher: Any, labels: Any = None, *, reduction: str = "mean",
              num_items: Any = None, backend: str = "auto") -> Any:

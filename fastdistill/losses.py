@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _dispatch
 from . import _validate as V
 from ._spec import LOSS_CODES, Terms, soft_terms
@@ -20,7 +22,8 @@ class DistilLoss:
 
     Build one with a constructor (``DistilLoss.kl_divergence(4.0)``, ``DistilLoss.mse()``, ...).
     Temperature-based losses compare ``p = softmax(teacher / T)`` with ``q = softmax(student / T)``;
-    KL-type losses are scaled by ``T**2`` (Hinton), TVD is not.
+    KL-type losses are scaled by ``T**2`` (Hinton), TVD is not. ``t2_scale=False`` drops the ``T**2``
+    factor (Liger-Kernel, TRL and Megatron apply none).
     """
 
     kind: str
@@ -29,6 +32,7 @@ class DistilLoss:
     mse_weight: float | None = None
     beta: float = 0.5
     alpha: float = 0.1
+    t2_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -53,13 +57,16 @@ class DistilLoss:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "beta", V.unit_interval(self.beta, "beta"))
         object.__setattr__(self, "alpha", V.unit_interval(self.alpha, "alpha"))
+        if not isinstance(self.t2_scale, (bool, np.bool_)):
+            raise V.InvalidParameterError(f"t2_scale must be True or False, got {self.t2_scale!r}")
+        object.__setattr__(self, "t2_scale", bool(self.t2_scale))
 
     # ------------------------------------------------------------ constructors
 
     @classmethod
-    def kl_divergence(cls, temperature: float = 1.0) -> DistilLoss:
+    def kl_divergence(cls, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
         """Forward KL, ``T**2 * sum p (log p - log q)`` (PyTorch ``kl_div(..., 'batchmean')`` times T**2)."""
-        return cls("kl_divergence", temperature, kl_weight=1.0)
+        return cls("kl_divergence", temperature, kl_weight=1.0, t2_scale=t2_scale)
 
     @classmethod
     def mse(cls) -> DistilLoss:
@@ -72,44 +79,48 @@ class DistilLoss:
         return cls("cosine", 1.0)
 
     @classmethod
-    def combined(cls, kl_weight: float, mse_weight: float, temperature: float = 1.0) -> DistilLoss:
+    def combined(cls, kl_weight: float, mse_weight: float, temperature: float = 1.0, *,
+                 t2_scale: bool = True) -> DistilLoss:
         """``kl_weight * KL-term + mse_weight * MSE-term``."""
-        return cls("combined", temperature, kl_weight=kl_weight, mse_weight=mse_weight)
+        return cls("combined", temperature, kl_weight=kl_weight, mse_weight=mse_weight, t2_scale=t2_scale)
 
     @classmethod
-    def reverse_kl(cls, temperature: float = 1.0) -> DistilLoss:
+    def reverse_kl(cls, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
         """Reverse KL, ``T**2 * sum q (log q - log p)`` (MiniLLM, torchtune)."""
-        return cls("reverse_kl", temperature, kl_weight=1.0)
+        return cls("reverse_kl", temperature, kl_weight=1.0, t2_scale=t2_scale)
 
     @classmethod
-    def jsd(cls, beta: float = 0.5, temperature: float = 1.0) -> DistilLoss:
+    def jsd(cls, beta: float = 0.5, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
         """Generalized JSD of GKD/TRL: ``beta*KL(p||m) + (1-beta)*KL(q||m)``, ``m = beta*p + (1-beta)*q``.
 
         ``beta = 0`` is forward KL and ``beta = 1`` reverse KL, as in TRL and Liger-Kernel. Times T**2.
         """
-        return cls("jsd", temperature, kl_weight=1.0, beta=beta)
+        return cls("jsd", temperature, kl_weight=1.0, beta=beta, t2_scale=t2_scale)
 
     @classmethod
-    def skew_kl(cls, alpha: float = 0.1, temperature: float = 1.0) -> DistilLoss:
+    def skew_kl(cls, alpha: float = 0.1, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
         """Skew KL of DistiLLM: ``T**2 * KL(p || alpha*p + (1-alpha)*q)``."""
-        return cls("skew_kl", temperature, kl_weight=1.0, alpha=alpha)
+        return cls("skew_kl", temperature, kl_weight=1.0, alpha=alpha, t2_scale=t2_scale)
 
     @classmethod
-    def skew_reverse_kl(cls, alpha: float = 0.1, temperature: float = 1.0) -> DistilLoss:
+    def skew_reverse_kl(cls, alpha: float = 0.1, temperature: float = 1.0, *,
+                        t2_scale: bool = True) -> DistilLoss:
         """Skew reverse KL of DistiLLM: ``T**2 * KL(q || (1-alpha)*p + alpha*q)``."""
-        return cls("skew_reverse_kl", temperature, kl_weight=1.0, alpha=alpha)
+        return cls("skew_reverse_kl", temperature, kl_weight=1.0, alpha=alpha, t2_scale=t2_scale)
 
     @classmethod
-    def tvd(cls, temperature: float = 1.0) -> DistilLoss:
-        """Total variation distance ``0.5 * sum |p - q|`` (not scaled by T**2)."""
-        return cls("tvd", temperature, kl_weight=1.0)
+    def tvd(cls, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
+        """Total variation distance ``0.5 * sum |p - q|`` (never scaled by T**2: ``t2_scale`` is accepted
+        for symmetry and changes nothing)."""
+        return cls("tvd", temperature, kl_weight=1.0, t2_scale=t2_scale)
 
     # ------------------------------------------------------------ kernel description
 
     def terms(self, weight: float = 1.0, **extra: Any) -> Terms:
         """This loss, times ``weight``, as kernel terms (``extra`` sets the hard-label fields)."""
         div, div_w, mse_w, cos_w, lam, c_p, c_q = soft_terms(
-            LOSS_CODES[self.kind], self.temperature, self.kl_weight, self.mse_weight, self.beta, self.alpha
+            LOSS_CODES[self.kind], self.temperature, self.kl_weight, self.mse_weight, self.beta, self.alpha,
+            self.t2_scale,
         )
         return Terms(
             div=div, tau=self.temperature, div_w=div_w * weight, mse_w=mse_w * weight, cos_w=cos_w * weight,
@@ -136,7 +147,7 @@ SOFT_LOSSES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl
 
 
 def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float | None = None,
-                      alpha: float | None = None) -> DistilLoss:
+                      alpha: float | None = None, t2_scale: bool = True) -> DistilLoss:
     """The ``DistilLoss`` of a kind name (one of :data:`SOFT_LOSSES`): ``temperature`` defaults to 1.0,
     ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1."""
     if kind not in SOFT_LOSSES:
@@ -149,9 +160,9 @@ def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float |
     if kind == "cosine":
         return DistilLoss.cosine()
     if kind == "jsd":
-        return DistilLoss.jsd(beta=b, temperature=tau)
+        return DistilLoss.jsd(beta=b, temperature=tau, t2_scale=t2_scale)
     if kind == "skew_kl":
-        return DistilLoss.skew_kl(alpha=a, temperature=tau)
+        return DistilLoss.skew_kl(alpha=a, temperature=tau, t2_scale=t2_scale)
     if kind == "skew_reverse_kl":
-        return DistilLoss.skew_reverse_kl(alpha=a, temperature=tau)
-    return getattr(DistilLoss, kind)(tau)  # kl_divergence, reverse_kl, tvd
+        return DistilLoss.skew_reverse_kl(alpha=a, temperature=tau, t2_scale=t2_scale)
+    return getattr(DistilLoss, kind)(tau, t2_scale=t2_scale)  # kl_divergence, reverse_kl, tvd

@@ -2,10 +2,13 @@
 
 ``import fastdistill`` never imports PyTorch; importing ``fastdistill.torch`` does.
 
-The loss **and** its gradient are computed together in forward by the fused kernels
-(:meth:`fastdistill.ResponseDistiller.loss_and_grad`), and only the gradient is saved for backward,
-which merely scales it by the upstream gradient. Nothing else of size ``rows x classes`` is kept
-(PyTorch's own composition keeps the log-softmaxes of student and teacher and more).
+Every loss here runs one ``torch.library`` custom op, ``torch.ops.fastdistill.response`` (a fake
+implementation for tracing, a registered autograd formula), so ``torch.compile(..., fullgraph=True)``
+compiles through it. The loss **and** its gradient are computed together in forward by the fused
+kernels (:meth:`fastdistill.ResponseDistiller.loss_and_grad`), and only the gradient is saved for
+backward, which scales it by the upstream gradient without a host synchronisation. Nothing else of size
+``rows x classes`` is kept (PyTorch's own composition keeps the log-softmaxes of student and teacher
+and more).
 
 * CPU tensors are handed to the CPU kernels as zero-copy NumPy views; CUDA tensors go to the CUDA
   backend (needs ``numba-cuda``), which returns tensors on the same device.
@@ -22,11 +25,11 @@ which merely scales it by the upstream gradient. Nothing else of size ``rows x c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Optional
 
 try:
     import torch
-    from torch.autograd.function import once_differentiable
 except ImportError as _exc:  # pragma: no cover - exercised only without PyTorch
     raise ImportError(
         "fastdistill.torch needs PyTorch (pip install 'fastdistill[torch]')"
@@ -35,9 +38,11 @@ except ImportError as _exc:  # pragma: no cover - exercised only without PyTorch
 from . import _validate as V
 from .distillers import ResponseDistiller
 from .errors import InvalidParameterError
+from ._spec import LOSS_CODES
 from .losses import SOFT_LOSSES, DistilLoss, soft_loss_by_name
 
-__all__ = ["DistillationLoss", "response_loss", "kl_divergence", "feature_loss", "SOFT_LOSSES"]
+__all__ = ["DistillationLoss", "response_loss", "kl_divergence", "feature_loss", "generalized_jsd_loss",
+           "SOFT_LOSSES"]
 
 
 _NATIVE = (torch.float32, torch.float64)
@@ -48,13 +53,19 @@ _UPCAST = (torch.float16, torch.bfloat16)
 
 
 def make_soft_loss(soft_loss: str | DistilLoss = "kl_divergence", temperature: float | None = None,
-                   beta: float | None = None, alpha: float | None = None) -> DistilLoss:
+                   beta: float | None = None, alpha: float | None = None,
+                   t2_scale: bool | None = None) -> DistilLoss:
     """A :class:`~fastdistill.DistilLoss` from a kind name (or a ``DistilLoss``, returned as is).
 
-    ``temperature`` defaults to 1.0, ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1. With a
-    ``DistilLoss`` these must be left unset or agree with it.
+    ``temperature`` defaults to 1.0, ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1, ``t2_scale`` to
+    True. With a ``DistilLoss`` these must be left unset or agree with it.
     """
     if isinstance(soft_loss, DistilLoss):
+        if t2_scale is not None and bool(t2_scale) != soft_loss.t2_scale:
+            raise InvalidParameterError(
+                f"t2_scale={t2_scale} disagrees with the given soft_loss (t2_scale={soft_loss.t2_scale}); "
+                f"set it on the DistilLoss or pass a kind name"
+            )
         for name, value in (("temperature", temperature), ("beta", beta), ("alpha", alpha)):
             if value is not None and V.finite(value, name) != getattr(soft_loss, name):
                 raise InvalidParameterError(
@@ -62,7 +73,7 @@ def make_soft_loss(soft_loss: str | DistilLoss = "kl_divergence", temperature: f
                     f"set it on the DistilLoss or pass a kind name"
                 )
         return soft_loss
-    return soft_loss_by_name(soft_loss, temperature, beta, alpha)
+    return soft_loss_by_name(soft_loss, temperature, beta, alpha, True if t2_scale is None else t2_scale)
 
 
 # ------------------------------------------------------------------ tensor plumbing
@@ -114,12 +125,6 @@ def _labels(labels: Any, device: torch.device) -> torch.Tensor:
     return lab.detach().to(dtype=torch.int64, memory_format=torch.contiguous_format)
 
 
-def _num_items(num_items: Any) -> Any:
-    if isinstance(num_items, torch.Tensor):
-        return float(num_items.item())
-    return num_items
-
-
 def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
          reduction: str, num_items: Any, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss tensor and (if asked) the gradient, in the computation dtype, on the student's device."""
@@ -129,45 +134,200 @@ def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Ten
     cdtype = _compute_dtype(student.dtype)
     if not (teacher.dtype in _NATIVE or teacher.dtype in _UPCAST):
         raise TypeError(f"teacher must be a float32, float64, float16 or bfloat16 tensor, got dtype {teacher.dtype}")
+    width = student.shape[-1]
+    if device.type != "cpu" and distiller.vocab_mismatch == "truncate" and teacher.shape[-1] != width:
+        # the CUDA kernels read rows of one width: the first n classes of the wider one, copied
+        n = min(width, teacher.shape[-1])
+        student, teacher = student[..., :n], teacher[..., :n]
     s = _prepare(student, cdtype)
     t = _prepare(teacher, cdtype)
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
     args = (_as_backend_input(s), _as_backend_input(t), lab)
-    kw = dict(reduction=reduction, num_items=_num_items(num_items))
-    if want_grad:
-        loss, grad = distiller.loss_and_grad(*args, **kw)
-        return _to_tensor(loss, cdtype, device), _to_tensor(grad, cdtype, device)
-    return _to_tensor(distiller.loss(*args, **kw), cdtype, device), None
+    kw = dict(reduction=reduction, num_items=num_items)
+    if not want_grad:
+        return _to_tensor(distiller.loss(*args, **kw), cdtype, device), None
+    loss, grad = distiller.loss_and_grad(*args, **kw)
+    grad = _to_tensor(grad, cdtype, device)
+    if grad.shape[-1] != width:  # student classes the truncated loss does not see
+        grad = torch.nn.functional.pad(grad, (0, width - grad.shape[-1]))
+    return _to_tensor(loss, cdtype, device), grad
 
 
-class _ResponseFunction(torch.autograd.Function):
-    """Fused loss + gradient in forward; backward scales the saved gradient."""
+# ------------------------------------------------------------------ the custom op
+#
+# ``fastdistill::response`` is the one operation behind every loss of this module: a ``torch.library``
+# custom op (opaque to torch.compile, with a fake implementation for tracing and a registered autograd
+# formula). The call is described by one list of numbers (the fields of ``CALL_FIELDS``), so that a
+# compiled graph holds it as constants; the op rebuilds (and caches) what it describes. One list rather
+# than a dozen arguments: PyTorch's custom-op layer costs microseconds per schema argument and call.
+
+_OP = "fastdistill::response"
+CALL_FIELDS = (
+    "kind", "temperature", "kl_weight", "mse_weight", "beta", "alpha", "t2_scale",  # the soft loss
+    "hard_label_weight", "soft_label_weight", "label_smoothing", "ignore_index", "vocab_mismatch",  # distiller
+    "reduction", "num_items", "want_grad",  # the call (num_items: 0 when not given; it is > 0 when given)
+)
+_KINDS = {code: kind for kind, code in LOSS_CODES.items()}
+_F = {name: i for i, name in enumerate(CALL_FIELDS)}
+_CALLS: dict = {}
+
+
+def _describe(distiller: ResponseDistiller, reduction: str, num_items: float | None, want_grad: bool) -> list[float]:
+    """The op's ``call`` argument: ``distiller`` and the call's options as numbers (``CALL_FIELDS``)."""
+    soft = distiller.soft_loss
+    return [
+        float(LOSS_CODES[soft.kind]), soft.temperature, soft.kl_weight, soft.mse_weight, soft.beta, soft.alpha,
+        float(soft.t2_scale), distiller.hard_label_weight, distiller.soft_label_weight, distiller.label_smoothing,
+        float(distiller.ignore_index), float(V.VOCAB_MISMATCH.index(distiller.vocab_mismatch)),
+        float(V.REDUCTIONS.index(reduction)), 0.0 if num_items is None else float(num_items), float(want_grad),
+    ]
+
+
+def _reduction_of(call: list[float]) -> str:
+    return V.REDUCTIONS[int(call[_F["reduction"]])]
+
+
+def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bool]:
+    """``(distiller, reduction, num_items, want_grad)`` of a :func:`_describe` list (kept for the calls a
+    process makes)."""
+    key = tuple(call)
+    hit = _CALLS.get(key)
+    if hit is None:
+        f = dict(zip(CALL_FIELDS, call))
+        soft = DistilLoss(_KINDS[int(f["kind"])], f["temperature"], kl_weight=f["kl_weight"],
+                          mse_weight=f["mse_weight"], beta=f["beta"], alpha=f["alpha"], t2_scale=f["t2_scale"] != 0.0)
+        distiller = ResponseDistiller(soft, f["hard_label_weight"], f["soft_label_weight"],
+                                      ignore_index=int(f["ignore_index"]), label_smoothing=f["label_smoothing"],
+                                      vocab_mismatch=V.VOCAB_MISMATCH[int(f["vocab_mismatch"])])
+        n_items = None if f["num_items"] == 0.0 else f["num_items"]
+        hit = (distiller, _reduction_of(call), n_items, f["want_grad"] != 0.0)
+        if len(_CALLS) > 256:
+            _CALLS.clear()
+        _CALLS[key] = hit
+    return hit
+
+
+def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], call: list[float],
+                   num_items: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (0-dim, or per row for ``reduction="none"``) and, when the call wants it, its gradient
+    with respect to ``student`` (else an empty tensor), both in the computation dtype (float32 for half
+    precision students). ``num_items``, when given, is the divisor of "mean" (read here, in forward)."""
+    distiller, reduction, n_items, want_grad = _decode(call)
+    if num_items is not None:
+        n_items = float(num_items.item())
+    loss, grad = _run(distiller, student, teacher, labels, reduction, n_items, want_grad)
+    if grad is None:
+        grad = torch.empty(0, dtype=loss.dtype, device=loss.device)
+    return loss, grad
+
+
+_response_op = torch.library.custom_op(_OP, _response_impl, mutates_args=())
+
+
+@_response_op.register_fake
+def _response_fake(student, teacher, labels, call, num_items):  # type: ignore[no-untyped-def]
+    cdtype = _compute_dtype(student.dtype)
+    per_row = _reduction_of(call) == "none"
+    loss = student.new_empty(student.shape[:-1] if per_row else (), dtype=cdtype)
+    grad = student.new_empty(student.shape if call[_F["want_grad"]] else (0,), dtype=cdtype)
+    return loss, grad
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    call = inputs[3]
+    ctx.want_grad = call[_F["want_grad"]] != 0.0
+    ctx.per_row = _reduction_of(call) == "none"
+    ctx.student_dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _eager(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a plain tensor of an eager backward (not one being traced by torch.compile or a
+    functorch transform)."""
+    return type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): its saved tensors are then
+    used again. True when PyTorch cannot say."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: Any) -> tuple[Any, ...]:
+    """The saved gradient times the upstream one, in the student's dtype; no host synchronisation.
+
+    Eager, when the graph is freed after this backward (the usual ``loss.backward()``): on the CPU an
+    upstream of exactly 1 hands the saved buffer over as is (a CPU scalar read on the host is no device
+    synchronisation), otherwise it is scaled in place. A kept graph (``retain_graph=True``) uses the
+    buffer again, so each pass makes a new product. Traced by torch.compile: a product the compiler can
+    fuse. The result has no second derivative (as ``once_differentiable``).
+    """
+    if not ctx.want_grad:
+        raise RuntimeError(f"{_OP} was called with want_grad=False: its loss has no gradient")
+    (grad,) = ctx.saved_tensors
+    go = grad_loss.to(grad.dtype)
+    if ctx.per_row:
+        go = go.unsqueeze(-1)  # one upstream value per row, broadcast over the classes
+    if not (_eager(grad) and _eager(go)):
+        out = grad * go
+    else:
+        with torch.no_grad():
+            if _graph_kept():
+                out = grad * go
+            elif not ctx.per_row and grad.device.type == "cpu" and go.item() == 1.0:
+                out = grad
+            else:
+                out = grad.mul_(go)
+        if torch.is_grad_enabled() and go.requires_grad:  # create_graph=True
+            out = _once_differentiable(out)
+    if out.dtype != ctx.student_dtype:
+        out = out.to(ctx.student_dtype)
+    return out, None, None, None, None
+
+
+def _once_differentiable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a gradient function that raises if differentiated (what ``once_differentiable`` does)."""
+    delayed = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+    message = "fastdistill losses can be differentiated once (no double backward)"
+    if delayed is None:
+        raise RuntimeError(message)
+    return delayed(message, 1)(x)
+
+
+_response_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerResponse(torch.autograd.Function):
+    """The op's eager path for plain tensors: the op's implementation and autograd formula, without the
+    dispatcher's custom-op layers (they cost ~20 us per forward and ~50 us per forward + backward on
+    64x1000 CPU tensors, as much as the kernels; ``bench/torch_op_overhead.py``)."""
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: Any,  # type: ignore[override]
-                distiller: ResponseDistiller, reduction: str, num_items: Any) -> torch.Tensor:
-        loss, grad = _run(distiller, student, teacher, labels, reduction, num_items, want_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.student_dtype = student.dtype
-        ctx.per_row = reduction == "none"
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: Any, call: list[float],  # type: ignore[override]
+                num_items: Any) -> torch.Tensor:
+        loss, grad = _response_impl(student, teacher, labels, call, num_items)
+        _setup_context(ctx, (student, teacher, labels, call, num_items), (loss, grad))
         return loss
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        go = grad_output.to(grad.dtype)
-        if ctx.per_row:
-            out = grad * go.unsqueeze(-1)  # one upstream value per row, broadcast over the classes
-        elif go.item() == 1.0:
-            # the common ``loss.backward()``: hand over the saved buffer itself; autograd never writes
-            # into an incoming gradient (a leaf's .grad takes it over or copies it)
-            out = grad
-        else:
-            out = grad * go
-        if out.dtype != ctx.student_dtype:
-            out = out.to(ctx.student_dtype)
-        return out, None, None, None, None, None
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _backward(ctx, grad_loss, None)
+
+
+def _plain_eager(*tensors: Any) -> bool:
+    """Whether a call may take the eager path: not traced (torch.compile, export), no dispatch mode
+    active (fake tensors, profilers of the dispatcher), plain tensors."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(x is None or _eager(x) for x in tensors))
+
+
+def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch.Tensor | None]:
+    """``num_items`` as a checked number (in the call's description) or a tensor (the op's
+    ``num_items``, checked when read)."""
+    if isinstance(num_items, torch.Tensor):
+        return None, num_items.detach()
+    return V.num_items(num_items, reduction), None
 
 
 def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: Any, reduction: str,
@@ -175,9 +335,19 @@ def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: 
     student = _check_tensor(student, "student")
     teacher = _check_tensor(teacher, "teacher")
     reduction = V.reduction(reduction)
-    if torch.is_grad_enabled() and student.requires_grad:
-        return _ResponseFunction.apply(student, teacher, labels, distiller, reduction, num_items)
-    return _run(distiller, student, teacher, labels, reduction, num_items, want_grad=False)[0]
+    for x, name in ((student, "student"), (teacher, "teacher")):
+        if x.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{name} is a tensor on device '{x.device}'; fastdistill computes on CPU and CUDA tensors")
+    lab = None if labels is None else _labels(labels, student.device)
+    n_items, n_items_tensor = _num_items_args(num_items, reduction)
+    want_grad = torch.is_grad_enabled() and student.requires_grad
+    call = _describe(distiller, reduction, n_items, want_grad)
+    if _plain_eager(student, teacher, lab, n_items_tensor):
+        if want_grad:
+            return _EagerResponse.apply(student, teacher, lab, call, n_items_tensor)
+        return _response_impl(student, teacher, lab, call, n_items_tensor)[0]
+    loss, _ = torch.ops.fastdistill.response(student, teacher, lab, call, n_items_tensor)
+    return loss
 
 
 # ------------------------------------------------------------------ public API
@@ -188,12 +358,13 @@ class DistillationLoss(torch.nn.Module):
 
     Per row: ``hard_label_weight * CE(student, label) + soft_label_weight * soft(student, teacher)``,
     CE at temperature 1 (PyTorch's ``F.cross_entropy``, with ``label_smoothing``), ``soft`` one of
-    :data:`SOFT_LOSSES` at ``temperature`` (KL-type losses are scaled by ``temperature**2``) or any
-    :class:`~fastdistill.DistilLoss`. Rows whose label is ``ignore_index`` count nowhere; ``"mean"``
+    :data:`SOFT_LOSSES` at ``temperature`` (KL-type losses are scaled by ``temperature**2`` unless
+    ``t2_scale=False``) or any :class:`~fastdistill.DistilLoss`. Rows whose label is ``ignore_index`` count nowhere; ``"mean"``
     divides by the counted rows (or by ``num_items`` when given, e.g. tokens of a whole accumulation
     step). ``beta`` is the JSD mixture weight (default 0.5), ``alpha`` the skew of the skew KLs
     (default 0.1); ``temperature`` defaults to 1.0. With a ``DistilLoss`` as ``soft_loss`` these come
-    from it (passing a different value raises ``InvalidParameterError``).
+    from it (passing a different value raises ``InvalidParameterError``). ``vocab_mismatch="truncate"``
+    computes on the first ``min`` of the student's and the teacher's classes when their widths differ.
 
     The parameters are attributes and may be changed between steps (e.g. a temperature schedule).
 
@@ -207,26 +378,28 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, temperature: float | None = None, hard_label_weight: float = 0.5,
                  soft_label_weight: float = 0.5, soft_loss: str | DistilLoss = "kl_divergence", *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 beta: float | None = None, alpha: float | None = None) -> None:
+                 beta: float | None = None, alpha: float | None = None, t2_scale: bool | None = None,
+                 vocab_mismatch: str = "error") -> None:
         super().__init__()
         self._cfg: dict[str, Any] = {}
         self._distiller: ResponseDistiller | None = None
-        self._set(soft_loss=soft_loss, temperature=temperature, beta=beta, alpha=alpha,
+        self._set(soft_loss=soft_loss, temperature=temperature, beta=beta, alpha=alpha, t2_scale=t2_scale,
                   hard_label_weight=hard_label_weight, soft_label_weight=soft_label_weight,
-                  ignore_index=ignore_index, label_smoothing=label_smoothing)
+                  ignore_index=ignore_index, label_smoothing=label_smoothing, vocab_mismatch=vocab_mismatch)
         self.reduction = reduction
 
     def _set(self, **changes: Any) -> None:
         cfg = {**self._cfg, **changes}
-        soft = make_soft_loss(cfg["soft_loss"], cfg["temperature"], cfg["beta"], cfg["alpha"])
+        soft = make_soft_loss(cfg["soft_loss"], cfg["temperature"], cfg["beta"], cfg["alpha"], cfg["t2_scale"])
         distiller = ResponseDistiller(
             soft, cfg["hard_label_weight"], cfg["soft_label_weight"],
             ignore_index=cfg["ignore_index"], label_smoothing=cfg["label_smoothing"],
+            vocab_mismatch=cfg["vocab_mismatch"],
         )
         # a DistilLoss carries its own parameters; later changes go through a kind name or the loss
         if isinstance(cfg["soft_loss"], DistilLoss):
             cfg["soft_loss"] = soft
-            cfg.update(temperature=None, beta=None, alpha=None)
+            cfg.update(temperature=None, beta=None, alpha=None, t2_scale=None)
         self._cfg = cfg
         self._distiller = distiller
 
@@ -275,6 +448,22 @@ class DistillationLoss(torch.nn.Module):
             self._set(soft_loss=dataclasses.replace(soft, **{name: value}))
         else:
             self._set(**{name: value})
+
+    @property
+    def t2_scale(self) -> bool:
+        return self.distiller.soft_loss.t2_scale
+
+    @t2_scale.setter
+    def t2_scale(self, value: bool) -> None:
+        self._set_soft_param("t2_scale", value)
+
+    @property
+    def vocab_mismatch(self) -> str:
+        return self.distiller.vocab_mismatch
+
+    @vocab_mismatch.setter
+    def vocab_mismatch(self, value: str) -> None:
+        self._set(vocab_mismatch=value)
 
     @property
     def hard_label_weight(self) -> float:
@@ -326,27 +515,29 @@ class DistillationLoss(torch.nn.Module):
         d = self.distiller
         return (f"soft_loss={d.soft_loss!r}, hard_label_weight={d.hard_label_weight}, "
                 f"soft_label_weight={d.soft_label_weight}, ignore_index={d.ignore_index}, "
-                f"reduction={self._reduction!r}, label_smoothing={d.label_smoothing}")
+                f"reduction={self._reduction!r}, label_smoothing={d.label_smoothing}"
+                + (f", vocab_mismatch={d.vocab_mismatch!r}" if d.vocab_mismatch != "error" else ""))
 
 
 def response_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
                   temperature: float | None = None, hard_label_weight: float = 0.5,
                   soft_label_weight: float = 0.5, soft_loss: str | DistilLoss = "kl_divergence",
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                  num_items: Any = None, beta: float | None = None, alpha: float | None = None) -> torch.Tensor:
+                  num_items: Any = None, beta: float | None = None, alpha: float | None = None,
+                  t2_scale: bool | None = None, vocab_mismatch: str = "error") -> torch.Tensor:
     """Functional form of :class:`DistillationLoss` (same parameters, same result)."""
-    soft = make_soft_loss(soft_loss, temperature, beta, alpha)
+    soft = make_soft_loss(soft_loss, temperature, beta, alpha, t2_scale)
     distiller = ResponseDistiller(soft, hard_label_weight, soft_label_weight, ignore_index=ignore_index,
-                                  label_smoothing=label_smoothing)
+                                  label_smoothing=label_smoothing, vocab_mismatch=vocab_mismatch)
     return _response(distiller, student, teacher, labels, reduction, num_items)
 
 
 def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, *,
-                  reduction: str = "mean", num_items: Any = None) -> torch.Tensor:
+                  reduction: str = "mean", num_items: Any = None, t2_scale: bool = True) -> torch.Tensor:
     """``T**2 * KL(softmax(teacher/T) || softmax(student/T))`` per row, reduced ("mean" is PyTorch's
     ``batchmean``): ``T**2 * F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1),
-    log_target=True, reduction="batchmean")`` in one fused pass."""
-    distiller = ResponseDistiller(DistilLoss.kl_divergence(temperature), 0.0, 1.0)
+    log_target=True, reduction="batchmean")`` in one fused pass (no ``T**2`` with ``t2_scale=False``)."""
+    distiller = ResponseDistiller(DistilLoss.kl_divergence(temperature, t2_scale=t2_scale), 0.0, 1.0)
     return _response(distiller, student, teacher, None, reduction, num_items)
 
 
@@ -357,3 +548,75 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, *,
     ``"mse"`` and ``"mean"`` this is ``F.mse_loss(student_feat, teacher_feat)``."""
     distiller = ResponseDistiller(make_soft_loss(loss), 0.0, 1.0)
     return _response(distiller, student_feat, teacher_feat, None, reduction, num_items)
+
+
+# ------------------------------------------------------------------ drop-ins
+
+_TRL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+_TRL_IGNORE = -100
+
+
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         labels: torch.Tensor | None = None, beta: float = 0.5, temperature: float = 1.0,
+                         reduction: str = "batchmean", num_items_in_batch: Any = None) -> torch.Tensor:
+    """TRL's ``GKDTrainer.generalized_jsd_loss``, fused: the same value and gradient, so that
+    ``GKDTrainer.generalized_jsd_loss = staticmethod(fastdistill.torch.generalized_jsd_loss)`` works.
+
+    Per token, ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``,
+    ``p``/``q`` the teacher's/student's softmax at ``temperature`` (no ``T**2``; ``beta = 0`` is the
+    forward KL, ``beta = 1`` the reverse KL). Tokens whose label is -100 are left out. Reductions as in
+    TRL: ``num_items_in_batch`` given, the sum divided by it; ``"batchmean"``, the sum over the counted
+    tokens' divergences divided by their number (at least 1), or without labels by
+    ``student_logits.size(0) * student_logits.size(1)``; ``"sum"``; ``"mean"``, the mean over every
+    counted element (tokens times classes); ``"none"``, TRL's elementwise tensor (its shape, or
+    ``(counted tokens, classes)`` with labels), computed with PyTorch operations rather than the fused
+    kernels (an elementwise result needs the ``rows x classes`` tensor the kernels avoid).
+    """
+    if reduction not in _TRL_REDUCTIONS:
+        raise InvalidParameterError(f"reduction must be one of {_TRL_REDUCTIONS}, got {reduction!r}")
+    soft = DistilLoss.jsd(beta=beta, temperature=temperature, t2_scale=False)
+    if reduction == "none" and num_items_in_batch is None:
+        return _elementwise_jsd(student_logits, teacher_logits, labels, soft)
+    distiller = ResponseDistiller(soft, 0.0, 1.0, ignore_index=_TRL_IGNORE)
+    student_logits = _check_tensor(student_logits, "student_logits")
+    if num_items_in_batch is not None:
+        return _response(distiller, student_logits, teacher_logits, labels, "mean", num_items_in_batch)
+    if reduction == "sum":
+        return _response(distiller, student_logits, teacher_logits, labels, "sum", None)
+    classes = student_logits.shape[-1]
+    if labels is None:
+        shape = student_logits.shape
+        divisor = shape[0] * shape[1] if reduction == "batchmean" else student_logits.numel()
+        return _response(distiller, student_logits, teacher_logits, None, "mean", divisor)
+    labels = _check_tensor(labels, "labels")
+    counted = (labels != _TRL_IGNORE).sum()
+    if reduction == "batchmean":
+        return _response(distiller, student_logits, teacher_logits, labels, "mean", counted.clamp_min(1))
+    loss = _response(distiller, student_logits, teacher_logits, labels, "mean", counted.clamp_min(1) * classes)
+    return torch.where(counted > 0, loss, torch.full_like(loss, float("nan")))  # TRL: the mean of nothing
+
+
+def _elementwise_jsd(student: Any, teacher: Any, labels: Any, soft: DistilLoss) -> torch.Tensor:
+    """TRL's elementwise generalized JSD (``reduction="none"``): computed in float64 (an elementwise term
+    is a difference of logarithms, which float32 would leave with an absolute error of ~1e-7 times its
+    probability), returned in the computation dtype (float32 for half precision)."""
+    student = _check_tensor(student, "student_logits")
+    teacher = _check_tensor(teacher, "teacher_logits")
+    cdtype = _compute_dtype(student.dtype)
+    lq = torch.log_softmax(student.to(torch.float64) / soft.temperature, dim=-1)
+    lp = torch.log_softmax(teacher.to(torch.float64) / soft.temperature, dim=-1)
+    beta = soft.beta
+
+    def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:  # a * (log a - log b), 0 where a = 0
+        return torch.nn.functional.kl_div(log_b, log_a, reduction="none", log_target=True)
+
+    if beta == 0.0:
+        out = kl_terms(lp, lq)
+    elif beta == 1.0:
+        out = kl_terms(lq, lp)
+    else:
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        out = beta * kl_terms(lp, lm) + (1.0 - beta) * kl_terms(lq, lm)
+    if labels is not None:
+        out = out[_check_tensor(labels, "labels") != _TRL_IGNORE]
+    return out.to(cdtype)

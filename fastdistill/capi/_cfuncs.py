@@ -169,7 +169,7 @@ def loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P):  # type: ignore[
     if kind == FD_MSE or kind == FD_COSINE or kind == FD_CE_ONLY:
         tau = 1.0
     mse_w = param if kind == FD_COMBINED else 1.0
-    div, div_w, mse, cos_w, lam, c_p, c_q = _soft_terms(kind, tau, 1.0, mse_w, param, param)
+    div, div_w, mse, cos_w, lam, c_p, c_q = _soft_terms(kind, tau, 1.0, mse_w, param, param, True)
     if div < 0:
         return -1
     P[P_TAU] = tau

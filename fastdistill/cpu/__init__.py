@@ -92,7 +92,8 @@ def response(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Row losses (float64, 0 for ignored rows) and, if asked, the gradient of ``scale * sum(rows)``.
 
-    ``params`` is ``Terms.pack()`` of the call's terms.
+    ``params`` is ``Terms.pack()`` of the call's terms. ``s`` and ``t`` may differ in width (truncated
+    vocabularies): the first ``min`` of both classes are computed.
     """
     address = _ADDRESSES.get(variant)
     if address is None:
@@ -120,6 +121,8 @@ def response(
         threads[0],
         variant.two_pass,
     )
+    if want_grad and s.shape[1] > t.shape[1]:
+        grad[:, t.shape[1]:] = 0  # student classes beyond a truncated teacher's: the loss does not see them
     return out_loss, (grad if want_grad else None)
 
 

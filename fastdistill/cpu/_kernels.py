@@ -645,12 +645,14 @@ PHASE_LAST = (0, S_SA, S_KP, N_STATS)
 # ---------------------------------------------------------------- workers: one compiled function per variant
 #
 # A variant's code is one C-callable function, its *worker*: ``worker(phase, s, t, g, labels, P, st, part,
-# out_loss, rows, n, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as addresses (int64),
-# flags as 0/1; ``c`` is the end of the share of rows for PHASE_ROW, the chunk for the chunk phases. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
+# out_loss, rows, n, lds, ldt, ldg, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as addresses
+# (int64), flags as 0/1; ``n`` classes are computed, ``lds``/``ldt``/``ldg`` are the row lengths of
+# ``s``/``t``/``g`` in memory (larger than ``n`` where vocabularies padded to other widths are truncated);
+# ``c`` is the end of the share of rows for PHASE_ROW, the chunk for the chunk phases. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
 # every variant: Numba's parfor passes, the costliest part of a parallel kernel's compile, run once per
 # dtype instead of once per variant, and the C ABI calls the same workers through the same driver.
 
-WORKER_ARGS = (types.int64,) * 16 + (types.float64,)
+WORKER_ARGS = (types.int64,) * 19 + (types.float64,)
 WORKER_SIG = types.void(*WORKER_ARGS)
 _STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0)}
 
@@ -667,11 +669,11 @@ def _address_as(typingctx, addr, like):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_loss, rows, n, r, c, has_labels,  # type: ignore[no-untyped-def]  # noqa: E501
-                 ignore_index, want_grad, scale):
+def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, r, c,  # type: ignore[no-untyped-def]  # noqa: E501
+                 has_labels, ignore_index, want_grad, scale):
     """Call the worker at address ``worker`` (a function of :data:`WORKER_SIG`)."""
-    argtys = (phase, s, t, g, labels, P, st, part, out_loss, rows, n, r, c, has_labels, ignore_index, want_grad,
-              scale)
+    argtys = (phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, r, c, has_labels, ignore_index,
+              want_grad, scale)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         fnty = ir.FunctionType(ir.VoidType(), [context.get_value_type(a) for a in WORKER_ARGS])
@@ -712,14 +714,14 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
     DIV, CE, LIN, PW = div, ce, lin, pw  # (the passes' literal arguments)
 
     @cfunc(WORKER_SIG, **JIT_C)
-    def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, r, c, has_lab, ignore_index, grad_flag,  # type: ignore[no-untyped-def]  # noqa: E501
-             scale):
+    def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, lds, ldt, ldg, r, c, has_lab, ignore_index,  # type: ignore[no-untyped-def]  # noqa: E501
+             grad_flag, scale):
         has_labels = has_lab != 0
         want_grad = grad_flag != 0
-        s = carray(_address_as(sp, ST), (rows, n))
-        t = carray(_address_as(tp, ST), (rows, n))
+        s = carray(_address_as(sp, ST), (rows, lds))
+        t = carray(_address_as(tp, ST), (rows, ldt))
         # a loss-only call's gradient is a (1, 1) stand-in
-        g = carray(_address_as(gp, ST), (rows if want_grad else 1, n if want_grad else 1))
+        g = carray(_address_as(gp, ST), (rows if want_grad else 1, ldg if want_grad else 1))
         labels = carray(_address_as(lp, np.int64(0)), (rows if has_labels else 0,))
         P = carray(_address_as(pp, 0.0), (N_PARAMS,))
         st = carray(_address_as(stp, 0.0), (N_STATS,))
@@ -814,14 +816,18 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
     fewer rows than threads (``nthreads``, the caller's count) and they are long, each row's passes
     split into column chunks spread over threads.
 
-    ``s``, ``t`` C-contiguous ``(rows, n)``; ``labels`` int64 ``(rows,)`` (ignored unless ``has_labels``);
+    ``s``, ``t`` C-contiguous ``(rows, *)``, computed on their first ``n = min`` of both widths (equal
+    unless padded vocabularies are truncated); ``labels`` int64 ``(rows,)`` (ignored unless ``has_labels``);
     ``P`` the packed float64 parameters; ``scale`` multiplies the gradient (the reduction factor);
     ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored rows); ``grad``
     (``s``'s shape and dtype, may be ``s`` itself; any ``(1, 1)`` array when not ``want_grad``) receives
     the gradient when ``want_grad``; ``two_pass``: the variant's divergence needs the PHASE_DIV2 pass.
     Labels must already be validated.
     """
-    rows, n = s.shape
+    rows, lds = s.shape
+    ldt = t.shape[1]
+    ldg = grad.shape[1]
+    n = min(lds, ldt)
     sp = s.ctypes.data
     tp = t.ctypes.data
     gp = grad.ctypes.data
@@ -839,8 +845,8 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
             r0 = ki * per
             r1 = min(rows, r0 + per)
             if r0 < r1:
-                _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ki * (N_STATS * 8), 0, op, rows, n, r0, r1,
-                             has_labels, ignore_index, want_grad, scale)
+                _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ki * (N_STATS * 8), 0, op, rows, n, lds, ldt, ldg,
+                             r0, r1, has_labels, ignore_index, want_grad, scale)
         keep_alive(stats)
         return
     nchunks = (n + CHUNK - 1) // CHUNK
@@ -859,17 +865,17 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
         # the passes over chunks, each followed by the merge of its statistics; the loss; the gradient
         for phase in range(PHASE_MAX, (PHASE_DIV2 if two_pass else PHASE_STATS) + 1):
             for c in prange(nchunks):
-                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, np.int64(c),
-                             has_labels, ignore_index, want_grad, scale)
+                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r,
+                             np.int64(c), has_labels, ignore_index, want_grad, scale)
             _merge(st, part, PHASE_FIRST[phase], PHASE_LAST[phase])
-        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, 0, has_labels,
-                     ignore_index, want_grad, scale)
+        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r, 0,
+                     has_labels, ignore_index, want_grad, scale)
         if want_grad:
             for c in prange(nchunks):
-                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, np.int64(c),
-                             has_labels, ignore_index, want_grad, scale)
-            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, r, 0, has_labels,
-                         ignore_index, want_grad, scale)
+                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r,
+                             np.int64(c), has_labels, ignore_index, want_grad, scale)
+            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r, 0,
+                         has_labels, ignore_index, want_grad, scale)
     keep_alive(part)
     keep_alive(st)
 
