@@ -211,15 +211,17 @@ def floor_kernels() -> dict:
     jit = dict(parallel=True, cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"},
                error_model="numpy", nogil=True)
 
+    # each block works on slices of its own: indexing the whole flat array with the block's global index
+    # compiled to a loop LLVM did not vectorize, a "floor" 2-5x slower than NumPy's own sum
     @njit(**jit)
     def read1(a, partial):  # type: ignore[no-untyped-def]
         n = a.size
         for k in prange(partial.size):
             lo = k * BLOCK
-            hi = min(n, lo + BLOCK)
+            x = a[lo:min(n, lo + BLOCK)]
             acc = np.float32(0.0)
-            for i in range(lo, hi):
-                acc += a[i]
+            for i in range(x.shape[0]):
+                acc += x[i]
             partial[k] = acc
         return partial.sum()
 
@@ -229,9 +231,11 @@ def floor_kernels() -> dict:
         for k in prange(partial.size):
             lo = k * BLOCK
             hi = min(n, lo + BLOCK)
+            x = a[lo:hi]
+            y = b[lo:hi]
             acc = np.float32(0.0)
-            for i in range(lo, hi):
-                acc += a[i] + b[i]
+            for i in range(x.shape[0]):
+                acc += x[i] + y[i]
             partial[k] = acc
         return partial.sum()
 
@@ -241,8 +245,10 @@ def floor_kernels() -> dict:
         for k in prange((n + BLOCK - 1) // BLOCK):
             lo = k * BLOCK
             hi = min(n, lo + BLOCK)
-            for i in range(lo, hi):
-                out[i] = a[i] * np.float32(0.5)
+            x = a[lo:hi]
+            o = out[lo:hi]
+            for i in range(x.shape[0]):
+                o[i] = x[i] * np.float32(0.5)
 
     @njit(**jit)
     def rw2(a, b, out):  # type: ignore[no-untyped-def]
@@ -250,8 +256,11 @@ def floor_kernels() -> dict:
         for k in prange((n + BLOCK - 1) // BLOCK):
             lo = k * BLOCK
             hi = min(n, lo + BLOCK)
-            for i in range(lo, hi):
-                out[i] = a[i] - b[i]
+            x = a[lo:hi]
+            y = b[lo:hi]
+            o = out[lo:hi]
+            for i in range(x.shape[0]):
+                o[i] = x[i] - y[i]
 
     _FLOOR_KERNELS.update(read1=read1, read2=read2, rw1=rw1, rw2=rw2)
     return _FLOOR_KERNELS
