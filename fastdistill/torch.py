@@ -153,6 +153,43 @@ def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Ten
     return _to_tensor(loss, cdtype, device), grad
 
 
+def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
+                        reduction: str, num_items: Any, want_grad: bool,
+                        group_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_run` for a vocabulary split over the ranks of a process group: this rank's tensors are
+    its contiguous shard of the classes (rank order), labels global ids. The shards' row statistics are
+    combined with ``all_reduce`` (a few float64 numbers per row and round, :mod:`fastdistill.sharded`);
+    the loss is the whole rows', the gradient this shard's."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    if student.device.type != "cpu":
+        raise NotImplementedError(
+            "vocab_parallel_group needs CPU tensors (a gloo group): the sharded kernels run on the CPU only "
+            f"so far, got a student on {student.device}"
+        )
+    if teacher.device != student.device:
+        raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {student.device}")
+    cdtype = _compute_dtype(student.dtype)
+    s = _prepare(student, cdtype)
+    t = _prepare(teacher, cdtype)
+    width = torch.tensor([s.shape[-1]], dtype=torch.int64)
+    widths = [torch.zeros_like(width) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(widths, width, group=group)
+    rank = dist.get_rank(group)
+    offset = int(sum(int(w) for w in widths[:rank]))
+    classes = int(sum(int(w) for w in widths))
+    lab = None if labels is None else _labels(labels, student.device).numpy()
+    shard = distiller.vocab_shard(s.numpy(), t.numpy(), lab, class_offset=offset, classes=classes,
+                                  reduction=reduction, num_items=num_items, want_grad=want_grad)
+    for buf, op in shard.exchanges():
+        dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=group)
+    loss, grad = shard.result()
+    return _to_tensor(loss, cdtype, student.device), (None if grad is None else _to_tensor(grad, cdtype, student.device))
+
+
 # ------------------------------------------------------------------ the custom op
 #
 # ``fastdistill::response`` is the one operation behind every loss of this module: a ``torch.library``
@@ -208,14 +245,19 @@ def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bo
 
 
 def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], call: list[float],
-                   num_items: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_items: Optional[torch.Tensor], group: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (0-dim, or per row for ``reduction="none"``) and, when the call wants it, its gradient
     with respect to ``student`` (else an empty tensor), both in the computation dtype (float32 for half
-    precision students). ``num_items``, when given, is the divisor of "mean" (read here, in forward)."""
+    precision students). ``num_items``, when given, is the divisor of "mean" (read here, in forward).
+    ``group``: the name of a ``torch.distributed`` process group whose ranks hold the vocabulary's
+    shards (``""``: none)."""
     distiller, reduction, n_items, want_grad = _decode(call)
     if num_items is not None:
         n_items = float(num_items.item())
-    loss, grad = _run(distiller, student, teacher, labels, reduction, n_items, want_grad)
+    if group:
+        loss, grad = _run_vocab_parallel(distiller, student, teacher, labels, reduction, n_items, want_grad, group)
+    else:
+        loss, grad = _run(distiller, student, teacher, labels, reduction, n_items, want_grad)
     if grad is None:
         grad = torch.empty(0, dtype=loss.dtype, device=loss.device)
     return loss, grad
@@ -225,7 +267,7 @@ _response_op = torch.library.custom_op(_OP, _response_impl, mutates_args=())
 
 
 @_response_op.register_fake
-def _response_fake(student, teacher, labels, call, num_items):  # type: ignore[no-untyped-def]
+def _response_fake(student, teacher, labels, call, num_items, group):  # type: ignore[no-untyped-def]
     cdtype = _compute_dtype(student.dtype)
     per_row = _reduction_of(call) == "none"
     loss = student.new_empty(student.shape[:-1] if per_row else (), dtype=cdtype)
@@ -283,7 +325,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: Any) -> tuple[An
             out = _once_differentiable(out)
     if out.dtype != ctx.student_dtype:
         out = out.to(ctx.student_dtype)
-    return out, None, None, None, None
+    return out, None, None, None, None, None
 
 
 def _once_differentiable(x: torch.Tensor) -> torch.Tensor:
@@ -305,9 +347,9 @@ class _EagerResponse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: Any, call: list[float],  # type: ignore[override]
-                num_items: Any) -> torch.Tensor:
-        loss, grad = _response_impl(student, teacher, labels, call, num_items)
-        _setup_context(ctx, (student, teacher, labels, call, num_items), (loss, grad))
+                num_items: Any, group: str) -> torch.Tensor:
+        loss, grad = _response_impl(student, teacher, labels, call, num_items, group)
+        _setup_context(ctx, (student, teacher, labels, call, num_items, group), (loss, grad))
         return loss
 
     @staticmethod
@@ -331,7 +373,7 @@ def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch
 
 
 def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: Any, reduction: str,
-              num_items: Any) -> torch.Tensor:
+              num_items: Any, group: Any = None) -> torch.Tensor:
     student = _check_tensor(student, "student")
     teacher = _check_tensor(teacher, "teacher")
     reduction = V.reduction(reduction)
@@ -342,11 +384,12 @@ def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: 
     n_items, n_items_tensor = _num_items_args(num_items, reduction)
     want_grad = torch.is_grad_enabled() and student.requires_grad
     call = _describe(distiller, reduction, n_items, want_grad)
+    group_name = "" if group is None else group.group_name
     if _plain_eager(student, teacher, lab, n_items_tensor):
         if want_grad:
-            return _EagerResponse.apply(student, teacher, lab, call, n_items_tensor)
-        return _response_impl(student, teacher, lab, call, n_items_tensor)[0]
-    loss, _ = torch.ops.fastdistill.response(student, teacher, lab, call, n_items_tensor)
+            return _EagerResponse.apply(student, teacher, lab, call, n_items_tensor, group_name)
+        return _response_impl(student, teacher, lab, call, n_items_tensor, group_name)[0]
+    loss, _ = torch.ops.fastdistill.response(student, teacher, lab, call, n_items_tensor, group_name)
     return loss
 
 
@@ -365,6 +408,10 @@ class DistillationLoss(torch.nn.Module):
     (default 0.1); ``temperature`` defaults to 1.0. With a ``DistilLoss`` as ``soft_loss`` these come
     from it (passing a different value raises ``InvalidParameterError``). ``vocab_mismatch="truncate"``
     computes on the first ``min`` of the student's and the teacher's classes when their widths differ.
+    ``vocab_parallel_group``: a ``torch.distributed`` process group whose ranks each hold a contiguous
+    shard of the classes (rank order, widths may differ) of the same rows, labels as global class ids;
+    the loss and each shard's gradient equal the unsharded ones, with a few float64 numbers per row
+    exchanged (CPU tensors, gloo).
 
     The parameters are attributes and may be changed between steps (e.g. a temperature schedule).
 
@@ -379,8 +426,9 @@ class DistillationLoss(torch.nn.Module):
                  soft_label_weight: float = 0.5, soft_loss: str | DistilLoss = "kl_divergence", *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  beta: float | None = None, alpha: float | None = None, t2_scale: bool | None = None,
-                 vocab_mismatch: str = "error") -> None:
+                 vocab_mismatch: str = "error", vocab_parallel_group: Any = None) -> None:
         super().__init__()
+        self.vocab_parallel_group = vocab_parallel_group
         self._cfg: dict[str, Any] = {}
         self._distiller: ResponseDistiller | None = None
         self._set(soft_loss=soft_loss, temperature=temperature, beta=beta, alpha=alpha, t2_scale=t2_scale,
@@ -509,7 +557,8 @@ class DistillationLoss(torch.nn.Module):
                 labels: torch.Tensor | None = None, num_items: Any = None) -> torch.Tensor:
         """The loss: a 0-dim tensor, or one value per row (``student_logits.shape[:-1]``) for
         ``reduction="none"``. Differentiable with respect to ``student_logits`` only."""
-        return _response(self.distiller, student_logits, teacher_logits, labels, self._reduction, num_items)
+        return _response(self.distiller, student_logits, teacher_logits, labels, self._reduction, num_items,
+                         self.vocab_parallel_group)
 
     def extra_repr(self) -> str:
         d = self.distiller

@@ -61,9 +61,13 @@ def stray_signatures() -> list[str]:
                  arr(T.float64, 1, False), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False), T.int64,
                  T.boolean)
         softmax = (arr(dt, 2, False), T.float64, arr(dt, 2, False))
-        out += [drive, softmax]
+        shard = (T.int64, T.int64, arr(dt, 2, False), arr(dt, 2, False), arr(T.int64, 1, False), T.boolean, T.int64,
+                 arr(T.float64, 1, False), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False),
+                 arr(T.float64, 2, False), T.int64)
+        out += [drive, softmax, shard]
     allowed = set(out)
     stray = [f"{K.drive.py_func.__name__}{sig}" for sig in K.drive.signatures if sig not in allowed]
+    stray += [f"{K.drive_shard.py_func.__name__}{sig}" for sig in K.drive_shard.signatures if sig not in allowed]
     for kernel in K._SOFTMAX.values():
         stray += [f"softmax{sig}" for sig in kernel.signatures if sig not in allowed]
     return stray

@@ -32,7 +32,7 @@ def _batch(rows=6, n=11, dtype=torch.float32, seed=0, shape=None):
 def _args(distiller, s, t, y, reduction="mean", num_items=None, num_items_tensor=None, want_grad=True):
     from fastdistill.torch import _describe
 
-    return (s, t, y, _describe(distiller, reduction, num_items, want_grad), num_items_tensor)
+    return (s, t, y, _describe(distiller, reduction, num_items, want_grad), num_items_tensor, "")
 
 
 # ------------------------------------------------------------------ opcheck

@@ -60,6 +60,14 @@ def as_kernel_input(a: np.ndarray) -> np.ndarray:
     return np.asarray(_Alias(a))
 
 
+def _address(variant: Variant) -> int:
+    """The address of ``variant``'s worker (compiled or loaded on first use)."""
+    address = _ADDRESSES.get(variant)
+    if address is None:
+        address = _ADDRESSES[variant] = K.worker(variant).address
+    return address
+
+
 def _threads_for(size: int) -> tuple[int, int]:
     """(Numba threads for a call on ``size`` logits, the caller's current setting)."""
     n = numba.get_num_threads()
@@ -95,9 +103,7 @@ def response(
     ``params`` is ``Terms.pack()`` of the call's terms. ``s`` and ``t`` may differ in width (truncated
     vocabularies): the first ``min`` of both classes are computed.
     """
-    address = _ADDRESSES.get(variant)
-    if address is None:
-        address = _ADDRESSES[variant] = K.worker(variant).address
+    address = _address(variant)
     out_loss = np.empty(s.shape[0], dtype=np.float64)
     if want_grad:
         grad = grad_out if grad_out is not None else np.empty_like(s)
@@ -132,3 +138,27 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
         out = np.empty_like(x)
     _launch(K.softmax_kernel(log), _threads_for(x.size), as_kernel_input(x), float(1.0 / tau), out)
     return out
+
+
+def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels: np.ndarray | None,
+               params: np.ndarray, ignore_index: int, scale: float, want_grad: bool, out_loss: np.ndarray,
+               grad: np.ndarray | None, stats: np.ndarray, classes: int) -> None:
+    """One step of a vocabulary shard's computation (:func:`fastdistill.cpu._kernels.drive_shard`)."""
+    _launch(
+        K.drive_shard,
+        _threads_for(s.size),
+        _address(variant),
+        np.int64(step),
+        as_kernel_input(s),
+        as_kernel_input(t),
+        as_kernel_input(labels) if labels is not None else _NO_LABELS,
+        labels is not None,
+        ignore_index,
+        params,
+        float(scale),
+        want_grad,
+        out_loss,
+        grad if grad is not None else _no_grad(s.dtype),
+        stats,
+        np.int64(classes),
+    )

@@ -91,8 +91,11 @@ def _literal_values(*tys):  # type: ignore[no-untyped-def]
 
 
 # statistics of one row (float64 vector), filled by the passes
-S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_KP, S_KQ, S_R, S_T, S_G = range(18)
-N_STATS = 18
+S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_LAB, S_KP, S_KQ, S_R, S_T, S_G = (
+    range(19))
+N_STATS = 19
+# (S_LAB: the student's logit at the row's label, summed over the chunks or shards of a split row; only
+# the one holding the label adds it)
 # statistics that are maxima (merged with max) and those that are sums (merged with +)
 N_MAX = 2
 
@@ -645,14 +648,17 @@ PHASE_LAST = (0, S_SA, S_KP, N_STATS)
 # ---------------------------------------------------------------- workers: one compiled function per variant
 #
 # A variant's code is one C-callable function, its *worker*: ``worker(phase, s, t, g, labels, P, st, part,
-# out_loss, rows, n, lds, ldt, ldg, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as addresses
-# (int64), flags as 0/1; ``n`` classes are computed, ``lds``/``ldt``/``ldg`` are the row lengths of
+# out_loss, rows, n, lds, ldt, ldg, classes, r, c, has_labels, ignore_index, want_grad, scale)``, arrays as
+# addresses (int64), flags as 0/1; ``n`` classes are computed (of ``classes`` in the whole row: more in a
+# shard of a vocabulary split across processes), ``lds``/``ldt``/``ldg`` are the row lengths of
 # ``s``/``t``/``g`` in memory (larger than ``n`` where vocabularies padded to other widths are truncated);
 # ``c`` is the end of the share of rows for PHASE_ROW, the chunk for the chunk phases. The parallel loops that call it are one compiled driver per dtype (:func:`drive`), shared by
 # every variant: Numba's parfor passes, the costliest part of a parallel kernel's compile, run once per
 # dtype instead of once per variant, and the C ABI calls the same workers through the same driver.
 
-WORKER_ARGS = (types.int64,) * 19 + (types.float64,)
+WORKER_ARGS = (types.int64,) * 20 + (types.float64,)
+# the label of a row whose class lies in another shard of the vocabulary (see ``drive_shard``)
+LABEL_ELSEWHERE = -2
 WORKER_SIG = types.void(*WORKER_ARGS)
 _STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0)}
 
@@ -669,11 +675,11 @@ def _address_as(typingctx, addr, like):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, r, c,  # type: ignore[no-untyped-def]  # noqa: E501
-                 has_labels, ignore_index, want_grad, scale):
+def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, classes,  # type: ignore[no-untyped-def]  # noqa: E501
+                 r, c, has_labels, ignore_index, want_grad, scale):
     """Call the worker at address ``worker`` (a function of :data:`WORKER_SIG`)."""
-    argtys = (phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, r, c, has_labels, ignore_index,
-              want_grad, scale)
+    argtys = (phase, s, t, g, labels, P, st, part, out_loss, rows, n, lds, ldt, ldg, classes, r, c, has_labels,
+              ignore_index, want_grad, scale)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         fnty = ir.FunctionType(ir.VoidType(), [context.get_value_type(a) for a in WORKER_ARGS])
@@ -714,8 +720,8 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
     DIV, CE, LIN, PW = div, ce, lin, pw  # (the passes' literal arguments)
 
     @cfunc(WORKER_SIG, **JIT_C)
-    def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, lds, ldt, ldg, r, c, has_lab, ignore_index,  # type: ignore[no-untyped-def]  # noqa: E501
-             grad_flag, scale):
+    def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, lds, ldt, ldg, classes, r, c, has_lab,  # type: ignore[no-untyped-def]  # noqa: E501
+             ignore_index, grad_flag, scale):
         has_labels = has_lab != 0
         want_grad = grad_flag != 0
         s = carray(_address_as(sp, ST), (rows, lds))
@@ -772,20 +778,25 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
                     _pass_label_smoothing(sr, stats)
                 if lin:
                     _pass_linear(sr, tr, stats)
+                if not whole and lo <= lab < hi:
+                    stats[S_LAB] += np.float64(s[ri, lab])
             if whole or phase == PHASE_DIV2:
                 if div == DIV_MIXTURE or div == DIV_TVD:
                     _pass_div2(sr, tr, stats, P, kdiv)
             if whole or phase == PHASE_LOSS:
                 _finish_stats(stats, kdiv, kce)
-                hard = lab >= 0
-                s_label = np.float64(s[ri, lab]) if hard else 0.0
-                out_loss[ri] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, n)
+                hard = lab >= 0 or lab == LABEL_ELSEWHERE
+                s_label = 0.0
+                if hard:
+                    s_label = np.float64(s[ri, lab]) if whole else stats[S_LAB]
+                out_loss[ri] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, classes)
             if want_grad and (whole or phase == PHASE_GRAD):
                 gr = borrowed(g, ri, lo, hi)
                 if _undefined(stats, kdiv, kce):
                     _fill_nan(gr)
                 else:
-                    _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0, scale, n, DIV, CE, LIN, PW)
+                    _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0 or lab == LABEL_ELSEWHERE, scale, classes, DIV, CE,
+                               LIN, PW)
             if want_grad and (whole or phase == PHASE_LABEL):
                 if ce != CE_NONE and lab >= 0 and not _undefined(stats, kdiv, kce):
                     _grad_label(borrowed(g, ri, 0, n), lab, P, scale)
@@ -846,7 +857,7 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
             r1 = min(rows, r0 + per)
             if r0 < r1:
                 _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp + ki * (N_STATS * 8), 0, op, rows, n, lds, ldt, ldg,
-                             r0, r1, has_labels, ignore_index, want_grad, scale)
+                             n, r0, r1, has_labels, ignore_index, want_grad, scale)
         keep_alive(stats)
         return
     nchunks = (n + CHUNK - 1) // CHUNK
@@ -865,19 +876,90 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
         # the passes over chunks, each followed by the merge of its statistics; the loss; the gradient
         for phase in range(PHASE_MAX, (PHASE_DIV2 if two_pass else PHASE_STATS) + 1):
             for c in prange(nchunks):
-                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r,
+                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r,
                              np.int64(c), has_labels, ignore_index, want_grad, scale)
             _merge(st, part, PHASE_FIRST[phase], PHASE_LAST[phase])
-        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r, 0,
+        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r, 0,
                      has_labels, ignore_index, want_grad, scale)
         if want_grad:
             for c in prange(nchunks):
-                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r,
+                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r,
                              np.int64(c), has_labels, ignore_index, want_grad, scale)
-            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, r, 0,
+            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r, 0,
                          has_labels, ignore_index, want_grad, scale)
     keep_alive(part)
     keep_alive(st)
+
+
+# steps of a vocabulary shard (``drive_shard``), and the statistics each leaves to be combined across the
+# shards: maxima [0, N_MAX) with max; then sums [N_MAX, S_KP) (the NaN count of the max step included) and,
+# for mixtures and TVD, [S_KP, N_STATS) with +
+SHARD_MAX = PHASE_MAX
+SHARD_SUMS = PHASE_STATS
+SHARD_DIV2 = PHASE_DIV2
+SHARD_FINISH = PHASE_LOSS
+SHARD_EXCHANGE = {SHARD_MAX: (0, N_MAX, "max"), SHARD_SUMS: (N_MAX, S_KP, "sum"), SHARD_DIV2: (S_KP, N_STATS, "sum")}
+
+
+@njit(parallel=True, **JIT)
+def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,  # type: ignore[no-untyped-def]  # noqa: E501
+                stats, classes):
+    """One step of a row batch whose classes are split across shards (processes holding contiguous
+    column ranges of the same rows): ``s``/``t`` are this shard's columns, ``stats`` ``(rows, N_STATS)``
+    float64 the rows' statistics, carried from step to step.
+
+    ``step`` SHARD_MAX / SHARD_SUMS / SHARD_DIV2: this shard's part of the statistics (the caller then
+    combines the columns ``SHARD_EXCHANGE[step]`` over the shards: maxima with max, sums with +);
+    SHARD_FINISH: the row losses into ``out_loss`` (the same on every shard) and this shard's gradient.
+    ``labels`` are local: a column of this shard, ``LABEL_ELSEWHERE`` for a label in another shard, or
+    ``ignore_index``. ``classes`` is the width of the whole row. Rows run in parallel, each row's columns
+    in chunks as on the split path of :func:`drive`.
+    """
+    rows, lds = s.shape
+    ldt = t.shape[1]
+    ldg = grad.shape[1]
+    n = min(lds, ldt)
+    nchunks = (n + CHUNK - 1) // CHUNK
+    sp = s.ctypes.data
+    tp = t.ctypes.data
+    gp = grad.ctypes.data
+    lp = labels.ctypes.data
+    pp = P.ctypes.data
+    op = out_loss.ctypes.data
+    k0 = PHASE_FIRST[min(step, SHARD_DIV2)]
+    k1 = PHASE_LAST[min(step, SHARD_DIV2)]
+    for r in prange(rows):
+        ri = np.int64(r)
+        counted, lab = _label_of(has_labels, labels, r, ignore_index)
+        st = stats[r]
+        stp = stats.ctypes.data + ri * (N_STATS * 8)
+        if not counted:
+            out_loss[r] = 0.0
+            for k in range(N_STATS):  # (combined with the other shards' values: finite, never read)
+                st[k] = 0.0
+            if want_grad and step == SHARD_FINISH:
+                grad[r, :] = 0
+            continue
+        if step == SHARD_MAX:
+            _reset(st)
+        if step < SHARD_FINISH:
+            part = np.empty((nchunks, N_STATS), dtype=np.float64)
+            partp = part.ctypes.data
+            for c in range(nchunks):
+                _call_worker(worker, step, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, classes, ri,
+                             np.int64(c), has_labels, ignore_index, want_grad, scale)
+            _merge(st, part, k0, k1)
+            keep_alive(part)
+            continue
+        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri, 0,
+                     has_labels, ignore_index, want_grad, scale)
+        if want_grad:
+            for c in range(nchunks):
+                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri,
+                             np.int64(c), has_labels, ignore_index, want_grad, scale)
+            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri, 0,
+                         has_labels, ignore_index, want_grad, scale)
+    keep_alive(stats)
 
 
 # ---------------------------------------------------------------- softmax

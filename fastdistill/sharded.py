@@ -1,0 +1,153 @@
+"""A response loss whose classes are split across processes (vocabulary / tensor parallelism).
+
+Each process holds a contiguous column range -- its *shard* -- of the student's and the teacher's logits
+for the same rows, and the labels as global class ids. The loss needs each row's maxima and sums over
+all shards; the kernels compute a row in passes of row statistics, so a shard computes its part of the
+statistics, the caller combines them across the shards with its own communication (``max`` where the
+statistic is a maximum, ``sum`` where it is a sum), and the next pass continues from the combined
+values. Every shard then holds the same row losses and writes its own columns of the gradient.
+
+    shard = distiller.vocab_shard(s_shard, t_shard, labels, class_offset=offset, classes=vocab)
+    for buf, op in shard.exchanges():        # 2 rounds, 3 for mixture divergences and TVD
+        allreduce(buf, op)                   # in place: op is "max" or "sum"
+    loss, grad = shard.result()              # grad: this shard's columns
+
+Per row a round exchanges 2 (max), 12 (sum) and, for mixtures and TVD, 5 (sum) float64 numbers:
+112 bytes per row for KL-type losses and cross-entropy, 152 for JSD, skew KLs and TVD, never anything
+of size ``rows x classes``. Any communication library works (``torch.distributed.all_reduce`` on
+``torch.from_numpy(buf)``, mpi4py's ``Allreduce(MPI.IN_PLACE, buf, op)``). CPU arrays only.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import _dispatch
+from . import _validate as V
+from .errors import DimensionMismatchError, InvalidParameterError
+
+# a label the kernels can never confuse with a column of the shard (ignore_index may be >= 0)
+_IGNORED = np.iinfo(np.int64).min
+
+
+class VocabShard:
+    """One shard's part of a :class:`~fastdistill.ResponseDistiller` loss (see the module docstring).
+
+    Built by :meth:`ResponseDistiller.vocab_shard`. ``exchanges()`` yields, round by round, a contiguous
+    float64 ``(rows, k)`` array and ``"max"`` or ``"sum"``: combine it in place across the shards (all
+    shards in the same order of rounds) before taking the next. ``result()`` then returns ``(loss,
+    grad)``: the loss of the whole rows (equal on every shard; a float, or per row for
+    ``reduction="none"``) and the gradient of this shard's columns (``None`` unless ``want_grad``).
+    """
+
+    def __init__(self, distiller: Any, student: Any, teacher: Any, labels: Any, *, class_offset: int,
+                 classes: int, reduction: str = "mean", num_items: Any = None, want_grad: bool = True,
+                 grad_out: Any = None) -> None:
+        s = V.host_array(student, "student")
+        t = V.host_array(teacher, "teacher")
+        V.check_pair(s.shape, s.dtype, t.shape, t.dtype)
+        width = int(s.shape[-1])
+        offset = V.integer(class_offset, "class_offset")
+        total = V.integer(classes, "classes")
+        if offset < 0 or offset + width > total:
+            raise DimensionMismatchError(
+                expected=total, got=offset + width,
+                message=f"the shard's columns [{offset}, {offset + width}) do not lie in the {total} classes "
+                f"of the whole row (class_offset={offset}, shard width {width}, classes={total})",
+            )
+        lab = None
+        n_counted = 0
+        if labels is not None:
+            l_shape, l_dtype = V.shape_dtype(labels)
+            V.check_labels_meta(l_shape, l_dtype, s.shape)
+            glob, n_counted = V.host_labels(labels, total, distiller.ignore_index)  # global ids, range checked
+            local = glob - offset
+            ignored = glob == distiller.ignore_index
+            lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
+        call = _dispatch._resolve(distiller.terms, s.shape, s.dtype, width, labels is not None, _IGNORED, reduction,
+                                  num_items, want_grad, distiller.hard_label_weight != 0.0)
+        if t.dtype != s.dtype:
+            t = t.astype(s.dtype)
+        self._call = call
+        self._s = V.rows_2d(s)
+        self._t = V.rows_2d(t)
+        self._lab = lab
+        self._classes = total
+        div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
+        self._scale = 1.0 / div if div > 0 else 0.0
+        self._grad_out = grad_out
+        self._grad = None
+        if call.want_grad:
+            g = (V.grad_out(grad_out, call.shape, s.dtype, (t, lab)) if grad_out is not None
+                 else np.empty(call.shape, dtype=s.dtype))
+            self._grad = g.reshape(self._s.shape)
+        self._out = np.empty(call.rows, dtype=np.float64)
+        self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
+        self._next = 0  # rounds handed out
+        self._pending: tuple | None = None  # the last round's buffer, until it is read back
+        self._done = False
+
+    def _steps(self) -> list[int]:
+        K = _K()
+        return [K.SHARD_MAX, K.SHARD_SUMS] + ([K.SHARD_DIV2] if self._call.variant.two_pass else [])
+
+    @property
+    def rounds(self) -> int:
+        """How many exchanges the loss needs (2, or 3 for mixture divergences and TVD)."""
+        return len(self._steps())
+
+    def _run(self, step: int) -> None:
+        from . import cpu
+
+        c = self._call
+        cpu.shard_step(c.variant, step, self._s, self._t, self._lab, _dispatch.packed(c.terms), _IGNORED,
+                       self._scale, c.want_grad, self._out, self._grad, self._stats, self._classes)
+
+    def exchanges(self) -> Iterator[tuple[np.ndarray, str]]:
+        """The rounds: ``(buffer, op)`` to combine in place across the shards, one after the other (each
+        round's buffer is read back when the next is asked for, or by :meth:`result`)."""
+        if self._next:
+            raise InvalidParameterError("a VocabShard's exchanges() can be taken once")
+        K = _K()
+        for step in self._steps():
+            self._take_back()
+            self._run(step)
+            k0, k1, op = K.SHARD_EXCHANGE[step]
+            buf = np.ascontiguousarray(self._stats[:, k0:k1])
+            self._pending = (k0, k1, buf)
+            self._next += 1
+            yield buf, op
+
+    def _take_back(self) -> None:
+        """The combined values of the round handed out last."""
+        if self._pending is not None:
+            k0, k1, buf = self._pending
+            self._stats[:, k0:k1] = buf
+            self._pending = None
+
+    def result(self) -> tuple[Any, Any]:
+        """``(loss, grad of this shard's columns)``, once every round has been combined."""
+        if not self._done:
+            if self._next < self.rounds:
+                raise InvalidParameterError(
+                    f"VocabShard.result() needs all {self.rounds} exchanges combined first ({self._next} taken)"
+                )
+            self._take_back()
+            self._run(_K().SHARD_FINISH)
+            self._done = True
+        c = self._call
+        loss = _dispatch.reduce_rows(self._out, c.reduction, self._scale, c.shape, self._s.dtype)
+        grad = None
+        if c.want_grad:
+            grad = self._grad_out if self._grad_out is not None else self._grad.reshape(c.shape)
+        return loss, grad
+
+
+def _K():  # type: ignore[no-untyped-def]
+    from .cpu import _kernels
+
+    return _kernels
+
+
+__all__ = ["VocabShard"]

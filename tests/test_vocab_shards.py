@@ -1,0 +1,226 @@
+"""Losses over a vocabulary split across shards (``ResponseDistiller.vocab_shard``): the shards' results,
+combined in-process and over real ``torch.distributed`` process groups (gloo, spawned processes),
+equal the unsharded computation (its own float64 reference and the kernels on the whole rows)."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+import fastdistill as fd
+
+from reference import response_rows
+
+IGNORE = -100
+
+LOSSES = [
+    ("kl_divergence", lambda: fd.DistilLoss.kl_divergence(2.0), {}),
+    ("kl_divergence", lambda: fd.DistilLoss.kl_divergence(4.0), {}),  # the power variant
+    ("kl_divergence", lambda: fd.DistilLoss.kl_divergence(1.0), {}),  # CE sharing the normaliser
+    ("reverse_kl", lambda: fd.DistilLoss.reverse_kl(3.0), {}),
+    ("jsd", lambda: fd.DistilLoss.jsd(0.3, 2.0), {"param": 0.3}),
+    ("skew_kl", lambda: fd.DistilLoss.skew_kl(0.2, 2.0), {"param": 0.2}),
+    ("skew_reverse_kl", lambda: fd.DistilLoss.skew_reverse_kl(0.2, 2.0), {"param": 0.2}),
+    ("tvd", lambda: fd.DistilLoss.tvd(2.0), {}),
+    ("mse", lambda: fd.DistilLoss.mse(), {}),
+    ("cosine", lambda: fd.DistilLoss.cosine(), {}),
+]
+
+
+def combine_in_process(shards):
+    """Run the shards' rounds side by side, combining each with NumPy (what an all-reduce does)."""
+    gens = [sh.exchanges() for sh in shards]
+    for items in zip(*gens):
+        ops = {op for _, op in items}
+        assert len(ops) == 1
+        bufs = [b for b, _ in items]
+        combined = np.max(bufs, axis=0) if ops == {"max"} else np.sum(bufs, axis=0)
+        for b in bufs:
+            b[...] = combined
+    return [sh.result() for sh in shards]
+
+
+def _batch(rows, classes, dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    s = (rng.normal(size=(rows, classes)) * 2).astype(dtype)
+    t = (rng.normal(size=(rows, classes)) * 2).astype(dtype)
+    y = rng.integers(0, classes, size=rows)
+    y[::4] = IGNORE
+    return s, t, y
+
+
+@pytest.mark.parametrize("kind,make,extra", LOSSES)
+@pytest.mark.parametrize("cuts", [(0, 13, 31, 50), (0, 1, 50), (0, 25, 50)])
+def test_shards_equal_the_whole_rows(kind, make, extra, cuts):
+    s, t, y = _batch(11, 50)
+    soft = make()
+    hard_w = 0.0 if kind in ("mse", "cosine") else 0.4
+    d = fd.ResponseDistiller(soft, hard_w, 0.6, label_smoothing=0.1 if hard_w else 0.0)
+    ref_rows, keep = response_rows(s, t, y, hard_w, 0.6, kind, soft.temperature, extra.get("param", 0.5),
+                                   eps=0.1 if hard_w else 0.0)
+    whole_loss, whole_grad = d.loss_and_grad(s, t, y)
+    assert whole_loss == pytest.approx(ref_rows[keep].sum() / keep.sum(), rel=1e-10)
+    shards = [d.vocab_shard(s[:, a:b], t[:, a:b], y, class_offset=a, classes=50) for a, b in zip(cuts, cuts[1:])]
+    assert shards[0].rounds == (3 if kind in ("jsd", "skew_kl", "skew_reverse_kl", "tvd") else 2)
+    results = combine_in_process(shards)
+    for loss, _ in results:
+        assert loss == pytest.approx(whole_loss, rel=1e-12, abs=1e-15)
+    grad = np.concatenate([g for _, g in results], axis=1)
+    np.testing.assert_allclose(grad, whole_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_num_items_float32_and_no_labels(reduction):
+    s, t, y = _batch(7, 40, np.float32, seed=3)
+    d = fd.ResponseDistiller.balanced()
+    kw = {"num_items": 100.0} if reduction == "mean" else {}
+    whole = d.loss_and_grad(s, t, y, reduction=reduction, **kw)
+    cuts = (0, 17, 40)
+    results = combine_in_process([d.vocab_shard(s[:, a:b], t[:, a:b], y, class_offset=a, classes=40,
+                                                 reduction=reduction, **kw) for a, b in zip(cuts, cuts[1:])])
+    np.testing.assert_allclose(results[0][0], whole[0], rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([g for _, g in results], axis=1), whole[1], rtol=1e-5, atol=1e-6)  # float32 sums in another order
+    pure = fd.ResponseDistiller.pure_kl(3.0)
+    loss, _ = pure.loss_and_grad(s, t)
+    res = combine_in_process([pure.vocab_shard(s[:, a:b], t[:, a:b], class_offset=a, classes=40, want_grad=False)
+                              for a, b in zip(cuts, cuts[1:])])
+    assert res[0][0] == pytest.approx(loss, rel=1e-6) and res[0][1] is None
+
+
+def test_long_shards_leading_dims_and_grad_out():
+    # shards wider than a chunk (their rows are processed in column chunks), (B, T, V) inputs
+    s, t, y = _batch(6, 40_000, seed=5)
+    d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.5, 2.0), 0.5, 0.5)
+    whole_loss, whole_grad = d.loss_and_grad(s, t, y)
+    cuts = (0, 17_001, 40_000)
+    bufs = [np.empty((2, 3, b - a)) for a, b in zip(cuts, cuts[1:])]
+    shards = [d.vocab_shard(s[:, a:b].reshape(2, 3, -1), t[:, a:b].reshape(2, 3, -1), y.reshape(2, 3),
+                            class_offset=a, classes=40_000, grad_out=buf) for (a, b), buf in zip(zip(cuts, cuts[1:]), bufs)]
+    results = combine_in_process(shards)
+    assert results[0][0] == pytest.approx(whole_loss, rel=1e-12)
+    assert results[0][1] is bufs[0]
+    np.testing.assert_allclose(np.concatenate(bufs, axis=-1).reshape(6, -1), whole_grad, rtol=1e-10, atol=1e-15)
+
+
+def test_bad_shards_are_refused():
+    s, t, y = _batch(4, 30)
+    d = fd.ResponseDistiller.balanced()
+    with pytest.raises(fd.DimensionMismatchError, match=r"columns \[20, 35\) do not lie in the 30 classes"):
+        d.vocab_shard(s[:, :15], t[:, :15], y, class_offset=20, classes=30)
+    with pytest.raises(fd.LabelOutOfRangeError, match="out of range for 30 classes"):
+        d.vocab_shard(s[:, :15], t[:, :15], np.full(4, 30), class_offset=0, classes=30)
+    with pytest.raises(fd.TeacherStudentMismatchError):
+        d.vocab_shard(s[:, :15], t[:, :14], y, class_offset=0, classes=30)
+    sh = d.vocab_shard(s[:, :15], t[:, :15], y, class_offset=0, classes=30)
+    with pytest.raises(fd.InvalidParameterError, match="needs all 2 exchanges combined first"):
+        sh.result()
+
+
+# ------------------------------------------------------------------ real process groups
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_ranks(target, world, cuts):
+    """``target(rank, world, port, cuts, queue)`` in ``world`` spawned processes: {rank: what it put}."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, cuts, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=240) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def _rank_main(rank, world, port, cuts, queue):  # runs in a spawned process
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s, t, y = _batch(10, cuts[-1], seed=11)
+        a, b = cuts[rank], cuts[rank + 1]
+        out = {}
+        for name, soft in (("kl", fd.DistilLoss.kl_divergence(2.0)), ("jsd", fd.DistilLoss.jsd(0.5, 2.0))):
+            d = fd.ResponseDistiller(soft, 0.5, 0.5)
+            shard = d.vocab_shard(s[:, a:b], t[:, a:b], y, class_offset=a, classes=cuts[-1])
+            for buf, op in shard.exchanges():
+                dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            out[name] = shard.result()
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cuts", [(0, 23, 64), (0, 5, 40, 64)])
+def test_torch_distributed_gloo_ranks(cuts):
+    pytest.importorskip("torch")
+    world = len(cuts) - 1
+    results = _run_ranks(_rank_main, world, cuts)
+    s, t, y = _batch(10, cuts[-1], seed=11)
+    for name, soft in (("kl", fd.DistilLoss.kl_divergence(2.0)), ("jsd", fd.DistilLoss.jsd(0.5, 2.0))):
+        loss, grad = fd.ResponseDistiller(soft, 0.5, 0.5).loss_and_grad(s, t, y)
+        for r in range(world):
+            assert results[r][name][0] == pytest.approx(loss, rel=1e-10)
+            np.testing.assert_allclose(results[r][name][1], grad[:, cuts[r]:cuts[r + 1]], rtol=1e-10, atol=1e-15)
+
+
+def _module_rank_main(rank, world, port, cuts, queue):  # runs in a spawned process
+    import torch
+    import torch.distributed as dist
+
+    from fastdistill.torch import DistillationLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s, t, y = _batch(12, cuts[-1], seed=13)
+        a, b = cuts[rank], cuts[rank + 1]
+        out = {}
+        for soft in ("kl_divergence", "jsd", "tvd"):
+            crit = DistillationLoss(temperature=2.0, soft_loss=soft, label_smoothing=0.05,
+                                    vocab_parallel_group=dist.group.WORLD)
+            x = torch.tensor(s[:, a:b].reshape(3, 4, -1), requires_grad=True)
+            loss = crit(x, torch.tensor(t[:, a:b].reshape(3, 4, -1)), torch.tensor(y.reshape(3, 4)))
+            (2.0 * loss).backward()
+            out[soft] = (loss.item(), x.grad.reshape(12, -1).numpy().copy())
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("cuts", [(0, 30, 57), (0, 9, 33, 57)])
+def test_distillation_loss_over_a_vocab_parallel_group(cuts):
+    torch = pytest.importorskip("torch")
+    from fastdistill.torch import DistillationLoss
+
+    world = len(cuts) - 1
+    results = _run_ranks(_module_rank_main, world, cuts)
+    s, t, y = _batch(12, cuts[-1], seed=13)
+    for soft in ("kl_divergence", "jsd", "tvd"):
+        x = torch.tensor(s, requires_grad=True)
+        loss = DistillationLoss(temperature=2.0, soft_loss=soft, label_smoothing=0.05)(x, torch.tensor(t), torch.tensor(y))
+        (2.0 * loss).backward()
+        for r in range(world):
+            got_loss, got_grad = results[r][soft]
+            assert got_loss == pytest.approx(loss.item(), rel=1e-10)
+            np.testing.assert_allclose(got_grad, x.grad.numpy()[:, cuts[r]:cuts[r + 1]], rtol=1e-10, atol=1e-15)
+
+
+def test_shard_inputs_must_be_float_arrays():
+    d = fd.ResponseDistiller.balanced()
+    with pytest.raises(TypeError, match="student must be float32 or float64, got dtype int32"):
+        d.vocab_shard(np.zeros((2, 3), np.int32), np.zeros((2, 3)), None, class_offset=0, classes=3)
