@@ -224,3 +224,24 @@ def test_shard_inputs_must_be_float_arrays():
     d = fd.ResponseDistiller.balanced()
     with pytest.raises(TypeError, match="student must be float32 or float64, got dtype int32"):
         d.vocab_shard(np.zeros((2, 3), np.int32), np.zeros((2, 3)), None, class_offset=0, classes=3)
+
+
+@pytest.mark.parametrize("kind,make,extra", [LOSSES[0], LOSSES[2], LOSSES[3], LOSSES[4], LOSSES[7]])
+def test_masked_classes_and_a_shard_masked_whole(kind, make, extra):
+    s, t, y = _batch(8, 40, seed=21)
+    rng = np.random.default_rng(2)
+    mask = rng.random((8, 40)) < 0.2
+    mask[:, 10:20] = True  # the middle shard masked whole in every row
+    mask[np.arange(8), np.where(y >= 0, y, 0)] = False  # (a label's class is never masked)
+    s[mask] = -np.inf
+    t[mask] = -np.inf
+    d = fd.ResponseDistiller(make(), 0.4, 0.6)
+    whole_loss, whole_grad = d.loss_and_grad(s, t, y)
+    assert np.isfinite(whole_loss)
+    cuts = (0, 10, 20, 40)
+    results = combine_in_process([d.vocab_shard(s[:, a:b], t[:, a:b], y, class_offset=a, classes=40)
+                                  for a, b in zip(cuts, cuts[1:])])
+    assert results[0][0] == pytest.approx(whole_loss, rel=1e-12)
+    grad = np.concatenate([g for _, g in results], axis=1)
+    np.testing.assert_allclose(grad, whole_grad, rtol=1e-10, atol=1e-14)
+    assert (grad[mask] == 0).all()
