@@ -14,7 +14,9 @@ values. Every shard then holds the same row losses and writes its own columns of
 
 Per row a round exchanges 2 (max), 12 (sum) and, for mixtures and TVD, 5 (sum) float64 numbers:
 112 bytes per row for KL-type losses and cross-entropy, 152 for JSD, skew KLs and TVD, never anything
-of size ``rows x classes``. Any communication library works (``torch.distributed.all_reduce`` on
+of size ``rows x classes``. A shard forms its sums relative to its own maxima in the same pass that
+finds them (one pass over its logits before the first exchange) and moves them to the combined maxima
+after it. Any communication library works (``torch.distributed.all_reduce`` on
 ``torch.from_numpy(buf)``, mpi4py's ``Allreduce(MPI.IN_PLACE, buf, op)``). CPU arrays only.
 """
 from __future__ import annotations
@@ -84,25 +86,23 @@ class VocabShard:
             self._grad = g.reshape(self._s.shape)
         self._out = np.empty(call.rows, dtype=np.float64)
         self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
+        self._local_max = np.empty((call.rows, _K().N_MAX), dtype=np.float64)
         self._next = 0  # rounds handed out
         self._pending: tuple | None = None  # the last round's buffer, until it is read back
         self._done = False
 
-    def _steps(self) -> list[int]:
-        K = _K()
-        return [K.SHARD_MAX, K.SHARD_SUMS] + ([K.SHARD_DIV2] if self._call.variant.two_pass else [])
-
     @property
     def rounds(self) -> int:
         """How many exchanges the loss needs (2, or 3 for mixture divergences and TVD)."""
-        return len(self._steps())
+        return 3 if self._call.variant.two_pass else 2
 
     def _run(self, step: int) -> None:
         from . import cpu
 
         c = self._call
         cpu.shard_step(c.variant, step, self._s, self._t, self._lab, _dispatch.packed(c.terms), _IGNORED,
-                       self._scale, c.want_grad, self._out, self._grad, self._stats, self._classes)
+                       self._scale, c.want_grad, self._out, self._grad, self._stats, self._local_max,
+                       self._classes)
 
     def exchanges(self) -> Iterator[tuple[np.ndarray, str]]:
         """The rounds: ``(buffer, op)`` to combine in place across the shards, one after the other (each
@@ -110,21 +110,37 @@ class VocabShard:
         if self._next:
             raise InvalidParameterError("a VocabShard's exchanges() can be taken once")
         K = _K()
-        for step in self._steps():
+        # 1: the maxima (the sums were formed relative to this shard's own: moved to the combined ones)
+        self._run(K.SHARD_STATS)
+        yield self._hand_out(self._local_max, "max", self._rescale)
+        # 2: the sums
+        self._take_back()
+        yield self._hand_out(np.ascontiguousarray(self._stats[:, K.N_MAX:K.S_KP]), "sum", self._sums_back(K.N_MAX, K.S_KP))
+        if self._call.variant.two_pass:  # 3: the mixtures' and TVD's second pass
             self._take_back()
-            self._run(step)
-            k0, k1, op = K.SHARD_EXCHANGE[step]
-            buf = np.ascontiguousarray(self._stats[:, k0:k1])
-            self._pending = (k0, k1, buf)
-            self._next += 1
-            yield buf, op
+            self._run(K.SHARD_DIV2)
+            yield self._hand_out(np.ascontiguousarray(self._stats[:, K.S_KP:]), "sum",
+                                 self._sums_back(K.S_KP, K.N_STATS))
+
+    def _hand_out(self, buf: np.ndarray, op: str, back: Any) -> tuple[np.ndarray, str]:
+        self._pending = (buf, back)
+        self._next += 1
+        return buf, op
+
+    def _rescale(self, combined: np.ndarray) -> None:
+        _K().rescale_shard_sums(self._stats, combined, self._call.terms.tau)
+
+    def _sums_back(self, k0: int, k1: int) -> Any:
+        def back(combined: np.ndarray) -> None:
+            self._stats[:, k0:k1] = combined
+        return back
 
     def _take_back(self) -> None:
         """The combined values of the round handed out last."""
         if self._pending is not None:
-            k0, k1, buf = self._pending
-            self._stats[:, k0:k1] = buf
+            buf, back = self._pending
             self._pending = None
+            back(buf)
 
     def result(self) -> tuple[Any, Any]:
         """``(loss, grad of this shard's columns)``, once every round has been combined."""

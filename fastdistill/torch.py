@@ -373,7 +373,7 @@ def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch
 
 
 def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: Any, reduction: str,
-              num_items: Any, group: Any = None) -> torch.Tensor:
+              num_items: Any, group_name: str = "") -> torch.Tensor:
     student = _check_tensor(student, "student")
     teacher = _check_tensor(teacher, "teacher")
     reduction = V.reduction(reduction)
@@ -384,7 +384,6 @@ def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: 
     n_items, n_items_tensor = _num_items_args(num_items, reduction)
     want_grad = torch.is_grad_enabled() and student.requires_grad
     call = _describe(distiller, reduction, n_items, want_grad)
-    group_name = "" if group is None else group.group_name
     if _plain_eager(student, teacher, lab, n_items_tensor):
         if want_grad:
             return _EagerResponse.apply(student, teacher, lab, call, n_items_tensor, group_name)
@@ -498,6 +497,17 @@ class DistillationLoss(torch.nn.Module):
             self._set(**{name: value})
 
     @property
+    def vocab_parallel_group(self) -> Any:
+        """The ``torch.distributed`` process group over whose ranks the classes are split, or None."""
+        return self._group
+
+    @vocab_parallel_group.setter
+    def vocab_parallel_group(self, group: Any) -> None:
+        # the group's name is what the op receives (a string a compiled graph can hold)
+        self._group_name = "" if group is None else str(group.group_name)
+        self._group = group
+
+    @property
     def t2_scale(self) -> bool:
         return self.distiller.soft_loss.t2_scale
 
@@ -558,7 +568,7 @@ class DistillationLoss(torch.nn.Module):
         """The loss: a 0-dim tensor, or one value per row (``student_logits.shape[:-1]``) for
         ``reduction="none"``. Differentiable with respect to ``student_logits`` only."""
         return _response(self.distiller, student_logits, teacher_logits, labels, self._reduction, num_items,
-                         self.vocab_parallel_group)
+                         self._group_name)
 
     def extra_repr(self) -> str:
         d = self.distiller

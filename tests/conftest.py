@@ -63,7 +63,7 @@ def stray_signatures() -> list[str]:
         softmax = (arr(dt, 2, False), T.float64, arr(dt, 2, False))
         shard = (T.int64, T.int64, arr(dt, 2, False), arr(dt, 2, False), arr(T.int64, 1, False), T.boolean, T.int64,
                  arr(T.float64, 1, False), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False),
-                 arr(T.float64, 2, False), T.int64)
+                 arr(T.float64, 2, False), arr(T.float64, 2, False), T.int64)
         out += [drive, softmax, shard]
     allowed = set(out)
     stray = [f"{K.drive.py_func.__name__}{sig}" for sig in K.drive.signatures if sig not in allowed]

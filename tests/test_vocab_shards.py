@@ -226,9 +226,12 @@ def test_shard_inputs_must_be_float_arrays():
         d.vocab_shard(np.zeros((2, 3), np.int32), np.zeros((2, 3)), None, class_offset=0, classes=3)
 
 
+@pytest.mark.parametrize("shift", [0.0, -1000.0])  # -1000: a masked shard's reference (0) far above the maxima
 @pytest.mark.parametrize("kind,make,extra", [LOSSES[0], LOSSES[2], LOSSES[3], LOSSES[4], LOSSES[7]])
-def test_masked_classes_and_a_shard_masked_whole(kind, make, extra):
+def test_masked_classes_and_a_shard_masked_whole(kind, make, extra, shift):
     s, t, y = _batch(8, 40, seed=21)
+    s += shift
+    t += shift
     rng = np.random.default_rng(2)
     mask = rng.random((8, 40)) < 0.2
     mask[:, 10:20] = True  # the middle shard masked whole in every row
@@ -245,3 +248,38 @@ def test_masked_classes_and_a_shard_masked_whole(kind, make, extra):
     grad = np.concatenate([g for _, g in results], axis=1)
     np.testing.assert_allclose(grad, whole_grad, rtol=1e-10, atol=1e-14)
     assert (grad[mask] == 0).all()
+
+
+def _compiled_rank_main(rank, world, port, cuts, queue):  # runs in a spawned process
+    import torch
+    import torch.distributed as dist
+
+    from fastdistill.torch import DistillationLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s, t, y = _batch(6, cuts[-1], seed=17)
+        a, b = cuts[rank], cuts[rank + 1]
+        crit = DistillationLoss(temperature=2.0, vocab_parallel_group=dist.group.WORLD)
+        w = torch.ones(b - a, dtype=torch.float64, requires_grad=True)
+        step = torch.compile(lambda x, tt, yy: crit(x * w, tt, yy), fullgraph=True)
+        loss = step(torch.tensor(s[:, a:b]), torch.tensor(t[:, a:b]), torch.tensor(y))
+        loss.backward()
+        queue.put((rank, (loss.item(), w.grad.numpy().copy())))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_under_torch_compile():
+    torch = pytest.importorskip("torch")
+    from fastdistill.torch import DistillationLoss
+
+    cuts = (0, 11, 29)
+    results = _run_ranks(_compiled_rank_main, 2, cuts)
+    s, t, y = _batch(6, 29, seed=17)
+    w = torch.ones(29, dtype=torch.float64, requires_grad=True)
+    loss = DistillationLoss(temperature=2.0)(torch.tensor(s) * w, torch.tensor(t), torch.tensor(y))
+    loss.backward()
+    for r in range(2):
+        assert results[r][0] == pytest.approx(loss.item(), rel=1e-10)
+        np.testing.assert_allclose(results[r][1], w.grad.numpy()[cuts[r]:cuts[r + 1]], rtol=1e-9, atol=1e-13)

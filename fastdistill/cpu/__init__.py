@@ -142,7 +142,7 @@ def softmax(x: np.ndarray, tau: float, log: bool, out: np.ndarray | None = None)
 
 def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels: np.ndarray | None,
                params: np.ndarray, ignore_index: int, scale: float, want_grad: bool, out_loss: np.ndarray,
-               grad: np.ndarray | None, stats: np.ndarray, classes: int) -> None:
+               grad: np.ndarray | None, stats: np.ndarray, local_max: np.ndarray, classes: int) -> None:
     """One step of a vocabulary shard's computation (:func:`fastdistill.cpu._kernels.drive_shard`)."""
     _launch(
         K.drive_shard,
@@ -160,5 +160,6 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
         out_loss,
         grad if grad is not None else _no_grad(s.dtype),
         stats,
+        local_max,
         np.int64(classes),
     )

@@ -750,13 +750,13 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
             whole = phase == PHASE_ROW
             lo = 0
             hi = n
-            ahead = n  # prefetch distance: the next row of the share (past the last row the prefetch reads
-            # nothing)
+            # prefetch distance: the next row (of the share; on the split paths the next row's same columns,
+            # which the same thread takes next); past the last row the prefetch reads nothing
+            ahead = n
             stats = st
             if not whole:
                 lo = c * CHUNK
                 hi = min(n, lo + CHUNK)
-                ahead = 0
                 if phase <= PHASE_DIV2:
                     stats = borrowed(part, c, 0, N_STATS)
                     first = PHASE_FIRST[phase]
@@ -891,29 +891,29 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
     keep_alive(st)
 
 
-# steps of a vocabulary shard (``drive_shard``), and the statistics each leaves to be combined across the
-# shards: maxima [0, N_MAX) with max; then sums [N_MAX, S_KP) (the NaN count of the max step included) and,
-# for mixtures and TVD, [S_KP, N_STATS) with +
-SHARD_MAX = PHASE_MAX
-SHARD_SUMS = PHASE_STATS
+# steps of a vocabulary shard (``drive_shard``). SHARD_STATS: the shard's maxima and, relative to them,
+# its sums (one pass over memory); the caller combines the maxima over the shards with max,
+# ``rescale_shard_sums`` moves the sums to the combined maxima, the caller combines [N_MAX, S_KP) with +.
+# SHARD_DIV2 (mixtures and TVD): the second pass's sums, combined with +. SHARD_FINISH: loss, gradient.
+SHARD_STATS = PHASE_MAX
 SHARD_DIV2 = PHASE_DIV2
 SHARD_FINISH = PHASE_LOSS
-SHARD_EXCHANGE = {SHARD_MAX: (0, N_MAX, "max"), SHARD_SUMS: (N_MAX, S_KP, "sum"), SHARD_DIV2: (S_KP, N_STATS, "sum")}
 
 
 @njit(parallel=True, **JIT)
 def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,  # type: ignore[no-untyped-def]  # noqa: E501
-                stats, classes):
+                stats, local_max, classes):
     """One step of a row batch whose classes are split across shards (processes holding contiguous
     column ranges of the same rows): ``s``/``t`` are this shard's columns, ``stats`` ``(rows, N_STATS)``
     float64 the rows' statistics, carried from step to step.
 
-    ``step`` SHARD_MAX / SHARD_SUMS / SHARD_DIV2: this shard's part of the statistics (the caller then
-    combines the columns ``SHARD_EXCHANGE[step]`` over the shards: maxima with max, sums with +);
-    SHARD_FINISH: the row losses into ``out_loss`` (the same on every shard) and this shard's gradient.
-    ``labels`` are local: a column of this shard, ``LABEL_ELSEWHERE`` for a label in another shard, or
-    ``ignore_index``. ``classes`` is the width of the whole row. Rows run in parallel, each row's columns
-    in chunks as on the split path of :func:`drive`.
+    SHARD_STATS: this shard's maxima into ``local_max`` ``(rows, N_MAX)``, and its sums relative to
+    them (a maximum of -inf, a shard with no mass in that row, is replaced by 0 as the reference);
+    SHARD_DIV2: the second pass's sums (from the combined statistics); SHARD_FINISH: the row losses
+    into ``out_loss`` (the same on every shard) and this shard's gradient. ``labels`` are local: a
+    column of this shard, ``LABEL_ELSEWHERE`` for a label in another shard, or ``ignore_index``.
+    ``classes`` is the width of the whole row. Rows run in parallel, each row's columns in chunks as on
+    the split path of :func:`drive`.
     """
     rows, lds = s.shape
     ldt = t.shape[1]
@@ -926,8 +926,6 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
     lp = labels.ctypes.data
     pp = P.ctypes.data
     op = out_loss.ctypes.data
-    k0 = PHASE_FIRST[min(step, SHARD_DIV2)]
-    k1 = PHASE_LAST[min(step, SHARD_DIV2)]
     for r in prange(rows):
         ri = np.int64(r)
         counted, lab = _label_of(has_labels, labels, r, ignore_index)
@@ -937,29 +935,73 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
             out_loss[r] = 0.0
             for k in range(N_STATS):  # (combined with the other shards' values: finite, never read)
                 st[k] = 0.0
+            for k in range(N_MAX):
+                local_max[r, k] = 0.0
             if want_grad and step == SHARD_FINISH:
                 grad[r, :] = 0
             continue
-        if step == SHARD_MAX:
-            _reset(st)
-        if step < SHARD_FINISH:
-            part = np.empty((nchunks, N_STATS), dtype=np.float64)
-            partp = part.ctypes.data
-            for c in range(nchunks):
-                _call_worker(worker, step, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, classes, ri,
-                             np.int64(c), has_labels, ignore_index, want_grad, scale)
-            _merge(st, part, k0, k1)
-            keep_alive(part)
+        if step == SHARD_FINISH:
+            _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri,
+                         0, has_labels, ignore_index, want_grad, scale)
+            if want_grad:
+                for c in range(nchunks):
+                    _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes,
+                                 ri, np.int64(c), has_labels, ignore_index, want_grad, scale)
+                _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes,
+                             ri, 0, has_labels, ignore_index, want_grad, scale)
             continue
-        _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri, 0,
-                     has_labels, ignore_index, want_grad, scale)
-        if want_grad:
+        part = np.empty((nchunks, N_STATS), dtype=np.float64)
+        partp = part.ctypes.data
+        first = SHARD_DIV2 if step == SHARD_DIV2 else PHASE_MAX
+        for phase in range(first, (SHARD_DIV2 if step == SHARD_DIV2 else PHASE_STATS) + 1):
+            if phase == PHASE_MAX:
+                _reset(st)
             for c in range(nchunks):
-                _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri,
+                _call_worker(worker, phase, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, classes, ri,
                              np.int64(c), has_labels, ignore_index, want_grad, scale)
-            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri, 0,
-                         has_labels, ignore_index, want_grad, scale)
+            _merge(st, part, PHASE_FIRST[phase], PHASE_LAST[phase])
+            if phase == PHASE_MAX:
+                for k in range(N_MAX):
+                    local_max[r, k] = st[k]
+                    if st[k] == -np.inf:
+                        st[k] = 0.0
+        keep_alive(part)
     keep_alive(stats)
+
+
+@njit(**JIT)
+def rescale_shard_sums(stats, combined_max, tau):  # type: ignore[no-untyped-def]
+    """Move a shard's sums from its own maxima (the references in ``stats[:, :N_MAX]``) to the maxima
+    combined over the shards, and store those: exponential sums scale by ``exp((ref - max) / tau)``
+    (at temperature 1 for the cross-entropy's), the KL cross terms ``sum w (dt - ds)`` also shift by
+    their weights' sum times the change of ``dt - ds``. A row whose combined maximum is -inf has no mass
+    in any shard: its sums stay 0."""
+    invt = 1.0 / tau
+    for r in range(stats.shape[0]):
+        st = stats[r]
+        mt = combined_max[r, S_MT]
+        ms = combined_max[r, S_MS]
+        dt = st[S_MT] - mt if mt != -np.inf else 0.0
+        ds = st[S_MS] - ms if ms != -np.inf else 0.0
+        fa = math.exp(dt * invt) if mt != -np.inf else 0.0
+        fb = math.exp(ds * invt) if ms != -np.inf else 0.0
+        sa = st[S_SA]
+        sb = st[S_SB]
+        st[S_SX] = _scaled(fa, st[S_SX] + (dt - ds) * sa)
+        st[S_SY] = _scaled(fb, st[S_SY] + (ds - dt) * sb)
+        st[S_SA] = _scaled(fa, sa)
+        st[S_SB] = _scaled(fb, sb)
+        st[S_S1] = _scaled(math.exp(ds) if ms != -np.inf else 0.0, st[S_S1])
+        st[S_MT] = mt
+        st[S_MS] = ms
+
+
+@njit(**JIT_INNER)
+def _scaled(f, x):  # type: ignore[no-untyped-def]
+    """``f * x``, 0 where ``x`` is 0: a shard without mass in a row (reference 0 for a maximum of -inf)
+    may have a factor that overflows."""
+    inline_into_callers()
+    return 0.0 if x == 0.0 else f * x
 
 
 # ---------------------------------------------------------------- softmax
