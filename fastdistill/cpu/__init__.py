@@ -68,6 +68,13 @@ def _address(variant: Variant) -> int:
     return address
 
 
+def _batch(s: np.ndarray, t: np.ndarray, labels: np.ndarray | None, ignore_index: int, params: np.ndarray,
+           scale: float, want_grad: bool) -> tuple:
+    """The batch arguments both drivers take, in their order (inputs as the kernels' types)."""
+    return (as_kernel_input(s), as_kernel_input(t), as_kernel_input(labels) if labels is not None else _NO_LABELS,
+            labels is not None, ignore_index, params, float(scale), want_grad)
+
+
 def _threads_for(size: int) -> tuple[int, int]:
     """(Numba threads for a call on ``size`` logits, the caller's current setting)."""
     n = numba.get_num_threads()
@@ -114,14 +121,7 @@ def response(
         K.drive,
         threads,
         address,
-        as_kernel_input(s),
-        as_kernel_input(t),
-        as_kernel_input(labels) if labels is not None else _NO_LABELS,
-        labels is not None,
-        ignore_index,
-        params,
-        float(scale),
-        want_grad,
+        *_batch(s, t, labels, ignore_index, params, scale, want_grad),
         out_loss,
         grad,
         threads[0],
@@ -149,14 +149,7 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
         _threads_for(s.size),
         _address(variant),
         np.int64(step),
-        as_kernel_input(s),
-        as_kernel_input(t),
-        as_kernel_input(labels) if labels is not None else _NO_LABELS,
-        labels is not None,
-        ignore_index,
-        params,
-        float(scale),
-        want_grad,
+        *_batch(s, t, labels, ignore_index, params, scale, want_grad),
         out_loss,
         grad if grad is not None else _no_grad(s.dtype),
         stats,

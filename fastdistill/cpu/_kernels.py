@@ -820,6 +820,17 @@ def _merge(st, part, k0, k1):  # type: ignore[no-untyped-def]
             st[k] = v
 
 
+@njit(**JIT_INNER)
+def _batch_addresses(s, t, grad, labels, P, out_loss):  # type: ignore[no-untyped-def]
+    """What a driver hands its worker: ``(rows, n, lds, ldt, ldg)`` (the classes computed, the first
+    ``min`` of both widths, and the arrays' row lengths) and the arrays' addresses."""
+    inline_into_callers()
+    rows, lds = s.shape
+    ldt = t.shape[1]
+    return (rows, min(lds, ldt), lds, ldt, grad.shape[1], s.ctypes.data, t.ctypes.data, grad.ctypes.data,
+            labels.ctypes.data, P.ctypes.data, out_loss.ctypes.data)
+
+
 @njit(parallel=True, **JIT)
 def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads,  # type: ignore[no-untyped-def]  # noqa: E501
           two_pass):
@@ -835,16 +846,7 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
     the gradient when ``want_grad``; ``two_pass``: the variant's divergence needs the PHASE_DIV2 pass.
     Labels must already be validated.
     """
-    rows, lds = s.shape
-    ldt = t.shape[1]
-    ldg = grad.shape[1]
-    n = min(lds, ldt)
-    sp = s.ctypes.data
-    tp = t.ctypes.data
-    gp = grad.ctypes.data
-    lp = labels.ctypes.data
-    pp = P.ctypes.data
-    op = out_loss.ctypes.data
+    rows, n, lds, ldt, ldg, sp, tp, gp, lp, pp, op = _batch_addresses(s, t, grad, labels, P, out_loss)
     if rows >= nthreads or n < 2 * CHUNK:
         # rows in a few shares per thread (the worker loops over a share's rows)
         tasks = min(rows, ROW_TASKS_PER_THREAD * nthreads)
@@ -915,17 +917,8 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
     ``classes`` is the width of the whole row. Rows run in parallel, each row's columns in chunks as on
     the split path of :func:`drive`.
     """
-    rows, lds = s.shape
-    ldt = t.shape[1]
-    ldg = grad.shape[1]
-    n = min(lds, ldt)
+    rows, n, lds, ldt, ldg, sp, tp, gp, lp, pp, op = _batch_addresses(s, t, grad, labels, P, out_loss)
     nchunks = (n + CHUNK - 1) // CHUNK
-    sp = s.ctypes.data
-    tp = t.ctypes.data
-    gp = grad.ctypes.data
-    lp = labels.ctypes.data
-    pp = P.ctypes.data
-    op = out_loss.ctypes.data
     for r in prange(rows):
         ri = np.int64(r)
         counted, lab = _label_of(has_labels, labels, r, ignore_index)
