@@ -425,9 +425,11 @@ class DistillationLoss(torch.nn.Module):
                  soft_label_weight: float = 0.5, soft_loss: str | DistilLoss = "kl_divergence", *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  beta: float | None = None, alpha: float | None = None, t2_scale: bool | None = None,
-                 vocab_mismatch: str = "error", vocab_parallel_group: Any = None) -> None:
+                 vocab_mismatch: str = "error", vocab_parallel_group: Any = None,
+                 data_parallel_group: Any = None) -> None:
         super().__init__()
         self.vocab_parallel_group = vocab_parallel_group
+        self.data_parallel_group = data_parallel_group
         self._cfg: dict[str, Any] = {}
         self._distiller: ResponseDistiller | None = None
         self._set(soft_loss=soft_loss, temperature=temperature, beta=beta, alpha=alpha, t2_scale=t2_scale,
@@ -566,9 +568,34 @@ class DistillationLoss(torch.nn.Module):
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None, num_items: Any = None) -> torch.Tensor:
         """The loss: a 0-dim tensor, or one value per row (``student_logits.shape[:-1]``) for
-        ``reduction="none"``. Differentiable with respect to ``student_logits`` only."""
+        ``reduction="none"``. Differentiable with respect to ``student_logits`` only.
+
+        ``num_items="global"`` (data parallelism): ``"mean"`` divides by the counted rows of every rank
+        of ``data_parallel_group`` (the default process group when it is None), summed with one
+        all-reduce of one number. Under ``DistributedDataParallel``, which averages the ranks'
+        gradients, multiply the loss by the world size to get the gradient of the global mean."""
+        if isinstance(num_items, str):
+            num_items = self._global_count(student_logits, labels, num_items)
         return _response(self.distiller, student_logits, teacher_logits, labels, self._reduction, num_items,
                          self._group_name)
+
+    def _global_count(self, student: Any, labels: Any, how: str) -> torch.Tensor:
+        """The counted rows of every rank of the data-parallel group (a tensor: read in forward)."""
+        import torch.distributed as dist
+
+        if how != "global":
+            raise InvalidParameterError(f"num_items must be a number, a tensor or 'global', got {how!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise InvalidParameterError("num_items='global' needs an initialised torch.distributed process group")
+        student = _check_tensor(student, "student")
+        if labels is None:
+            count = torch.tensor(float(student.numel() // max(student.shape[-1], 1)), dtype=torch.float64,
+                                 device=student.device)
+        else:
+            lab = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, device=student.device)
+            count = (lab != self.ignore_index).sum().to(torch.float64)
+        dist.all_reduce(count, group=self.data_parallel_group)
+        return count.clamp_min(1.0)  # every row ignored everywhere: a loss of 0, as "mean" gives
 
     def extra_repr(self) -> str:
         d = self.distiller

@@ -1,6 +1,7 @@
 """Losses over a vocabulary split across shards (``ResponseDistiller.vocab_shard``): the shards' results,
 combined in-process and over real ``torch.distributed`` process groups (gloo, spawned processes),
-equal the unsharded computation (its own float64 reference and the kernels on the whole rows)."""
+equal the unsharded computation (its own float64 reference and the kernels on the whole rows); and
+``num_items="global"`` under data parallelism (DDP)."""
 from __future__ import annotations
 
 import os
@@ -283,3 +284,67 @@ def test_vocab_parallel_under_torch_compile():
     for r in range(2):
         assert results[r][0] == pytest.approx(loss.item(), rel=1e-10)
         np.testing.assert_allclose(results[r][1], w.grad.numpy()[cuts[r]:cuts[r + 1]], rtol=1e-9, atol=1e-13)
+
+
+# ------------------------------------------------------------------ data parallelism
+
+
+def _ddp_rank_main(rank, world, port, cuts, queue):  # runs in a spawned process; cuts: row ranges here
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastdistill.torch import DistillationLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x, t, y = _ddp_batch()
+        torch.manual_seed(0)
+        model = DistributedDataParallel(torch.nn.Linear(6, 9).double())
+        a, b = cuts[rank], cuts[rank + 1]
+        crit = DistillationLoss(temperature=2.0)
+        loss = crit(model(x[a:b]), t[a:b], y[a:b], num_items="global")
+        (world * loss).backward()  # DDP averages the ranks' gradients
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        queue.put((rank, (total.item(), model.module.weight.grad.numpy().copy())))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch():
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    t = 2 * torch.randn(10, 9, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 9, (10,), generator=g)
+    y[[1, 2, 7]] = IGNORE  # the ranks count different numbers of rows
+    return x, t, y
+
+
+def test_num_items_global_under_ddp():
+    torch = pytest.importorskip("torch")
+    from fastdistill.torch import DistillationLoss
+
+    results = _run_ranks(_ddp_rank_main, 2, (0, 4, 10))
+    x, t, y = _ddp_batch()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 9).double()
+    loss = DistillationLoss(temperature=2.0)(model(x), t, y)  # the mean over every counted row
+    loss.backward()
+    for r in range(2):
+        total, grad = results[r]
+        assert total == pytest.approx(loss.item(), rel=1e-12)  # the ranks' parts add up to the global mean
+        np.testing.assert_allclose(grad, model.weight.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_num_items_global_needs_a_process_group():
+    pytest.importorskip("torch")
+    from fastdistill.torch import DistillationLoss
+
+    x, t, y = _ddp_batch()
+    with pytest.raises(fd.InvalidParameterError, match="needs an initialised torch.distributed process group"):
+        DistillationLoss()(x, t, y, num_items="global")
+    with pytest.raises(fd.InvalidParameterError, match="num_items must be a number, a tensor or 'global'"):
+        DistillationLoss()(x, t, y, num_items="local")
