@@ -132,8 +132,12 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, n: i
                         tuple(s_shape), rows, int(n))
 
 
-def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
-                  grad_out: Any) -> tuple[Any, Any]:
+def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
+               grad_out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """What a CPU call runs on: ``(s, t, g, scale)``, student and teacher as C-contiguous ``(rows,
+    classes)`` arrays (the teacher in the student's precision), the caller's gradient buffer checked and
+    seen as ``(rows, classes)`` (None when not given or not wanted), and the reduction's factor (``lab``:
+    the checked host labels, counting ``n_counted`` rows)."""
     s = V.host_array(student, "student")
     t = V.host_array(teacher, "teacher")
     if t.dtype != s.dtype:
@@ -141,15 +145,19 @@ def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarra
     g_out = (V.grad_out(grad_out, call.shape, s.dtype, (t, lab))
              if (call.want_grad and grad_out is not None) else None)
     s2 = V.rows_2d(s)
-    t2 = V.rows_2d(t)
     div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
-    scale = 1.0 / div if div > 0 else 0.0
     g2 = g_out.reshape(s2.shape) if g_out is not None else None
+    return s2, V.rows_2d(t), g2, (1.0 / div if div > 0 else 0.0)
+
+
+def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
+                  grad_out: Any) -> tuple[Any, Any]:
+    s2, t2, g2, scale = host_batch(call, student, teacher, lab, n_counted, grad_out)
     rows, grad = _cpu().response(call.variant, s2, t2, lab, packed(call.terms), call.ignore_index, scale,
                                  call.want_grad, g2)
     if call.want_grad:  # the caller's own buffer (array or tensor) when one was given
-        grad = grad_out if g_out is not None else grad.reshape(call.shape)
-    return reduce_rows(rows, call.reduction, scale, call.shape, s.dtype), grad
+        grad = grad_out if g2 is not None else grad.reshape(call.shape)
+    return reduce_rows(rows, call.reduction, scale, call.shape, s2.dtype), grad
 
 
 _PACKED: dict = {}

@@ -46,10 +46,10 @@ class VocabShard:
     def __init__(self, distiller: Any, student: Any, teacher: Any, labels: Any, *, class_offset: int,
                  classes: int, reduction: str = "mean", num_items: Any = None, want_grad: bool = True,
                  grad_out: Any = None) -> None:
-        s = V.host_array(student, "student")
-        t = V.host_array(teacher, "teacher")
-        V.check_pair(s.shape, s.dtype, t.shape, t.dtype)
-        width = int(s.shape[-1])
+        s_shape, s_dtype = V.shape_dtype(student)
+        t_shape, t_dtype = V.shape_dtype(teacher)
+        V.check_pair(s_shape, s_dtype, t_shape, t_dtype)
+        width = int(s_shape[-1])
         offset = V.integer(class_offset, "class_offset")
         total = V.integer(classes, "classes")
         if offset < 0 or offset + width > total:
@@ -58,32 +58,23 @@ class VocabShard:
                 message=f"the shard's columns [{offset}, {offset + width}) do not lie in the {total} classes "
                 f"of the whole row (class_offset={offset}, shard width {width}, classes={total})",
             )
-        lab = None
+        glob = lab = None
         n_counted = 0
         if labels is not None:
             l_shape, l_dtype = V.shape_dtype(labels)
-            V.check_labels_meta(l_shape, l_dtype, s.shape)
+            V.check_labels_meta(l_shape, l_dtype, s_shape)
             glob, n_counted = V.host_labels(labels, total, distiller.ignore_index)  # global ids, range checked
             local = glob - offset
             ignored = glob == distiller.ignore_index
             lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
-        call = _dispatch._resolve(distiller.terms, s.shape, s.dtype, width, labels is not None, _IGNORED, reduction,
+        call = _dispatch._resolve(distiller.terms, s_shape, s_dtype, width, labels is not None, _IGNORED, reduction,
                                   num_items, want_grad, distiller.hard_label_weight != 0.0)
-        if t.dtype != s.dtype:
-            t = t.astype(s.dtype)
         self._call = call
-        self._s = V.rows_2d(s)
-        self._t = V.rows_2d(t)
+        self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
         self._lab = lab
         self._classes = total
-        div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
-        self._scale = 1.0 / div if div > 0 else 0.0
         self._grad_out = grad_out
-        self._grad = None
-        if call.want_grad:
-            g = (V.grad_out(grad_out, call.shape, s.dtype, (t, lab)) if grad_out is not None
-                 else np.empty(call.shape, dtype=s.dtype))
-            self._grad = g.reshape(self._s.shape)
+        self._grad = (g if g is not None else np.empty_like(self._s)) if call.want_grad else None
         self._out = np.empty(call.rows, dtype=np.float64)
         self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
         self._local_max = np.empty((call.rows, _K().N_MAX), dtype=np.float64)

@@ -125,15 +125,21 @@ def _labels(labels: Any, device: torch.device) -> torch.Tensor:
     return lab.detach().to(dtype=torch.int64, memory_format=torch.contiguous_format)
 
 
+def _checked_pair(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    """The computation dtype of a student/teacher pair, after their device and dtype checks."""
+    if teacher.device != student.device:
+        raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {student.device}")
+    cdtype = _compute_dtype(student.dtype)
+    if not (teacher.dtype in _NATIVE or teacher.dtype in _UPCAST):
+        raise TypeError(f"teacher must be a float32, float64, float16 or bfloat16 tensor, got dtype {teacher.dtype}")
+    return cdtype
+
+
 def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
          reduction: str, num_items: Any, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss tensor and (if asked) the gradient, in the computation dtype, on the student's device."""
     device = student.device
-    if teacher.device != device:
-        raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {device}")
-    cdtype = _compute_dtype(student.dtype)
-    if not (teacher.dtype in _NATIVE or teacher.dtype in _UPCAST):
-        raise TypeError(f"teacher must be a float32, float64, float16 or bfloat16 tensor, got dtype {teacher.dtype}")
+    cdtype = _checked_pair(student, teacher)
     width = student.shape[-1]
     if device.type != "cpu" and distiller.vocab_mismatch == "truncate" and teacher.shape[-1] != width:
         # the CUDA kernels read rows of one width: the first n classes of the wider one, copied
@@ -169,9 +175,7 @@ def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, tea
             "vocab_parallel_group needs CPU tensors (a gloo group): the sharded kernels run on the CPU only "
             f"so far, got a student on {student.device}"
         )
-    if teacher.device != student.device:
-        raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {student.device}")
-    cdtype = _compute_dtype(student.dtype)
+    cdtype = _checked_pair(student, teacher)
     s = _prepare(student, cdtype)
     t = _prepare(teacher, cdtype)
     width = torch.tensor([s.shape[-1]], dtype=torch.int64)

@@ -945,8 +945,9 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
             continue
         part = np.empty((nchunks, N_STATS), dtype=np.float64)
         partp = part.ctypes.data
-        first = SHARD_DIV2 if step == SHARD_DIV2 else PHASE_MAX
-        for phase in range(first, (SHARD_DIV2 if step == SHARD_DIV2 else PHASE_STATS) + 1):
+        # SHARD_STATS: the max pass, then the sums; SHARD_DIV2: the second pass alone
+        first, last = (PHASE_MAX, PHASE_STATS) if step == SHARD_STATS else (PHASE_DIV2, PHASE_DIV2)
+        for phase in range(first, last + 1):
             if phase == PHASE_MAX:
                 _reset(st)
             for c in range(nchunks):
