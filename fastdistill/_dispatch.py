@@ -12,13 +12,12 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from . import _storage
 from . import _validate as V
-from ._spec import ResponseCall, Terms, resolve
+from ._spec import HALF, ResponseCall, Terms, resolve, teacher_storage
 from .errors import BackendUnavailableError
 
 TermsLike = Union[Terms, Callable[[], Terms]]
-# (``dtype.name`` is a Python property of NumPy's, a few microseconds per call)
-_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
 _CPU: list = []
@@ -96,14 +95,21 @@ def response(
     n_counted = 0
     if labels is not None and not (on_gpu and V.is_device(labels)):
         host_lab, n_counted = V.host_labels(labels, n, ignore_index)  # range checked here
+    storages = _storages(s_dtype, t_dtype, grad_out if want_grad else None)
     try:
-        call = _resolve(terms, s_shape, s_dtype, n, labels is not None, ignore_index, reduction, num_items,
+        call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items,
                         want_grad, needs_labels)
     except V.InvalidParameterError:
         if gpu is not None and labels is not None and host_lab is None:
             gpu.check_label_range(labels, n, ignore_index)  # a bad label is reported first
         raise
     if gpu is not None:
+        if any(st in HALF for st in storages):
+            raise TypeError(
+                f"float16/bfloat16 logits run on the CPU backend only so far (got student {storages[0]}, teacher "
+                f"{storages[1]} on the CUDA backend): pass float32 logits (fastdistill.torch does this for CUDA "
+                "tensors)"
+            )
         if s_shape != t_shape:
             raise V.InvalidParameterError(
                 f"vocab_mismatch='truncate' on the CUDA backend needs student and teacher of one width (got "
@@ -114,9 +120,20 @@ def response(
     return _cpu_response(call, student, teacher, host_lab, n_counted, grad_out)
 
 
-def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, n: int, has_labels: bool,
+def _storages(s_dtype: Any, t_dtype: Any, grad_out: Any) -> tuple[str, str, str]:
+    """(student, teacher, gradient) storage of a call, from the arrays' metadata: the teacher's as the
+    kernels read it (:func:`fastdistill._spec.teacher_storage`), the gradient's from ``grad_out``'s
+    dtype when one is given (checked: the student's, or float32 for a half-precision student)."""
+    s = _storage.check(s_dtype, "student")
+    t = teacher_storage(s, _storage.check(t_dtype, "teacher"))
+    g = s if grad_out is None else V.grad_storage(V.shape_dtype(grad_out)[1], s)
+    return s, t, g
+
+
+def _resolve(terms: TermsLike, s_shape: tuple[int, ...], storages: tuple[str, str, str], n: int, has_labels: bool,
              ignore_index: int, reduction: str, num_items: Any, want_grad: bool, needs_labels: bool) -> ResponseCall:
-    """The call's parameters, checked after its inputs (contract order), and its kernel variant."""
+    """The call's parameters, checked after its inputs (contract order), and its kernel variant
+    (``storages``: :func:`_storages`)."""
     resolved = terms() if callable(terms) else terms
     red = V.reduction(reduction)
     n_items = V.num_items(num_items, red)
@@ -127,7 +144,7 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, n: i
     rows = 1
     for d in s_shape[:-1]:
         rows *= int(d)
-    variant = resolve(resolved, has_labels, _DTYPE_NAMES[s_dtype])
+    variant = resolve(resolved, has_labels, *storages)
     return ResponseCall(variant, resolved, red, n_items, int(ignore_index), bool(want_grad), has_labels,
                         tuple(s_shape), rows, int(n))
 
@@ -135,14 +152,17 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], s_dtype: np.dtype, n: i
 def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
                grad_out: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
     """What a CPU call runs on: ``(s, t, g, scale)``, student and teacher as C-contiguous ``(rows,
-    classes)`` arrays (the teacher in the student's precision), the caller's gradient buffer checked and
-    seen as ``(rows, classes)`` (None when not given or not wanted), and the reduction's factor (``lab``:
-    the checked host labels, counting ``n_counted`` rows)."""
-    s = V.host_array(student, "student")
-    t = V.host_array(teacher, "teacher")
-    if t.dtype != s.dtype:
-        t = t.astype(s.dtype)  # computed in the student's precision
-    g_out = (V.grad_out(grad_out, call.shape, s.dtype, (t, lab))
+    classes)`` arrays as the kernels read them (16-bit floats as their bits; the teacher converted only
+    where its storage has no kernels beside the student's, see :func:`fastdistill._spec.teacher_storage`),
+    the caller's gradient buffer checked and seen as ``(rows, classes)`` (None when not given or not
+    wanted), and the reduction's factor (``lab``: the checked host labels, counting ``n_counted`` rows)."""
+    s_store, t_store, g_store = call.variant.storage()
+    s = _storage.host_logits(student, s_store, "student")
+    t_own = _storage.check(V.shape_dtype(teacher)[1], "teacher")
+    t = _storage.host_logits(teacher, t_own, "teacher")
+    if t_own != t_store:
+        t = _storage.to_float(t, t_own, t_store)
+    g_out = (V.grad_out(grad_out, call.shape, g_store, (t, lab))
              if (call.want_grad and grad_out is not None) else None)
     s2 = V.rows_2d(s)
     div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
@@ -155,9 +175,18 @@ def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarra
     s2, t2, g2, scale = host_batch(call, student, teacher, lab, n_counted, grad_out)
     rows, grad = _cpu().response(call.variant, s2, t2, lab, packed(call.terms), call.ignore_index, scale,
                                  call.want_grad, g2)
-    if call.want_grad:  # the caller's own buffer (array or tensor) when one was given
-        grad = grad_out if g2 is not None else grad.reshape(call.shape)
-    return reduce_rows(rows, call.reduction, scale, call.shape, s2.dtype), grad
+    if call.want_grad:
+        grad = caller_grad(call, grad, student, grad_out)
+    return reduce_rows(rows, call.reduction, scale, call.shape, call.variant.dtype), grad
+
+
+def caller_grad(call: ResponseCall, grad: np.ndarray, student: Any, grad_out: Any) -> Any:
+    """The gradient as the caller gets it: their own buffer (array or tensor) when they gave one, else
+    the kernels' ``grad`` in the student's shape and dtype."""
+    if grad_out is not None:
+        return grad_out
+    grad = grad.reshape(call.shape)
+    return _storage.like_caller(grad, student) if call.variant.dtype in HALF else grad
 
 
 _PACKED: dict = {}
@@ -173,10 +202,11 @@ def packed(terms: Terms) -> np.ndarray:
     return p
 
 
-def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], dtype: np.dtype) -> Any:
-    """The reduced loss: a Python float, or the per-row array (the student's leading shape)."""
+def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], storage: str) -> Any:
+    """The reduced loss: a Python float, or the per-row array (the student's leading shape, in the
+    student's dtype; float32 for half-precision students)."""
     if red == "none":
-        return rows.astype(dtype, copy=False).reshape(s_shape[:-1])
+        return rows.astype(np.float32 if storage in HALF else storage, copy=False).reshape(s_shape[:-1])
     return float(rows.sum() * scale) if red == "mean" else float(rows.sum())
 
 
@@ -188,5 +218,7 @@ def softmax(x: Any, temperature: Any, *, log: bool, backend: str = "auto") -> An
     tau = V.temperature(temperature)
     if on_gpu:
         return cuda_backend().softmax(x, tau, log=log)
-    a = V.rows_2d(V.host_array(x, "x"))
-    return _cpu().softmax(a, tau, log).reshape(shape)
+    storage = _storage.check(dtype, "x")
+    a = V.rows_2d(_storage.host_logits(x, storage, "x"))
+    out = _cpu().softmax(a, tau, log).reshape(shape)
+    return _storage.like_caller(out, x) if storage in HALF else out

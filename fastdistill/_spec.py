@@ -50,6 +50,32 @@ N_PARAMS = 9
 
 FLOAT32 = "float32"
 FLOAT64 = "float64"
+BFLOAT16 = "bfloat16"
+FLOAT16 = "float16"
+HALF = (BFLOAT16, FLOAT16)  # 16-bit storage, computed in float32 (float64 above TAU_FLOAT64_MATH)
+STORAGES = (FLOAT32, FLOAT64, BFLOAT16, FLOAT16)
+
+
+def teacher_storage(student: str, teacher: str) -> str:
+    """The storage the kernels read the teacher in, next to a ``student`` of the given storage: the
+    teacher's own when the pair has kernels (the same storage; float32 beside a half-precision student;
+    half precision beside a float32 one), else the storage the caller converts it to: float32 beside a
+    half-precision student (exact for the other 16-bit format), the student's otherwise (as for float32
+    and float64 logits before half precision existed)."""
+    if teacher == student or (student in HALF and teacher == FLOAT32) or (student == FLOAT32 and teacher in HALF):
+        return teacher
+    return FLOAT32 if student in HALF else student
+
+
+def grad_storages(student: str) -> tuple[str, ...]:
+    """The storages a gradient of a ``student`` of this storage may be written in (the student's first)."""
+    return (student, FLOAT32) if student in HALF else (student,)
+
+
+# (student, teacher, gradient) storages with kernels of their own
+STORAGE_TRIPLES = tuple(
+    (s, t, g) for s in STORAGES for t in STORAGES if teacher_storage(s, t) == t for g in grad_storages(s)
+)
 
 
 class Terms(NamedTuple):
@@ -93,8 +119,14 @@ class Variant(NamedTuple):
     ce: int  # CE_*: how the hard-label term is evaluated
     lin: bool  # an MSE or cosine term
     pw: int  # 0, or 2 / 4: exp(s - max) is exp((s - max) / tau) squared once / twice (CPU kernels)
-    dtype: str  # storage of student and teacher logits: "float32" or "float64"
+    dtype: str  # storage of the student logits: one of STORAGES
     math: str  # precision of the elementwise arithmetic: "float32" or "float64"
+    teacher: str = ""  # storage of the teacher logits ("" means the student's)
+    grad: str = ""  # storage of the gradient ("" means the student's)
+
+    def storage(self) -> tuple[str, str, str]:
+        """(student, teacher, gradient) storage."""
+        return self.dtype, self.teacher or self.dtype, self.grad or self.dtype
 
     @property
     def two_pass(self) -> bool:
@@ -108,7 +140,9 @@ class Variant(NamedTuple):
             parts.append("mse/cos")
         if self.pw:
             parts.append(f"pow{self.pw}")
-        parts.append(self.dtype if self.math == self.dtype else f"{self.dtype} ({self.math} math)")
+        s, t, g = self.storage()
+        store = s if t == s == g else f"{s} (teacher {t}, gradient {g})"
+        parts.append(store if self.math == s else f"{store} ({self.math} math)")
         return ", ".join(parts)
 
 
@@ -198,35 +232,42 @@ def variant_fields(div_kind: int, hard_w: float, has_labels: bool, tau: float, l
     return div_kind, ce, lin, pw, f64_math
 
 
-def resolve(terms: Terms, has_labels: bool, dtype: str) -> Variant:
-    """The variant that evaluates ``terms`` on logits of ``dtype`` ("float32"/"float64")."""
+def resolve(terms: Terms, has_labels: bool, dtype: str, teacher: str = "", grad: str = "") -> Variant:
+    """The variant that evaluates ``terms`` on student logits of ``dtype`` (one of :data:`STORAGES`), a
+    teacher stored as ``teacher`` and a gradient as ``grad`` (a :data:`STORAGE_TRIPLES` combination;
+    "" for the student's storage)."""
     div, ce, lin, pw, f64_math = variant_fields(terms.div_kind, terms.hard_w, has_labels, terms.tau,
-                                                terms.mse_w != 0.0 or terms.cos_w != 0.0, dtype == FLOAT32)
-    return Variant(div, ce, lin, pw, dtype, FLOAT64 if f64_math else FLOAT32)
+                                                terms.mse_w != 0.0 or terms.cos_w != 0.0, dtype != FLOAT64)
+    return Variant(div, ce, lin, pw, dtype, FLOAT64 if f64_math else FLOAT32, "" if teacher == dtype else teacher,
+                   "" if grad == dtype else grad)
 
 
 def reachable() -> tuple[Variant, ...]:
-    """Every variant :func:`resolve` returns for the losses of the public API, in a fixed order.
+    """Every variant :func:`resolve` returns for the losses of the public API, in a fixed order (by
+    storage, in the order of :data:`STORAGE_TRIPLES`).
 
     A linear term comes only with no divergence (MSE, cosine) or the forward KL (``combined``); the
     shared cross-entropy normaliser and the power trick need a divergence (tau == 1, and tau in {2, 4});
-    float64 arithmetic on float32 logits needs a divergence above :data:`TAU_FLOAT64_MATH`, where tau
-    is neither 1, 2 nor 4.
+    float64 arithmetic on float32 or half-precision logits needs a divergence above
+    :data:`TAU_FLOAT64_MATH`, where tau is neither 1, 2 nor 4.
     """
     out = []
-    for dtype in (FLOAT32, FLOAT64):
+    for dtype, teacher, grad in STORAGE_TRIPLES:
+        base = FLOAT64 if dtype == FLOAT64 else FLOAT32  # the arithmetic below TAU_FLOAT64_MATH
+        t_field = "" if teacher == dtype else teacher
+        g_field = "" if grad == dtype else grad
         for div in DIVERGENCES:
             lins = (False, True) if div in (DIV_NONE, DIV_FORWARD_KL) else (False,)
             ces = (CE_NONE, CE_OWN) if div == DIV_NONE else (CE_NONE, CE_SHARED, CE_OWN)
-            maths = (dtype,) if dtype == FLOAT64 or div == DIV_NONE else (FLOAT32, FLOAT64)
+            maths = (base,) if base == FLOAT64 or div == DIV_NONE else (FLOAT32, FLOAT64)
             for math in maths:
                 for ce in ces:
-                    if ce == CE_SHARED and math != dtype:
+                    if ce == CE_SHARED and math != base:
                         continue
                     for lin in lins:
-                        pws = (0, 2, 4) if (ce == CE_OWN and div != DIV_NONE and math == dtype) else (0,)
+                        pws = (0, 2, 4) if (ce == CE_OWN and div != DIV_NONE and math == base) else (0,)
                         for pw in pws:
-                            out.append(Variant(div, ce, lin, pw, dtype, math))
+                            out.append(Variant(div, ce, lin, pw, dtype, math, t_field, g_field))
     return tuple(out)
 
 
@@ -234,11 +275,13 @@ REACHABLE = frozenset(reachable())
 
 
 def index_table(variants: tuple[Variant, ...]) -> np.ndarray:
-    """``table[div, ce, lin, pw, dtype is float64, math is float64]``: the position of each of
-    ``variants`` (-1 elsewhere), for dispatch in compiled code."""
-    table = np.full((len(DIVERGENCES), 3, 2, 5, 2, 2), -1, dtype=np.int64)
+    """``table[div, ce, lin, pw, STORAGES.index(dtype), math is float64]``: the position of each of
+    ``variants`` whose student, teacher and gradient share one storage (-1 elsewhere), for dispatch in
+    compiled code (the C ABI's entry points take one storage for all three)."""
+    table = np.full((len(DIVERGENCES), 3, 2, 5, len(STORAGES), 2), -1, dtype=np.int64)
     for i, v in enumerate(variants):
-        table[v.div, v.ce, int(v.lin), v.pw, int(v.dtype == FLOAT64), int(v.math == FLOAT64)] = i
+        if not (v.teacher or v.grad):
+            table[v.div, v.ce, int(v.lin), v.pw, STORAGES.index(v.dtype), int(v.math == FLOAT64)] = i
     return table
 
 

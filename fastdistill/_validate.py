@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _storage
+from ._spec import FLOAT32, HALF
 from .errors import (
     DimensionMismatchError,
     EmptyInputError,
@@ -29,7 +31,6 @@ from .errors import (
 REDUCTIONS = ("mean", "sum", "none")
 VOCAB_MISMATCH = ("error", "truncate")
 BACKENDS = ("auto", "cpu", "cuda")
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class OtherDtype(str):
@@ -98,20 +99,15 @@ def host_array(x: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from exc
 
 
-def check_float_dtype(dtype: Any, name: str) -> None:
-    if not isinstance(dtype, np.dtype) or dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {dtype}")
-
-
 def check_logits(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:
-    """One logits array: at least 1-D, no zero-sized dimension, float32/float64."""
+    """One logits array: at least 1-D, no zero-sized dimension, float32/float64/float16/bfloat16."""
     if len(shape) == 0:
         raise DimensionMismatchError(
             expected=1, got=0, message=f"{name} must have at least one dimension (classes), got a scalar"
         )
     if 0 in shape:
         raise EmptyInputError(f"{name} is empty: shape {shape} has a zero-sized dimension")
-    check_float_dtype(dtype, name)
+    _storage.check(dtype, name)
 
 
 def check_pair(
@@ -274,20 +270,27 @@ def divisor(n_counted: int, red: str, n_items: float | None) -> float:
     return float(n_items) if n_items is not None else float(n_counted)
 
 
-def grad_out(g: Any, s_shape: tuple[int, ...], s_dtype: np.dtype, others: tuple[Any, ...] = ()) -> np.ndarray:
-    """A caller's gradient buffer (NumPy array or CPU tensor, as a NumPy view): the student's shape and
-    dtype, C-contiguous, writable."""
-    if is_torch(g):
-        g = host_array(g, "grad_out")
-    if not isinstance(g, np.ndarray):
+def grad_storage(g_dtype: Any, s_storage: str) -> str:
+    """The storage of a caller's gradient buffer: the student's, or float32 for a half-precision student."""
+    st = _storage.storage_of(g_dtype)
+    if st != s_storage and not (s_storage in HALF and st == FLOAT32):
+        also = " (or float32)" if s_storage in HALF else ""
+        raise TypeError(f"grad_out dtype {g_dtype} differs from student dtype {s_storage}{also}")
+    return st
+
+
+def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any, ...] = ()) -> np.ndarray:
+    """A caller's gradient buffer (NumPy array or CPU tensor) as the kernels write it (a view; 16-bit
+    floats as their bits): the student's shape, C-contiguous, writable, of ``g_storage`` (checked by
+    :func:`grad_storage`)."""
+    if not (is_torch(g) or isinstance(g, np.ndarray)):
         raise TypeError(f"grad_out must be a NumPy array or a CPU tensor for host inputs, got {type(g).__name__}")
+    g = _storage.host_logits(g, g_storage, "grad_out")
     if g.shape != tuple(s_shape):
         raise DimensionMismatchError(
             expected=int(np.prod(s_shape)), got=int(g.size),
             message=f"grad_out shape {g.shape} differs from student shape {tuple(s_shape)}",
         )
-    if g.dtype != s_dtype:
-        raise TypeError(f"grad_out dtype {g.dtype} differs from student dtype {s_dtype}")
     if not g.flags.c_contiguous or not g.flags.writeable:
         raise InvalidParameterError("grad_out must be a writable C-contiguous array")
     for o in others:

@@ -12,9 +12,9 @@ import sys
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from ._spec import FLOAT32, FLOAT64, Variant, reachable, resolve
+from ._spec import STORAGES, Variant, reachable, resolve
 
-DTYPES = (FLOAT32, FLOAT64)
+DTYPES = STORAGES
 
 
 class Compiled(NamedTuple):
@@ -25,9 +25,9 @@ class Compiled(NamedTuple):
 
 
 def variants_for(losses: Iterable[Any] = (), dtypes: Sequence[str] = DTYPES) -> list[Variant]:
-    """The kernel variants that ``losses`` (``DistilLoss`` or ``ResponseDistiller`` objects) run on logits
-    of ``dtypes``, with and without labels where that changes the variant; every variant of the table
-    when ``losses`` is empty."""
+    """The kernel variants that ``losses`` (``DistilLoss`` or ``ResponseDistiller`` objects) run on student
+    and teacher logits of one of ``dtypes``, with and without labels where that changes the variant;
+    every such variant of the table when ``losses`` is empty."""
     from .distillers import ResponseDistiller
     from .losses import DistilLoss
 
@@ -36,7 +36,7 @@ def variants_for(losses: Iterable[Any] = (), dtypes: Sequence[str] = DTYPES) -> 
             raise ValueError(f"dtypes must be among {DTYPES}, got {d!r}")
     losses = list(losses)
     if not losses:
-        return [v for v in reachable() if v.dtype in dtypes]
+        return [v for v in reachable() if v.dtype in dtypes and not (v.teacher or v.grad)]
     out: dict[Variant, None] = {}
     for loss in losses:
         if isinstance(loss, DistilLoss):
@@ -154,8 +154,10 @@ def _compile_drivers(dtypes: Sequence[str]) -> None:
     from . import cpu
     from ._spec import Terms
 
+    from ._storage import BITS
+
     for d in dtypes:
-        x = np.zeros((2, 3), dtype=d)
+        x = np.zeros((2, 3), dtype=BITS.get(d, d))  # (16-bit floats as the kernels see them: their bits)
         v = resolve(Terms(), False, d)
         cpu.response(v, x, x, None, Terms().pack(), -100, 1.0, False)
         cpu.softmax(x, 1.0, False)
@@ -169,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastdistill warmup", description=(
         "Compile fastdistill's kernel variants into Numba's on-disk cache, so that a later job loads them "
         "in milliseconds instead of compiling them on its first call."))
-    ap.add_argument("--dtype", choices=DTYPES + ("all",), default="all", help="logits dtype (default: both)")
+    ap.add_argument("--dtype", choices=DTYPES + ("all",), default="all", help="logits dtype (default: all)")
     ap.add_argument("--loss", action="append", default=[], metavar="KIND",
                     help="only the variants of this soft loss (repeatable): kl_divergence, reverse_kl, jsd, "
                          "skew_kl, skew_reverse_kl, tvd, mse, cosine; default: every variant")

@@ -1,7 +1,7 @@
 """``fastdistill bench``: time the CPU kernels side by side with NumPy, PyTorch and memory floors.
 
-What is measured, per shape ``rows x classes`` (float32, random logits, ~10% of the rows carry
-``ignore_index``):
+What is measured, per shape ``rows x classes`` (random logits stored as ``--dtype``: float32 by default,
+or bfloat16/float16; ~10% of the rows carry ``ignore_index``):
 
 * ``forward``: the response loss ``0.5*CE + 0.5*tau^2*KL`` (tau = 4, reduction ``"mean"``) only, i.e.
   ``ResponseDistiller(DistilLoss.kl_divergence(4.0), 0.5, 0.5).loss(s, t, y)``;
@@ -12,8 +12,11 @@ What is measured, per shape ``rows x classes`` (float32, random logits, ~10% of 
 Baselines in the same process: a plain float32 NumPy implementation of the same math, PyTorch eager on
 the CPU (``F.cross_entropy`` + ``F.kl_div(..., log_target=True, reduction="batchmean") * tau**2``, with
 ``.backward()`` for the gradient), and two memory floors, Numba parallel kernels that only stream the
-operation's inputs once (*read floor*) or stream them and write one array (*read+write floor*). A time is
-the median over repeats after a warm-up call; the repeat count adapts to the call's cost.
+operation's inputs once (*read floor*) or stream them and write one array (*read+write floor*), in the
+logits' own width. With a 16-bit ``--dtype``, fastdistill on the same values in float32 is timed too
+(``vs float32``), the NumPy baseline computes in float32 from an upcast copy, and PyTorch on tensors of
+that dtype. A time is the median over repeats after a warm-up call; the repeat count adapts to the
+call's cost.
 
 The module imports nothing heavy at import time: NumPy, Numba and PyTorch are imported inside functions.
 """
@@ -34,6 +37,10 @@ DEFAULT_SCALING = (1, 262144)
 QUICK_SCALING = (1, 40000)
 
 OPS = ("forward", "forward+grad", "softmax")
+DTYPES = ("float32", "bfloat16", "float16")
+# fastdistill against the float32 NumPy baseline: the gradient's rounding to the logits' format, relative
+# to the largest gradient element
+GRAD_TOL = {"float32": 1e-3, "bfloat16": 1e-2, "float16": 2e-3}
 IMPLS = ("fastdistill", "numpy", "torch")
 FLOORS = ("floor_read", "floor_rw")
 TAU = 4.0
@@ -107,10 +114,24 @@ def shape_name(shape: Sequence[int]) -> str:
 # ---------------------------------------------------------------- inputs
 
 
-class Case:
-    """The inputs of one shape: student/teacher logits, labels with ~10% ignored rows, output buffers."""
+def numpy_dtype(name: str) -> Any:
+    """The NumPy dtype of ``name`` (bfloat16: ``ml_dtypes``', which NumPy lacks)."""
+    import numpy as np
 
-    def __init__(self, shape: tuple[int, int], seed: int = SEED) -> None:
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise SystemExit("fastdistill bench: --dtype bfloat16 needs ml_dtypes (pip install ml_dtypes)") from exc
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class Case:
+    """The inputs of one shape: student/teacher logits (``dtype``), labels with ~10% ignored rows, output
+    buffers; for a 16-bit ``dtype`` also the same values in float32 (``student32``, ``teacher32``)."""
+
+    def __init__(self, shape: tuple[int, int], seed: int = SEED, dtype: str = "float32") -> None:
         import numpy as np
 
         rows, cols = shape
@@ -126,9 +147,30 @@ class Case:
         if n_ignored:
             labels[rng.choice(rows, size=n_ignored, replace=False)] = IGNORE_INDEX
         self.labels = labels
+        self.dtype = dtype
+        self.student32 = self.teacher32 = self.grad32 = None
+        if dtype != "float32":
+            dt = numpy_dtype(dtype)
+            self.student32 = self.student.astype(dt).astype(np.float32)  # the 16-bit values, in float32
+            self.teacher32 = self.teacher.astype(dt).astype(np.float32)
+            self.grad32 = np.empty_like(self.student32)
+            self.student = self.student.astype(dt)
+            self.teacher = self.teacher.astype(dt)
         self.grad = np.empty_like(self.student)  # the preallocated gradient buffer (grad_out)
         self.out = np.empty_like(self.student)  # the floors' write target
         self.partial = np.empty(0, dtype=np.float32)
+
+    def as_float32(self) -> tuple[Any, Any]:
+        """Student and teacher in float32 (the same values)."""
+        if self.student32 is not None:
+            return self.student32, self.teacher32
+        return self.student, self.teacher
+
+    def bits(self, a: Any) -> Any:
+        """``a`` as raw 16-bit integers for a 16-bit dtype (what the floors stream), else ``a``."""
+        import numpy as np
+
+        return a.view(np.uint16) if self.dtype != "float32" else a
 
     @property
     def nbytes(self) -> int:
@@ -275,20 +317,23 @@ def floor_calls(case: Case, op: str) -> dict[str, Callable[[], Any]]:
     import numpy as np
 
     k = floor_kernels()
-    a = case.student.reshape(-1)
-    b = case.teacher.reshape(-1)
-    out = case.out.reshape(-1)
+    a = case.bits(case.student).reshape(-1)
+    b = case.bits(case.teacher).reshape(-1)
+    out = case.bits(case.out).reshape(-1)
     partial = np.empty((a.size + BLOCK - 1) // BLOCK, dtype=np.float32)
     if op == "softmax":
         return {"floor_read": lambda: k["read1"](a, partial), "floor_rw": lambda: k["rw1"](a, out)}
     return {"floor_read": lambda: k["read2"](a, b, partial), "floor_rw": lambda: k["rw2"](a, b, out)}
 
 
-def fastdistill_call(case: Case, op: str) -> Callable[[], Any]:
-    """The library call of ``op`` (public API, default CPU dispatch)."""
+def fastdistill_call(case: Case, op: str, float32: bool = False) -> Callable[[], Any]:
+    """The library call of ``op`` (public API, default CPU dispatch); ``float32``: on the float32 copies of
+    a 16-bit case's values."""
     import fastdistill as fd
 
     s, t, y, g = case.student, case.teacher, case.labels, case.grad
+    if float32 and case.student32 is not None:
+        s, t, g = case.student32, case.teacher32, case.grad32
     if op == "softmax":
         return lambda: fd.softmax(s)
     distiller = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(TAU), HARD_W, SOFT_W, ignore_index=IGNORE_INDEX)
@@ -299,6 +344,17 @@ def fastdistill_call(case: Case, op: str) -> Callable[[], Any]:
 
 def numpy_call(case: Case, op: str) -> Callable[[], Any]:
     s, t, y, g = case.student, case.teacher, case.labels, case.grad
+    if case.dtype != "float32":  # NumPy computes half precision slowly or not at all: upcast per call
+        import numpy as np
+
+        def up(x: Any) -> Any:
+            return x.astype(np.float32)
+
+        if op == "softmax":
+            return lambda: numpy_softmax(up(s))
+        if op == "forward":
+            return lambda: numpy_response(up(s), up(t), y, False)
+        return lambda: numpy_response(up(s), up(t), y, True)
     if op == "softmax":
         return lambda: numpy_softmax(s)
     if op == "forward":
@@ -310,8 +366,13 @@ def torch_call(case: Case, op: str, torch: Any) -> Callable[[], Any]:
     """PyTorch eager on the CPU, as a PyTorch user writes the loss (tensors share the NumPy memory)."""
     import torch.nn.functional as F
 
-    s = torch.from_numpy(case.student)
-    t = torch.from_numpy(case.teacher)
+    def tensor(a: Any) -> Any:
+        if case.dtype == "bfloat16":
+            return torch.from_numpy(case.bits(a)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    s = tensor(case.student)
+    t = tensor(case.teacher)
     y = torch.from_numpy(case.labels)
 
     def loss_of(x: Any) -> Any:
@@ -344,6 +405,8 @@ def torch_call(case: Case, op: str, torch: Any) -> Callable[[], Any]:
 def implementations(case: Case, op: str, torch: Any = None, floors: bool = True) -> dict[str, Callable[[], Any]]:
     """Every implementation of ``op`` on ``case``: name -> zero-argument callable."""
     calls = {"fastdistill": fastdistill_call(case, op), "numpy": numpy_call(case, op)}
+    if case.dtype != "float32":
+        calls["fastdistill_f32"] = fastdistill_call(case, op, float32=True)
     if torch is not None:
         calls["torch"] = torch_call(case, op, torch)
     if floors:
@@ -396,24 +459,26 @@ def check_against_numpy(case: Case, op: str) -> dict[str, Any]:
     import fastdistill as fd
 
     s, t, y = case.student, case.teacher, case.labels
+    s32, t32 = case.as_float32()
     if op == "softmax":
-        got, ref = fd.softmax(s), numpy_softmax(s)
+        got, ref = fd.softmax(s).astype(np.float32), numpy_softmax(s32)
         err = float(np.max(np.abs(got - ref)))
-        return {"ok": bool(err <= 1e-5), "max_abs_err": err}
+        return {"ok": bool(err <= (1e-5 if case.dtype == "float32" else 4e-3)), "max_abs_err": err}
     distiller = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(TAU), HARD_W, SOFT_W, ignore_index=IGNORE_INDEX)
     if op == "forward":
         got_loss, got_g = distiller.loss(s, t, y), None
-        ref_loss, ref_g = numpy_response(s, t, y, False)
+        ref_loss, ref_g = numpy_response(s32, t32, y, False)
     else:
         got_loss, got_g = distiller.loss_and_grad(s, t, y)
-        ref_loss, ref_g = numpy_response(s, t, y, True)
+        got_g = got_g.astype(np.float32)
+        ref_loss, ref_g = numpy_response(s32, t32, y, True)
     rel = abs(got_loss - ref_loss) / max(abs(ref_loss), 1e-30)
     out = {"ok": bool(rel <= 1e-4), "loss_rel_err": rel}
     if got_g is not None:
         gmax = float(np.max(np.abs(ref_g))) or 1.0
         gerr = float(np.max(np.abs(got_g - ref_g))) / gmax
         out["grad_rel_err"] = gerr
-        out["ok"] = bool(out["ok"] and gerr <= 1e-3)
+        out["ok"] = bool(out["ok"] and gerr <= GRAD_TOL[case.dtype])
     return out
 
 
@@ -425,7 +490,7 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool = True, quick: bool = False,
               scaling_shape: tuple[int, int] | None = DEFAULT_SCALING, check: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, dtype: str = "float32") -> dict[str, Any]:
     """Run every measurement and return the results as a JSON-ready dict."""
     import numba
     import numpy as np
@@ -443,12 +508,12 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
     results = []
     for shape in shapes:
         say(f"{shape_name(shape)}: preparing inputs")
-        case = Case(shape)
+        case = Case(shape, dtype=dtype)
         for op in OPS:
             calls = implementations(case, op, torch)
             times: dict[str, float | None] = {}
             detail: dict[str, Any] = {}
-            for name in ("floor_read", "floor_rw", "fastdistill", "numpy", "torch"):
+            for name in ("floor_read", "floor_rw", "fastdistill", "fastdistill_f32", "numpy", "torch"):
                 if name not in calls:
                     times[name] = None
                     continue
@@ -464,7 +529,8 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
                 "min_ms": {k: v["min_s"] * 1e3 for k, v in detail.items()},
                 "samples": {k: v["samples"] for k, v in detail.items()},
                 "calls_per_sample": {k: v["calls_per_sample"] for k, v in detail.items()},
-                "speedup": {"numpy": ratio(times["numpy"], fd_ms), "torch": ratio(times["torch"], fd_ms)},
+                "speedup": {"numpy": ratio(times["numpy"], fd_ms), "torch": ratio(times["torch"], fd_ms),
+                            "float32": ratio(times["fastdistill_f32"], fd_ms)},
                 "x_floor": {"read": ratio(fd_ms, times["floor_read"]), "rw": ratio(fd_ms, times["floor_rw"])},
             }
             if check:
@@ -474,7 +540,7 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
         del case
     scaling = []
     if scaling_shape is not None:
-        case = Case(scaling_shape)
+        case = Case(scaling_shape, dtype=dtype)
         for op in ("forward", "forward+grad"):
             fn = fastdistill_call(case, op)
             per_threads = {}
@@ -508,7 +574,7 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
             "load_average_after": load_average(),
         },
         "config": {
-            "quick": quick, "dtype": "float32", "temperature": TAU, "hard_label_weight": HARD_W,
+            "quick": quick, "dtype": dtype, "temperature": TAU, "hard_label_weight": HARD_W,
             "soft_label_weight": SOFT_W, "reduction": "mean", "ignore_index": IGNORE_INDEX,
             "ignored_row_fraction": IGNORE_FRACTION, "timing": "median of samples after warm-up",
             "shapes": [list(s) for s in shapes],
@@ -544,18 +610,24 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
     head = (f"fastdistill {report['fastdistill_version']} on {m['cpu']}, {m['threads']} thread"
             f"{'s' if m['threads'] != 1 else ''} (numba {m['numba']}, threading layer {m['numba_threading_layer']}"
             f"; numpy {m['numpy']}; torch {m['torch'] or 'not used'})")
-    sub = ("float32, loss = 0.5*CE + 0.5*tau^2*KL (tau=4, mean, ~10% ignored rows); median ms per call. "
-           "speed-up = baseline time / fastdistill time; x floor = fastdistill time / floor time.")
-    cols = ["shape", "op", "fastdistill ms", "numpy ms", "torch ms", "read floor ms", "r+w floor ms",
-            "vs numpy", "vs torch", "x read floor", "x r+w floor"]
+    dtype = report["config"].get("dtype", "float32")
+    half = dtype != "float32"
+    sub = (f"{dtype} logits, loss = 0.5*CE + 0.5*tau^2*KL (tau=4, mean, ~10% ignored rows); median ms per call. "
+           "speed-up = baseline time / fastdistill time; x floor = fastdistill time / floor time"
+           + (f" (floors stream {dtype}; 'float32 ms' is fastdistill on the same values in float32)." if half
+              else "."))
+    cols = ["shape", "op", "fastdistill ms"] + (["float32 ms"] if half else []) + [
+        "numpy ms", "torch ms", "read floor ms", "r+w floor ms"] + (["vs float32"] if half else []) + [
+        "vs numpy", "vs torch", "x read floor", "x r+w floor"]
     rows = []
     for e in report["results"]:
         t = e["times_ms"]
         name = shape_name(e["shape"])
         op = e["op"] + ("" if e.get("check", {}).get("ok", True) else " (MISMATCH)")
-        rows.append([name, op, _ms(t["fastdistill"]), _ms(t["numpy"]), _ms(t["torch"]), _ms(t["floor_read"]),
-                     _ms(t["floor_rw"]), _x(e["speedup"]["numpy"]), _x(e["speedup"]["torch"]),
-                     _x(e["x_floor"]["read"]), _x(e["x_floor"]["rw"])])
+        rows.append([name, op, _ms(t["fastdistill"])] + ([_ms(t.get("fastdistill_f32"))] if half else []) + [
+            _ms(t["numpy"]), _ms(t["torch"]), _ms(t["floor_read"]), _ms(t["floor_rw"])]
+            + ([_x(e["speedup"].get("float32"))] if half else [])
+            + [_x(e["speedup"]["numpy"]), _x(e["speedup"]["torch"]), _x(e["x_floor"]["read"]), _x(e["x_floor"]["rw"])])
     lines = []
     if markdown:
         lines += [head + "  ", sub, ""]
@@ -615,7 +687,8 @@ def write_plot(report: dict[str, Any], path: str) -> None:
     handles, names_ = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names_, loc="lower center", ncol=len(present), fontsize=9, frameon=False)
     m = report["machine"]
-    fig.suptitle(f"fastdistill {report['fastdistill_version']}: {m['cpu']}, {m['threads']} threads, float32 "
+    fig.suptitle(f"fastdistill {report['fastdistill_version']}: {m['cpu']}, {m['threads']} threads, "
+                 f"{report['config'].get('dtype', 'float32')} "
                  "(lower is better)")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
@@ -647,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for fastdistill, the floors and PyTorch (default: all numba threads)")
     p.add_argument("--no-torch", action="store_true", help="leave the PyTorch baseline out")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage of the logits (default float32; bfloat16 needs ml_dtypes)")
     p.add_argument("--scaling", type=str, default=None,
                    help="shape of the 1-thread vs all-threads measurement, or 'none' (default: "
                         f"{shape_name(DEFAULT_SCALING)}; {shape_name(QUICK_SCALING)} with --quick)")
@@ -694,8 +769,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
+    if args.dtype == "bfloat16":
+        numpy_dtype("bfloat16")  # (ml_dtypes, or a clear message before any work)
     report = run_bench(shapes, threads, use_torch=use_torch, quick=args.quick, scaling_shape=scaling,
-                       check=not args.no_check, log=log)
+                       check=not args.no_check, log=log, dtype=args.dtype)
     print(format_table(report, markdown=args.markdown))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

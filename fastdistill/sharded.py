@@ -67,13 +67,16 @@ class VocabShard:
             local = glob - offset
             ignored = glob == distiller.ignore_index
             lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
-        call = _dispatch._resolve(distiller.terms, s_shape, s_dtype, width, labels is not None, _IGNORED, reduction,
-                                  num_items, want_grad, distiller.hard_label_weight != 0.0)
+        call = _dispatch._resolve(distiller.terms, s_shape,
+                                  _dispatch._storages(s_dtype, t_dtype, grad_out if want_grad else None), width,
+                                  labels is not None, _IGNORED, reduction, num_items, want_grad,
+                                  distiller.hard_label_weight != 0.0)
         self._call = call
         self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
         self._lab = lab
         self._classes = total
         self._grad_out = grad_out
+        self._student = student
         self._grad = (g if g is not None else np.empty_like(self._s)) if call.want_grad else None
         self._out = np.empty(call.rows, dtype=np.float64)
         self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
@@ -144,10 +147,8 @@ class VocabShard:
             self._run(_K().SHARD_FINISH)
             self._done = True
         c = self._call
-        loss = _dispatch.reduce_rows(self._out, c.reduction, self._scale, c.shape, self._s.dtype)
-        grad = None
-        if c.want_grad:
-            grad = self._grad_out if self._grad_out is not None else self._grad.reshape(c.shape)
+        loss = _dispatch.reduce_rows(self._out, c.reduction, self._scale, c.shape, c.variant.dtype)
+        grad = _dispatch.caller_grad(c, self._grad, self._student, self._grad_out) if c.want_grad else None
         return loss, grad
 
 

@@ -45,8 +45,8 @@ __all__ = ["DistillationLoss", "response_loss", "kl_divergence", "feature_loss",
            "SOFT_LOSSES"]
 
 
-_NATIVE = (torch.float32, torch.float64)
-_UPCAST = (torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64) + _HALF
 
 
 # ------------------------------------------------------------------ building the loss
@@ -85,22 +85,38 @@ def _check_tensor(x: Any, name: str) -> torch.Tensor:
     return x
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in _NATIVE:
-        return dtype
-    if dtype in _UPCAST:
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the loss of a student of ``dtype`` (float32 for half precision; the gradient is in
+    the student's own dtype)."""
+    if dtype in _HALF:
         return torch.float32
+    if dtype in _FLOATS:
+        return dtype
     raise TypeError(f"student must be a float32, float64, float16 or bfloat16 tensor, got dtype {dtype}")
 
 
-def _prepare(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` detached, of ``dtype``, C-contiguous: itself when it already is, else one copy."""
-    return x.detach().to(dtype=dtype, memory_format=torch.contiguous_format)
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op computes a student's gradient in: the student's, but float32 for float16, whose
+    range (smallest normal 6e-5) cannot hold per-element gradients of a large batch's mean before the
+    upstream factor (a GradScaler's 65536) is applied in backward; the product is rounded once. bfloat16
+    has float32's range: its gradient is written in bfloat16 directly."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached and C-contiguous: itself when it already is, else one copy. Half-precision CPU
+    tensors are read as they are; on a GPU they are computed in float32 (a copy) until the CUDA kernels
+    read 16-bit storage."""
+    x = x.detach()
+    if x.dtype in _HALF and x.device.type != "cpu":
+        x = x.float()
+    return x.contiguous()
 
 
 def _as_backend_input(x: torch.Tensor) -> Any:
-    """What the façade receives: a zero-copy NumPy view for CPU tensors, the tensor for CUDA tensors."""
-    return x.numpy() if x.device.type == "cpu" else x
+    """What the façade receives: a zero-copy NumPy view for CPU tensors (the tensor itself for bfloat16,
+    which NumPy lacks: the façade views its bits), the tensor for CUDA tensors."""
+    return x.numpy() if (x.device.type == "cpu" and x.dtype != torch.bfloat16) else x
 
 
 def _to_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -126,34 +142,37 @@ def _labels(labels: Any, device: torch.device) -> torch.Tensor:
 
 
 def _checked_pair(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
-    """The computation dtype of a student/teacher pair, after their device and dtype checks."""
+    """The loss dtype of a student/teacher pair, after their device and dtype checks."""
     if teacher.device != student.device:
         raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {student.device}")
-    cdtype = _compute_dtype(student.dtype)
-    if not (teacher.dtype in _NATIVE or teacher.dtype in _UPCAST):
+    cdtype = _loss_dtype(student.dtype)
+    if teacher.dtype not in _FLOATS:
         raise TypeError(f"teacher must be a float32, float64, float16 or bfloat16 tensor, got dtype {teacher.dtype}")
     return cdtype
 
 
 def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
          reduction: str, num_items: Any, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss tensor and (if asked) the gradient, in the computation dtype, on the student's device."""
+    """Loss tensor and (if asked) the gradient (in the student's dtype), on the student's device."""
     device = student.device
     cdtype = _checked_pair(student, teacher)
+    gdtype = _grad_dtype(student.dtype)
     width = student.shape[-1]
     if device.type != "cpu" and distiller.vocab_mismatch == "truncate" and teacher.shape[-1] != width:
         # the CUDA kernels read rows of one width: the first n classes of the wider one, copied
         n = min(width, teacher.shape[-1])
         student, teacher = student[..., :n], teacher[..., :n]
-    s = _prepare(student, cdtype)
-    t = _prepare(teacher, cdtype)
+    s = _prepare(student)
+    t = _prepare(teacher)
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
     args = (_as_backend_input(s), _as_backend_input(t), lab)
     kw = dict(reduction=reduction, num_items=num_items)
     if not want_grad:
         return _to_tensor(distiller.loss(*args, **kw), cdtype, device), None
+    if gdtype != student.dtype and device.type == "cpu":
+        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype))
     loss, grad = distiller.loss_and_grad(*args, **kw)
-    grad = _to_tensor(grad, cdtype, device)
+    grad = _to_tensor(grad, gdtype, device)
     if grad.shape[-1] != width:  # student classes the truncated loss does not see
         grad = torch.nn.functional.pad(grad, (0, width - grad.shape[-1]))
     return _to_tensor(loss, cdtype, device), grad
@@ -176,8 +195,8 @@ def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, tea
             f"so far, got a student on {student.device}"
         )
     cdtype = _checked_pair(student, teacher)
-    s = _prepare(student, cdtype)
-    t = _prepare(teacher, cdtype)
+    s = _prepare(student)
+    t = _prepare(teacher)
     width = torch.tensor([s.shape[-1]], dtype=torch.int64)
     widths = [torch.zeros_like(width) for _ in range(dist.get_world_size(group))]
     dist.all_gather(widths, width, group=group)
@@ -185,13 +204,16 @@ def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, tea
     offset = int(sum(int(w) for w in widths[:rank]))
     classes = int(sum(int(w) for w in widths))
     lab = None if labels is None else _labels(labels, student.device).numpy()
-    shard = distiller.vocab_shard(s.numpy(), t.numpy(), lab, class_offset=offset, classes=classes,
-                                  reduction=reduction, num_items=num_items, want_grad=want_grad)
+    gdtype = _grad_dtype(student.dtype)
+    g_out = _as_backend_input(torch.empty(s.shape, dtype=gdtype)) if (want_grad and gdtype != s.dtype) else None
+    shard = distiller.vocab_shard(_as_backend_input(s), _as_backend_input(t), lab, class_offset=offset, classes=classes,
+                                  reduction=reduction, num_items=num_items, want_grad=want_grad, grad_out=g_out)
     for buf, op in shard.exchanges():
         dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
                         group=group)
     loss, grad = shard.result()
-    return _to_tensor(loss, cdtype, student.device), (None if grad is None else _to_tensor(grad, cdtype, student.device))
+    return _to_tensor(loss, cdtype, student.device), (None if grad is None else _to_tensor(grad, gdtype,
+                                                                                          student.device))
 
 
 # ------------------------------------------------------------------ the custom op
@@ -250,9 +272,9 @@ def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bo
 
 def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], call: list[float],
                    num_items: Optional[torch.Tensor], group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss (0-dim, or per row for ``reduction="none"``) and, when the call wants it, its gradient
-    with respect to ``student`` (else an empty tensor), both in the computation dtype (float32 for half
-    precision students). ``num_items``, when given, is the divisor of "mean" (read here, in forward).
+    """The loss (0-dim, or per row for ``reduction="none"``; float32 for half-precision students) and,
+    when the call wants it, its gradient with respect to ``student`` (else an empty tensor), in the
+    student's dtype (float32 for float16 students, see :func:`_grad_dtype`). ``num_items``, when given, is the divisor of "mean" (read here, in forward).
     ``group``: the name of a ``torch.distributed`` process group whose ranks hold the vocabulary's
     shards (``""``: none)."""
     distiller, reduction, n_items, want_grad = _decode(call)
@@ -263,7 +285,7 @@ def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
     else:
         loss, grad = _run(distiller, student, teacher, labels, reduction, n_items, want_grad)
     if grad is None:
-        grad = torch.empty(0, dtype=loss.dtype, device=loss.device)
+        grad = torch.empty(0, dtype=_grad_dtype(student.dtype), device=loss.device)
     return loss, grad
 
 
@@ -272,10 +294,9 @@ _response_op = torch.library.custom_op(_OP, _response_impl, mutates_args=())
 
 @_response_op.register_fake
 def _response_fake(student, teacher, labels, call, num_items, group):  # type: ignore[no-untyped-def]
-    cdtype = _compute_dtype(student.dtype)
     per_row = _reduction_of(call) == "none"
-    loss = student.new_empty(student.shape[:-1] if per_row else (), dtype=cdtype)
-    grad = student.new_empty(student.shape if call[_F["want_grad"]] else (0,), dtype=cdtype)
+    loss = student.new_empty(student.shape[:-1] if per_row else (), dtype=_loss_dtype(student.dtype))
+    grad = student.new_empty(student.shape if call[_F["want_grad"]] else (0,), dtype=_grad_dtype(student.dtype))
     return loss, grad
 
 
@@ -689,10 +710,10 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
 def _elementwise_jsd(student: Any, teacher: Any, labels: Any, soft: DistilLoss) -> torch.Tensor:
     """TRL's elementwise generalized JSD (``reduction="none"``): computed in float64 (an elementwise term
     is a difference of logarithms, which float32 would leave with an absolute error of ~1e-7 times its
-    probability), returned in the computation dtype (float32 for half precision)."""
+    probability), returned in the loss dtype (float32 for half precision)."""
     student = _check_tensor(student, "student_logits")
     teacher = _check_tensor(teacher, "teacher_logits")
-    cdtype = _compute_dtype(student.dtype)
+    cdtype = _loss_dtype(student.dtype)
     lq = torch.log_softmax(student.to(torch.float64) / soft.temperature, dim=-1)
     lp = torch.log_softmax(teacher.to(torch.float64) / soft.temperature, dim=-1)
     beta = soft.beta

@@ -42,9 +42,9 @@ def torch():
 
 
 def stray_signatures() -> list[str]:
-    """Compiled signatures of the CPU driver and softmax kernels other than the one per dtype that the
-    façade and the C ABI use (read-only inputs arrive as writable-typed aliases): each would be a
-    compile of its own."""
+    """Compiled signatures of the CPU drivers and softmax kernels other than the ones the façade and the
+    C ABI use (one driver for every storage, one softmax per storage; read-only inputs arrive as
+    writable-typed aliases): each would be a compile of its own."""
     import sys
 
     K = sys.modules.get("fastdistill.cpu._kernels")
@@ -55,16 +55,16 @@ def stray_signatures() -> list[str]:
     def arr(dt, nd, ro):
         return T.Array(dt, nd, "C", readonly=ro)
 
-    out = []
-    for dt in (T.float32, T.float64):
-        drive = (T.int64, arr(dt, 2, False), arr(dt, 2, False), arr(T.int64, 1, False), T.boolean, T.int64,
-                 arr(T.float64, 1, False), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False), T.int64,
-                 T.boolean)
-        softmax = (arr(dt, 2, False), T.float64, arr(dt, 2, False))
-        shard = (T.int64, T.int64, arr(dt, 2, False), arr(dt, 2, False), arr(T.int64, 1, False), T.boolean, T.int64,
-                 arr(T.float64, 1, False), T.float64, T.boolean, arr(T.float64, 1, False), arr(dt, 2, False),
-                 arr(T.float64, 2, False), arr(T.float64, 2, False), T.int64)
-        out += [drive, softmax, shard]
+    layout = T.UniTuple(T.int64, 8)  # the drivers see the logits' addresses: one signature for every storage
+    f64 = arr(T.float64, 1, False)
+    out = [
+        (T.int64, layout, arr(T.int64, 1, False), T.boolean, T.int64, f64, T.float64, T.boolean, f64, T.int64,
+         T.boolean),
+        (T.int64, T.int64, layout, arr(T.int64, 1, False), T.boolean, T.int64, f64, T.float64, T.boolean, f64,
+         arr(T.float64, 2, False), arr(T.float64, 2, False), T.int64),
+    ]
+    for dt in (T.float32, T.float64, T.int16, T.uint16):  # (16-bit floats as their bits)
+        out.append((arr(dt, 2, False), T.float64, arr(dt, 2, False)))
     allowed = set(out)
     stray = [f"{K.drive.py_func.__name__}{sig}" for sig in K.drive.signatures if sig not in allowed]
     stray += [f"{K.drive_shard.py_func.__name__}{sig}" for sig in K.drive_shard.signatures if sig not in allowed]

@@ -148,9 +148,10 @@ def test_bad_weights_and_types():
         fd.ResponseDistiller(fd.DistilLoss.mse(), float("nan"), 1.0)
     with pytest.raises(fd.InvalidParameterError, match="kl_weight"):
         fd.DistilLoss.combined(float("inf"), 1.0, 1.0)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        fd.mse(np.ones(3, np.float16), np.ones(3, np.float16))
-    with pytest.raises(TypeError, match="float32 or float64"):
+    accepted = "float32, float64, float16 or bfloat16"
+    with pytest.raises(TypeError, match=f"student must hold {accepted} logits, got dtype complex64"):
+        fd.mse(np.ones(3, np.complex64), np.ones(3, np.complex64))
+    with pytest.raises(TypeError, match=f"student must hold {accepted} logits, got dtype int64"):
         fd.mse(np.ones(3, np.int64), np.ones(3, np.int64))
     with pytest.raises(TypeError, match="integer"):
         fd.cross_entropy(np.ones((2, 3)), np.array([0.5, 1.0]))

@@ -77,7 +77,8 @@ def test_quick_json_structure(quick_report: tuple[dict, str]) -> None:
     assert seen == {(s, op) for s in B.QUICK_SHAPES for op in B.OPS}
     for e in report["results"]:
         t = e["times_ms"]
-        assert set(t) == {"fastdistill", "numpy", "torch", "floor_read", "floor_rw"}
+        assert set(t) == {"fastdistill", "fastdistill_f32", "numpy", "torch", "floor_read", "floor_rw"}
+        assert t["fastdistill_f32"] is None  # (timed for 16-bit dtypes only)
         for name in ("fastdistill", "numpy", "floor_read", "floor_rw"):
             assert t[name] > 0 and e["samples"][name] >= B.TIMING_QUICK[2]
             assert e["min_ms"][name] <= t[name]
@@ -233,3 +234,23 @@ def test_floors_read_and_write_everything(shape) -> None:  # type: ignore[no-unt
     c.out.fill(np.nan)
     sm_floors["floor_rw"]()
     np.testing.assert_array_equal(c.out, c.student * np.float32(0.5))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtype(tmp_path, capsys, dtype) -> None:  # type: ignore[no-untyped-def]
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    out = tmp_path / "r.json"
+    rc = B.main(["--quick", "--shapes", "8x300", "--no-torch", "--scaling", "none", "--dtype", dtype,
+                 "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["dtype"] == dtype
+    for e in report["results"]:
+        assert e["bytes_per_array"] == 8 * 300 * 2  # the logits are stored in 16 bits
+        t = e["times_ms"]
+        assert t["fastdistill_f32"] > 0  # the same values in float32, side by side
+        assert e["speedup"]["float32"] == pytest.approx(t["fastdistill_f32"] / t["fastdistill"])
+        assert e["check"]["ok"], e["check"]
+    text = capsys.readouterr().out
+    assert f"{dtype} logits" in text and "vs float32" in text

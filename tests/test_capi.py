@@ -16,7 +16,7 @@ import pytest
 
 import fastdistill as fd
 from conftest import IGNORE, TOL, make_batch, rel_err
-from fastdistill import capi
+from fastdistill import _spec, capi
 from reference import cross_entropy, divergence, log_softmax, reduce, torch_response
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,25 +45,46 @@ int32_t h_load(const uint64_t *a)
     api.response_f64 = (fd_response_f64_fn)(uintptr_t)a[8];
     api.mse_f64 = (fd_linear_f64_fn)(uintptr_t)a[9];
     api.cosine_f64 = (fd_linear_f64_fn)(uintptr_t)a[10];
+    api.softmax_f16 = (fd_softmax_h16_fn)(uintptr_t)a[11];
+    api.log_softmax_f16 = (fd_softmax_h16_fn)(uintptr_t)a[12];
+    api.response_f16 = (fd_response_h16_fn)(uintptr_t)a[13];
+    api.mse_f16 = (fd_linear_h16_fn)(uintptr_t)a[14];
+    api.cosine_f16 = (fd_linear_h16_fn)(uintptr_t)a[15];
+    api.softmax_bf16 = (fd_softmax_h16_fn)(uintptr_t)a[16];
+    api.log_softmax_bf16 = (fd_softmax_h16_fn)(uintptr_t)a[17];
+    api.response_bf16 = (fd_response_h16_fn)(uintptr_t)a[18];
+    api.mse_bf16 = (fd_linear_h16_fn)(uintptr_t)a[19];
+    api.cosine_bf16 = (fd_linear_h16_fn)(uintptr_t)a[20];
     return api.abi_version();
 }
 
-int32_t h_softmax(int f64, int log, const void *x, int64_t rows, int64_t n, double temperature, void *out,
+/* prec: 0 float32, 1 float64, 2 float16, 3 bfloat16 */
+int32_t h_softmax(int prec, int log, const void *x, int64_t rows, int64_t n, double temperature, void *out,
                   int32_t nthreads)
 {
-    if (f64)
+    if (prec == 2)
+        return (log ? api.log_softmax_f16 : api.softmax_f16)((const uint16_t *)x, rows, n, temperature,
+                                                             (uint16_t *)out, nthreads);
+    if (prec == 3)
+        return (log ? api.log_softmax_bf16 : api.softmax_bf16)((const uint16_t *)x, rows, n, temperature,
+                                                               (uint16_t *)out, nthreads);
+    if (prec == 1)
         return (log ? api.log_softmax_f64 : api.softmax_f64)((const double *)x, rows, n, temperature,
                                                              (double *)out, nthreads);
     return (log ? api.log_softmax_f32 : api.softmax_f32)((const float *)x, rows, n, temperature,
                                                          (float *)out, nthreads);
 }
 
-int32_t h_response(int f64, const void *s, const void *t, const int64_t *labels, int64_t rows, int64_t n,
+int32_t h_response(int prec, const void *s, const void *t, const int64_t *labels, int64_t rows, int64_t n,
                    int32_t kind, double temperature, double hard_w, double soft_w, double param,
                    double smoothing, int64_t ignore_index, int32_t reduction, double *loss, void *grad,
                    int32_t nthreads)
 {
-    if (f64)
+    if (prec == 2 || prec == 3)
+        return (prec == 2 ? api.response_f16 : api.response_bf16)(
+            (const uint16_t *)s, (const uint16_t *)t, labels, rows, n, kind, temperature, hard_w, soft_w, param,
+            smoothing, ignore_index, reduction, loss, (uint16_t *)grad, nthreads);
+    if (prec == 1)
         return api.response_f64((const double *)s, (const double *)t, labels, rows, n, kind, temperature,
                                 hard_w, soft_w, param, smoothing, ignore_index, reduction, loss,
                                 (double *)grad, nthreads);
@@ -71,10 +92,16 @@ int32_t h_response(int f64, const void *s, const void *t, const int64_t *labels,
                             soft_w, param, smoothing, ignore_index, reduction, loss, (float *)grad, nthreads);
 }
 
-int32_t h_linear(int f64, int cosine, const void *s, const void *t, int64_t rows, int64_t n, int32_t reduction,
+int32_t h_linear(int prec, int cosine, const void *s, const void *t, int64_t rows, int64_t n, int32_t reduction,
                  double *loss, void *grad, int32_t nthreads)
 {
-    if (f64)
+    if (prec == 2)
+        return (cosine ? api.cosine_f16 : api.mse_f16)((const uint16_t *)s, (const uint16_t *)t, rows, n,
+                                                       reduction, loss, (uint16_t *)grad, nthreads);
+    if (prec == 3)
+        return (cosine ? api.cosine_bf16 : api.mse_bf16)((const uint16_t *)s, (const uint16_t *)t, rows, n,
+                                                         reduction, loss, (uint16_t *)grad, nthreads);
+    if (prec == 1)
         return (cosine ? api.cosine_f64 : api.mse_f64)((const double *)s, (const double *)t, rows, n,
                                                        reduction, loss, (double *)grad, nthreads);
     return (cosine ? api.cosine_f32 : api.mse_f32)((const float *)s, (const float *)t, rows, n, reduction,
@@ -146,6 +173,7 @@ KINDS = {
     "combined": (capi.FD_COMBINED, lambda p, T: fd.DistilLoss.combined(1.0, p, T), False),
 }
 RED = capi.REDUCTIONS
+PREC = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}  # the harness's precision codes
 # C entry point vs Python API with other thread counts or buffers: a few ulps
 SAME = {np.float32: 1e-6, np.float64: 1e-13}
 
@@ -203,11 +231,10 @@ def ptr(a):
 def c_response(lib, s, t, y, kind, T=1.0, hard_w=0.0, soft_w=1.0, param=0.0, eps=0.0, ignore_index=IGNORE,
                reduction="mean", grad=True, nthreads=0):
     """(status, loss or per-row losses, grad or None) through the C harness."""
-    f64 = s.dtype == np.float64
     rows, n = s.shape
     loss = np.full(rows if reduction == "none" else 1, -7.0)
     g = np.full_like(s, -7.0) if grad is True else grad
-    st = lib.h_response(f64, ptr(s), ptr(t), ptr(y), rows, n, kind, T, hard_w, soft_w, param, eps,
+    st = lib.h_response(PREC[s.dtype.name], ptr(s), ptr(t), ptr(y), rows, n, kind, T, hard_w, soft_w, param, eps,
                         ignore_index, RED.get(reduction, reduction), ptr(loss), ptr(g), nthreads)
     return st, (loss if reduction == "none" else loss[0]), g
 
@@ -293,8 +320,10 @@ def test_symbols():
     assert tuple(syms) == capi.SYMBOL_NAMES
     assert all(isinstance(a, int) and a > 0 for a in syms.values())
     assert set(capi.symbols("f32")) == {"fd_abi_version"} | {k for k in syms if k.endswith("_f32")}
+    assert set(capi.symbols("f16")) == {"fd_abi_version"} | {k for k in syms if k.endswith("_f16")}
+    assert set(capi.symbols("bf16")) == {"fd_abi_version"} | {k for k in syms if k.endswith("_bf16")}
     with pytest.raises(ValueError):
-        capi.symbols("f16")
+        capi.symbols("f8")
     abi = ctypes.CFUNCTYPE(ctypes.c_int32)(syms["fd_abi_version"])
     assert abi() == capi.ABI_VERSION
 
@@ -335,8 +364,8 @@ def test_loss_terms_and_variant_match_the_python_api(name, param, T, has_labels)
     div = _cfuncs.loss_terms(kind, T, hard_w, soft_w, param, eps, P)
     assert div == terms.div
     np.testing.assert_array_equal(P, terms.pack())
-    for f64, dtype in ((False, "float32"), (True, "float64")):
-        idx, two_pass = _cfuncs.kernel_variant(div, P, has_labels, f64)
+    for code, dtype in enumerate(_spec.STORAGES):
+        idx, two_pass = _cfuncs.kernel_variant(div, P, has_labels, code)
         want = resolve(terms, has_labels, dtype)
         assert _cfuncs.VARIANTS[idx] == want
         assert two_pass == want.two_pass
@@ -685,3 +714,29 @@ def test_internal_failure_is_not_ok(lib, dtype, capfd):
                         0.0, IGNORE, capi.FD_MEAN, buf.ctypes.data, None, 0)
     assert st == capi.FD_INTERNAL_ERROR
     assert not buf.any()
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name,T", [("kl_divergence", 2.0), ("jsd", 1.0), ("reverse_kl", 3.0), ("mse", 1.0)])
+def test_half_precision_entry_points(lib, half, name, T):
+    """The _f16 and _bf16 entry points: the Python API's kernels on the same bits (identical results),
+    within the contract's accuracy of a float64 reference of the same half values."""
+    dt = np.float16 if half == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    s32, t32, y = make_batch(11, 29, np.float32, seed=7, mask=name != "mse")
+    s, t = s32.astype(dt), t32.astype(dt)
+    y = y.astype(np.int64)
+    hard_w = 0.0 if name == "mse" else 0.4
+    st, loss, grad = c_response(lib, s, t, y, KINDS[name][0], T, hard_w, 0.6, 0.3, 0.0)
+    assert st == capi.FD_OK, capi.status_message(st)
+    assert grad.dtype == dt
+    py_loss, py_grad = py_response(name, s, t, y, T, hard_w, 0.6, 0.3, 0.0, "mean")
+    np.testing.assert_array_equal(grad.view(np.uint16), py_grad.view(np.uint16))
+    assert loss == pytest.approx(py_loss, rel=1e-12)
+    rows, keep = ref_rows(name, s.astype(np.float64), t.astype(np.float64), y, T, hard_w, 0.6, 0.3, 0.0)
+    assert rel_err(loss, reduce(rows, keep, "mean")) < 1e-5
+    # softmax: the input's format, rounded once from float32
+    out = np.empty_like(s)
+    assert lib.h_softmax(PREC[half], 0, ptr(s), 11, 29, T, ptr(out), 0) == capi.FD_OK
+    ref = np.exp(log_softmax(s.astype(np.float64) / T))
+    np.testing.assert_array_equal(out.view(np.uint16), fd.softmax(s, T).view(np.uint16))
+    assert np.all(np.abs(out.astype(np.float64) - ref) <= np.abs(np.spacing(ref.astype(dt))).astype(np.float64))

@@ -223,7 +223,7 @@ def test_distillation_loss_over_a_vocab_parallel_group(cuts):
 
 def test_shard_inputs_must_be_float_arrays():
     d = fd.ResponseDistiller.balanced()
-    with pytest.raises(TypeError, match="student must be float32 or float64, got dtype int32"):
+    with pytest.raises(TypeError, match="student must hold float32, float64, float16 or bfloat16 logits, got dtype int32"):
         d.vocab_shard(np.zeros((2, 3), np.int32), np.zeros((2, 3)), None, class_offset=0, classes=3)
 
 

@@ -26,9 +26,10 @@ def test_variants_for_losses():
     assert variants_for([pure], ["float32"]) == [_spec.resolve(pure.terms(), False, "float32")]
     hot = fd.DistilLoss.reverse_kl(100.0)
     assert variants_for([hot], ["float32"])[0].math == "float64"
-    assert variants_for([], ["float32"]) == [v for v in _spec.reachable() if v.dtype == "float32"]
+    assert variants_for([], ["float32"]) == [v for v in _spec.reachable() if v.storage() == ("float32",) * 3]
+    assert variants_for([kl], ["bfloat16"]) == [_spec.resolve(kl.terms(), False, "bfloat16")]
     with pytest.raises(ValueError, match="dtypes"):
-        variants_for([kl], ["float16"])
+        variants_for([kl], ["int8"])
     with pytest.raises(TypeError, match="DistilLoss or ResponseDistiller"):
         variants_for(["kl"], ["float32"])
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .._spec import LOSS_CODES
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: the float16 and bfloat16 entry points
 
 # status codes (fastdistill.h: enum fd_status)
 FD_OK = 0
@@ -91,9 +91,11 @@ SYMBOL_NAMES = (
     "fd_abi_version",
     "fd_softmax_f32", "fd_log_softmax_f32", "fd_response_f32", "fd_mse_f32", "fd_cosine_f32",
     "fd_softmax_f64", "fd_log_softmax_f64", "fd_response_f64", "fd_mse_f64", "fd_cosine_f64",
+    "fd_softmax_f16", "fd_log_softmax_f16", "fd_response_f16", "fd_mse_f16", "fd_cosine_f16",
+    "fd_softmax_bf16", "fd_log_softmax_bf16", "fd_response_bf16", "fd_mse_bf16", "fd_cosine_bf16",
 )
 
-PRECISIONS = ("f32", "f64")
+PRECISIONS = ("f32", "f64", "f16", "bf16")
 
 _SYMBOLS: dict[str, int] = {}
 
@@ -111,7 +113,7 @@ def header_path() -> str:
 def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, int]:
     """``{C name: function address}`` of the entry points (``fastdistill.h`` has their prototypes).
 
-    ``precision``: ``"f32"`` or ``"f64"`` for that precision's entry points only (plus
+    ``precision``: ``"f32"``, ``"f64"``, ``"f16"`` or ``"bf16"`` for that precision's entry points only (plus
     ``fd_abi_version``), ``None`` for all. The first call compiles them and the kernel variant each
     entry point can run -- about a minute on a cold Numba cache, a second or two once the cache is
     warm -- and the addresses stay valid for the life of the process. ``jobs``: processes compiling
@@ -135,7 +137,7 @@ def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, 
         if name not in _SYMBOLS:
             _SYMBOLS[name] = int(cf.address)
     return {name: _SYMBOLS[name] for name in SYMBOL_NAMES
-            if name == "fd_abi_version" or name.endswith(wanted)}
+            if name == "fd_abi_version" or name.endswith(tuple("_" + p for p in wanted))}
 
 
 def status_message(code: int) -> str:

@@ -35,8 +35,10 @@ from numba.np.ufunc import parallel as _parallel
 from .. import cpu as _cpu  # noqa: F401  (sets the thread-safe threading layer before the pool starts)
 from .. import _spec
 from .._spec import (
+    BFLOAT16,
     DIV_MIXTURE,
     DIV_TVD,
+    FLOAT16,
     FLOAT32,
     FLOAT64,
     N_PARAMS,
@@ -188,14 +190,19 @@ VARIANTS = _spec.reachable()
 VARIANT_INDEX = _spec.index_table(VARIANTS)
 
 
+_F64_STORAGE = _spec.STORAGES.index(FLOAT64)
+
+
 @njit(**JIT)
-def kernel_variant(div, P, has_labels, f64):  # type: ignore[no-untyped-def]
-    """The position in :data:`VARIANTS` of the variant the Python API runs for these terms on float32 or
-    (``f64``) float64 logits, and whether it has a mixture/TVD pass."""
+def kernel_variant(div, P, has_labels, storage):  # type: ignore[no-untyped-def]
+    """The position in :data:`VARIANTS` of the variant the Python API runs for these terms on logits of
+    ``STORAGES[storage]`` (student, teacher and gradient), and whether it has a mixture/TVD pass."""
     div_kind = div if P[P_DIV_W] != 0.0 else 0
     lin = P[P_MSE_W] != 0.0 or P[P_COS_W] != 0.0
-    d, ce, ln, pw, f64_math = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], lin, not f64)
-    return VARIANT_INDEX[d, ce, int(ln), pw, int(f64), int(f64_math)], d == DIV_MIXTURE or d == DIV_TVD
+    d, ce, ln, pw, f64_math = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], lin,
+                                              storage != _F64_STORAGE)
+    return VARIANT_INDEX[d, ce, int(ln), pw, storage, int(f64_math)], d == DIV_MIXTURE or d == DIV_TVD
+
 
 
 # ---------------------------------------------------------------- checks (never raise)
@@ -321,9 +328,10 @@ def _worker_address(typingctx, i):  # type: ignore[no-untyped-def]
 
 
 def build_workers(dtype: str) -> None:
-    """Compile (or load from the cache) the worker of every variant on ``dtype`` logits, into the table."""
+    """Compile (or load from the cache) the worker of every variant on ``dtype`` logits (student, teacher
+    and gradient), into the table."""
     for i, v in enumerate(VARIANTS):
-        if v.dtype == dtype and _WORKERS[i] == 0:
+        if v.dtype == dtype and not (v.teacher or v.grad) and _WORKERS[i] == 0:
             _WORKERS[i] = int(K.worker(v).address)
 
 
@@ -413,8 +421,8 @@ def _softmax_sig(ft):  # type: ignore[no-untyped-def]
 
 
 def _make(ft):  # type: ignore[no-untyped-def]
-    """The entry points for one float type."""
-    F64 = ft == types.float64
+    """The entry points for one storage type (16-bit floats: their bits, as the kernels read them)."""
+    STORAGE = np.int64(_spec.STORAGES.index(STORAGE_OF_TYPE[ft]))
 
     @cfunc(_response_sig(ft), **CJIT)
     def response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
@@ -442,11 +450,11 @@ def _make(ft):  # type: ignore[no-untyped-def]
             labels = carray(lp, (rows if has_labels else 0,))
             scale = _count_and_scale(lp, rows, ignore_index, reduction)
             out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
-            idx, two_pass = kernel_variant(div, P, has_labels, F64)
+            idx, two_pass = kernel_variant(div, P, has_labels, STORAGE)
             worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
             if worker != 0:
-                K.drive(worker, s, t, labels, has_labels, np.int64(ignore_index), P, scale, want_grad, out, g,
-                        np.int64(_get_num_threads()), two_pass)
+                K.drive(worker, K.batch_layout(s, t, g), labels, has_labels, np.int64(ignore_index), P, scale,
+                        want_grad, out, np.int64(_get_num_threads()), two_pass)
             ran = worker != 0
             if ran:
                 _reduce(out, rows, reduction, scale, lossp)
@@ -482,12 +490,12 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 labels = carray(_null_labels(), (0,))
                 scale = 1.0 / rows if reduction == FD_MEAN else 1.0
                 out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
-                idx, two_pass = kernel_variant(div, P, np.bool_(False), F64)
+                idx, two_pass = kernel_variant(div, P, np.bool_(False), STORAGE)
                 worker = _worker_address(idx) if idx >= 0 else 0
                 if worker != 0:
                     # np.bool_: a literal False would compile the driver again, for that literal
-                    K.drive(worker, s, t, labels, np.bool_(False), np.int64(-100), P, scale, want_grad, out, g,
-                            np.int64(_get_num_threads()), two_pass)
+                    K.drive(worker, K.batch_layout(s, t, g), labels, np.bool_(False), np.int64(-100), P, scale,
+                            want_grad, out, np.int64(_get_num_threads()), two_pass)
                     _reduce(out, rows, reduction, scale, lossp)
                     status = FD_OK
             except Exception:  # noqa: BLE001
@@ -539,14 +547,17 @@ def abi_version():  # type: ignore[no-untyped-def]
     return np.int32(ABI_VERSION)
 
 
-FLOAT_TYPES = {"f32": types.float32, "f64": types.float64}
-DTYPES = {"f32": FLOAT32, "f64": FLOAT64}
+# the element type of each precision's pointers (bfloat16 and float16 are both uint16_t in C; the kernels
+# tell them apart by their types' signedness, see cpu._math.BF16_BITS)
+FLOAT_TYPES = {"f32": types.float32, "f64": types.float64, "f16": types.uint16, "bf16": types.int16}
+DTYPES = {"f32": FLOAT32, "f64": FLOAT64, "f16": FLOAT16, "bf16": BFLOAT16}
+STORAGE_OF_TYPE = {FLOAT_TYPES[p]: DTYPES[p] for p in FLOAT_TYPES}
 CFUNCS = {"fd_abi_version": abi_version}
 
 
 def build(precision: str) -> None:
-    """Compile (or load from the cache) the entry points of one precision, ``"f32"`` or ``"f64"``, and
-    the workers they call."""
+    """Compile (or load from the cache) the entry points of one precision (``PRECISIONS``), and the
+    workers they call."""
     build_workers(DTYPES[precision])
     if f"fd_response_{precision}" not in CFUNCS:
         for name, cf in _make(FLOAT_TYPES[precision]).items():

@@ -1,7 +1,8 @@
 """CPU backend: host wrappers around the Numba kernels in ``_kernels``.
 
-Inputs arrive validated and normalised by the façade: C-contiguous 2-D float32/float64 arrays of one
-dtype, labels as int64 or ``None``, and the :class:`~fastdistill._spec.Variant` to run. Read-only and
+Inputs arrive validated and normalised by the façade: C-contiguous 2-D arrays in the storage of the
+:class:`~fastdistill._spec.Variant` to run (float32, float64, or 16-bit floats as their bits), labels as
+int64 or ``None``. Read-only and
 memory-mapped inputs reach the kernels as writable-typed aliases (:func:`as_kernel_input`), so every
 input uses the same compiled code.
 """
@@ -68,11 +69,13 @@ def _address(variant: Variant) -> int:
     return address
 
 
-def _batch(s: np.ndarray, t: np.ndarray, labels: np.ndarray | None, ignore_index: int, params: np.ndarray,
-           scale: float, want_grad: bool) -> tuple:
-    """The batch arguments both drivers take, in their order (inputs as the kernels' types)."""
-    return (as_kernel_input(s), as_kernel_input(t), as_kernel_input(labels) if labels is not None else _NO_LABELS,
-            labels is not None, ignore_index, params, float(scale), want_grad)
+def _batch(s: np.ndarray, t: np.ndarray, grad: np.ndarray, labels: np.ndarray | None, ignore_index: int,
+           params: np.ndarray, scale: float, want_grad: bool) -> tuple:
+    """The batch arguments both drivers take, in their order (the logits' layout and addresses, the
+    other inputs as the kernels' types)."""
+    return (K.batch_layout(as_kernel_input(s), as_kernel_input(t), grad),
+            as_kernel_input(labels) if labels is not None else _NO_LABELS, labels is not None, ignore_index, params,
+            float(scale), want_grad)
 
 
 def _threads_for(size: int) -> tuple[int, int]:
@@ -121,9 +124,8 @@ def response(
         K.drive,
         threads,
         address,
-        *_batch(s, t, labels, ignore_index, params, scale, want_grad),
+        *_batch(s, t, grad, labels, ignore_index, params, scale, want_grad),
         out_loss,
-        grad,
         threads[0],
         variant.two_pass,
     )
@@ -149,9 +151,8 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
         _threads_for(s.size),
         _address(variant),
         np.int64(step),
-        *_batch(s, t, labels, ignore_index, params, scale, want_grad),
+        *_batch(s, t, grad if grad is not None else _no_grad(s.dtype), labels, ignore_index, params, scale, want_grad),
         out_loss,
-        grad if grad is not None else _no_grad(s.dtype),
         stats,
         local_max,
         np.int64(classes),

@@ -60,9 +60,15 @@ from .._spec import (
     Variant,
 )
 from ._math import (
+    BF16_BITS,
+    F16_BITS,
     abs_bits,
     borrowed,
+    bf16_to_f32,
     constant,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
     fexp,
     from_okey,
     inline_into_callers,
@@ -114,9 +120,46 @@ def as_type_of(ref, v):  # type: ignore[no-untyped-def]  # pragma: no cover - ji
 
 @overload(as_type_of, jit_options={"cache": True})
 def _as_type_of_impl(ref, v):  # type: ignore[no-untyped-def]
+    # 16-bit storage (see ``_math.BF16_BITS``) is decoded to float32 first
+    if v == types.int16:
+        if ref == types.float32:
+            return lambda ref, v: bf16_to_f32(v)
+        return lambda ref, v: np.float64(bf16_to_f32(v))
+    if v == types.uint16:
+        if ref == types.float32:
+            return lambda ref, v: f16_to_f32(v)
+        return lambda ref, v: np.float64(f16_to_f32(v))
     if ref == types.float32:
         return lambda ref, v: np.float32(v)
     return lambda ref, v: np.float64(v)
+
+
+def stored(a, v):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """``v`` as an element of array ``a`` (16-bit storage: rounded once, to nearest even, from float32)."""
+    return v
+
+
+@overload(stored, jit_options={"cache": True})
+def _stored_impl(a, v):  # type: ignore[no-untyped-def]
+    if a.dtype == types.int16:
+        return lambda a, v: f32_to_bf16(np.float32(v))
+    if a.dtype == types.uint16:
+        return lambda a, v: f32_to_f16(np.float32(v))
+    if a.dtype == types.float32:
+        return lambda a, v: np.float32(v)
+    return lambda a, v: np.float64(v)
+
+
+def arithmetic_zero(a):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """A zero of the precision array ``a``'s elements are computed in: float64 for float64, else float32."""
+    return 0.0
+
+
+@overload(arithmetic_zero, jit_options={"cache": True})
+def _arithmetic_zero_impl(a):  # type: ignore[no-untyped-def]
+    if a.dtype == types.float64:
+        return lambda a: 0.0
+    return lambda a: np.float32(0.0)
 
 
 def limits_of(ref):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
@@ -265,9 +308,10 @@ def _pass_sums(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-
 def _pass_sums_specialised(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]
     # compiled once per value of the constants, which the body reads as closure constants: Numba
     # prunes the other variants' branches before typing them
-    div, ce, pw = _literal_values(DIV, CE, PW)
-    if div is None:
+    values = _literal_values(DIV, CE, PW)
+    if values is None:
         return None
+    div, ce, pw = values
 
     def impl(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore[no-untyped-def]
         inline_into_callers()
@@ -325,7 +369,7 @@ def _pass_label_smoothing(s, st):  # type: ignore[no-untyped-def]
     inline_into_callers()
     ssum = 0.0
     for j in range(s.shape[0]):
-        ssum += s[j]
+        ssum += as_type_of(ssum, s[j])
     st[S_SSUM] += ssum
 
 
@@ -339,8 +383,8 @@ def _pass_linear(s, t, st):  # type: ignore[no-untyped-def]
     dss = 0.0
     dtt = 0.0
     for j in range(s.shape[0]):
-        tj = np.float64(t[j])
-        sj = np.float64(s[j])
+        tj = as_type_of(0.0, t[j])
+        sj = as_type_of(0.0, s[j])
         d = tj - sj
         d2 += d * d
         dst += sj * tj
@@ -393,7 +437,7 @@ def _pass_div2(s, t, st, P, div):  # type: ignore[no-untyped-def]
         kq = 0.0
         r = 0.0
         for j in range(s.shape[0]):
-            lp, lq, lm = _mix_logs(np.float64(s[j]), np.float64(t[j]), mt, ms, invt, lsa, lsb, loglam, log1mlam)
+            lp, lq, lm = _mix_logs(as_type_of(0.0, s[j]), as_type_of(0.0, t[j]), mt, ms, invt, lsa, lsb, loglam, log1mlam)
             p = math.exp(lp)
             q = math.exp(lq)
             kp += masked(p, lp - lm)
@@ -406,8 +450,8 @@ def _pass_div2(s, t, st, P, div):  # type: ignore[no-untyped-def]
         tv = 0.0
         g = 0.0
         for j in range(s.shape[0]):
-            p = math.exp((np.float64(t[j]) - mt) * invt - lsa)
-            q = math.exp((np.float64(s[j]) - ms) * invt - lsb)
+            p = math.exp((as_type_of(0.0, t[j]) - mt) * invt - lsa)
+            q = math.exp((as_type_of(0.0, s[j]) - ms) * invt - lsb)
             tv += abs(p - q)
             g += q * 0.5 * np.sign(q - p)
         st[S_T] += tv
@@ -487,23 +531,28 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
 # ---------------------------------------------------------------- pass 4: gradient
 
 
-def _pass_grad(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+def _pass_grad(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
     """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g`` (a row or a chunk).
 
-    One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself. The
-    one-hot part of the cross-entropy gradient is left to the caller.
+    One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself.
+    ``lab_col``: the label's column in this row or chunk (-1 when it has none): the one-hot part of the
+    cross-entropy gradient is subtracted there in the arithmetic precision, before the one rounding to
+    the gradient's storage (subtracting it from a stored half-precision ``softmax`` would lose up to
+    a quarter of the digits, Liger-Kernel's issue 1432). The columns run in three segments, before, at
+    and after the label, so that the loop stays free of a per-column test.
     """
 
 
 @overload(_pass_grad, prefer_literal=True, jit_options=JIT_INNER)
-def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
+def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
     # compiled once per value of the constants, which the body reads as closure constants: Numba
     # prunes the other variants' branches before typing them
-    div, ce, lin, pw = _literal_values(DIV, CE, LIN, PW)
-    if div is None:
+    values = _literal_values(DIV, CE, LIN, PW)
+    if values is None:
         return None
+    div, ce, lin, pw = values
 
-    def impl(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
+    def impl(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
         inline_into_callers()
         wide_vectors()
         invt64 = 1.0 / P[P_TAU]
@@ -551,44 +600,49 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, DIV, CE, LIN, PW)
                 b64 -= P[P_COS_W] / den
             a_s = as_type_of(ct, scale * a64)
             b_t = as_type_of(ct, scale * b64)
-        for j in range(s.shape[0]):
-            sj = as_type_of(ct, s[j])
-            tj = as_type_of(ct, t[j])
-            acc = zero
-            q = zero
-            wb = zero
-            if div != DIV_NONE:
-                wb = fexp((sj - ms) * invt)
-                q = wb * isb
-            if div == DIV_FORWARD_KL:
-                acc += cd * (q - fexp((tj - mt) * invt) * isa)
-            elif div == DIV_REVERSE_KL:
-                acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
-            elif div == DIV_MIXTURE:
-                lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
-                q64 = math.exp(lq)
-                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
-                acc += as_type_of(ct, cd64 * masked(q64, gk - big_g))
-            elif div == DIV_TVD:
-                p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
-                q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
-                acc += as_type_of(ct, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
-            if ce == CE_SHARED:
-                acc += ch * q - ceps
-            elif ce == CE_OWN:
-                acc += ch * _exp1(sj - ms, wb, cut, zero, pw) * is1 - ceps
-            if lin:
-                acc += a_s * sj + b_t * tj
-            g[j] = acc
+        m = s.shape[0]
+        at = lab_col if (counted_ce and 0 <= lab_col < m) else m
+        one_hot = as_type_of(ct, scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH]) if counted_ce else 0.0)
+        for seg in range(3):
+            j0 = 0 if seg == 0 else (at if seg == 1 else min(at + 1, m))
+            j1 = at if seg == 0 else (min(at + 1, m) if seg == 1 else m)
+            off = one_hot if seg == 1 else zero
+            # views from column 0: an index that starts elsewhere could be negative to Numba, whose
+            # wraparound test per element kept the loop from vectorizing (half the speed)
+            sv = s[j0:j1]
+            tv = t[j0:j1]
+            gv = g[j0:j1]
+            for j in range(j1 - j0):
+                sj = as_type_of(ct, sv[j])
+                tj = as_type_of(ct, tv[j])
+                acc = zero - off
+                q = zero
+                wb = zero
+                if div != DIV_NONE:
+                    wb = fexp((sj - ms) * invt)
+                    q = wb * isb
+                if div == DIV_FORWARD_KL:
+                    acc += cd * (q - fexp((tj - mt) * invt) * isa)
+                elif div == DIV_REVERSE_KL:
+                    acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
+                elif div == DIV_MIXTURE:
+                    lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
+                    q64 = math.exp(lq)
+                    gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
+                    acc += as_type_of(ct, cd64 * masked(q64, gk - big_g))
+                elif div == DIV_TVD:
+                    p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
+                    q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
+                    acc += as_type_of(ct, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
+                if ce == CE_SHARED:
+                    acc += ch * q - ceps
+                elif ce == CE_OWN:
+                    acc += ch * _exp1(sj - ms, wb, cut, zero, pw) * is1 - ceps
+                if lin:
+                    acc += a_s * sj + b_t * tj
+                gv[j] = stored(gv, acc)
 
     return impl
-
-
-@njit(**JIT_INNER)
-def _grad_label(g, lab, P, scale):  # type: ignore[no-untyped-def]
-    """The one-hot part of the cross-entropy gradient."""
-    inline_into_callers()
-    g[lab] -= scale * P[P_HARD_W] * (1.0 - P[P_SMOOTH])
 
 
 @njit(**JIT_INNER)
@@ -602,7 +656,7 @@ def _undefined(st, div, ce):  # type: ignore[no-untyped-def]
 def _fill_nan(g):  # type: ignore[no-untyped-def]
     inline_into_callers()
     for j in range(g.shape[0]):
-        g[j] = np.nan
+        g[j] = stored(g, np.nan)
 
 
 # ---------------------------------------------------------------- the work of one variant on a row or a chunk
@@ -628,7 +682,7 @@ def _label_of(has_labels, labels, r, ignore_index):  # type: ignore[no-untyped-d
 
 
 # The work on one row (PHASE_ROW: all of it, in the calling thread) or, for a row split across threads,
-# one pass over one chunk of it or one serial step (PHASE_LOSS, PHASE_LABEL).
+# one pass over one chunk of it or the serial step (PHASE_LOSS).
 PHASE_ROW = 0  # rows [r, c): statistics, loss into out_loss, gradient
 # shares of rows per thread on the row path (a few, so that threads finishing early take another)
 ROW_TASKS_PER_THREAD = 4
@@ -636,8 +690,7 @@ PHASE_MAX = 1  # chunk c of row r: partial maxima into part[c]
 PHASE_STATS = 2  # chunk c: partial sums into part[c] (the merged maxima in st)
 PHASE_DIV2 = 3  # chunk c: partial mixture / TVD terms into part[c] (the merged sums in st)
 PHASE_LOSS = 4  # row r: its loss from the merged statistics in st
-PHASE_GRAD = 5  # chunk c: its part of the gradient
-PHASE_LABEL = 6  # row r: the one-hot part of the cross-entropy gradient
+PHASE_GRAD = 5  # chunk c: its part of the gradient (the one-hot part where the label lies)
 # the statistics a chunk phase fills: [first, last); the earlier ones come merged in st
 PHASE_FIRST = (0, 0, S_SA, S_KP)
 PHASE_LAST = (0, S_SA, S_KP, N_STATS)
@@ -660,7 +713,8 @@ WORKER_ARGS = (types.int64,) * 20 + (types.float64,)
 # the label of a row whose class lies in another shard of the vocabulary (see ``drive_shard``)
 LABEL_ELSEWHERE = -2
 WORKER_SIG = types.void(*WORKER_ARGS)
-_STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0)}
+# a scalar of each storage's kernel type (16-bit formats: their bits, see ``_math.BF16_BITS``)
+_STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0), "bfloat16": BF16_BITS(0), "float16": F16_BITS(0)}
 
 
 @intrinsic
@@ -702,13 +756,16 @@ def worker(v: Variant):  # type: ignore[no-untyped-def]
     if w is None:
         if v not in REACHABLE:
             raise RuntimeError(f"internal error: kernel variant {v} is not in fastdistill._spec.reachable()")
-        w = _WORKERS[v] = _make_worker(v.div, v.ce, v.lin, v.pw, _STORAGE[v.dtype], _STORAGE[v.math])
+        st, tt, gt = v.storage()
+        w = _WORKERS[v] = _make_worker(v.div, v.ce, v.lin, v.pw, _STORAGE[st], _STORAGE[tt], _STORAGE[gt],
+                                       _STORAGE[v.math])
     return w
 
 
-def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
-    """The worker of the variant ``(div, ce, lin, pw)`` on logits stored as ``ST``'s type, computed in
-    ``ct``'s: one step of its work on a batch (see the ``PHASE_*`` constants).
+def _make_worker(div, ce, lin, pw, ST, TT, GT, ct):  # type: ignore[no-untyped-def]
+    """The worker of the variant ``(div, ce, lin, pw)`` on student logits stored as ``ST``'s type, teacher
+    logits as ``TT``'s, the gradient as ``GT``'s, computed in ``ct``'s: one step of its work on a batch
+    (see the ``PHASE_*`` constants).
 
     ``s``, ``t``, ``g`` ``(rows, n)``; ``st`` the row's statistics (PHASE_ROW) or the merged ones of a
     split row; ``part`` ``(chunks, N_STATS)`` the chunks' partial statistics. The variant's constants are
@@ -725,9 +782,9 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
         has_labels = has_lab != 0
         want_grad = grad_flag != 0
         s = carray(_address_as(sp, ST), (rows, lds))
-        t = carray(_address_as(tp, ST), (rows, ldt))
+        t = carray(_address_as(tp, TT), (rows, ldt))
         # a loss-only call's gradient is a (1, 1) stand-in
-        g = carray(_address_as(gp, ST), (rows if want_grad else 1, ldg if want_grad else 1))
+        g = carray(_address_as(gp, GT), (rows if want_grad else 1, ldg if want_grad else 1))
         labels = carray(_address_as(lp, np.int64(0)), (rows if has_labels else 0,))
         P = carray(_address_as(pp, 0.0), (N_PARAMS,))
         st = carray(_address_as(stp, 0.0), (N_STATS,))
@@ -779,7 +836,7 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
                 if lin:
                     _pass_linear(sr, tr, stats)
                 if not whole and lo <= lab < hi:
-                    stats[S_LAB] += np.float64(s[ri, lab])
+                    stats[S_LAB] += as_type_of(0.0, s[ri, lab])
             if whole or phase == PHASE_DIV2:
                 if div == DIV_MIXTURE or div == DIV_TVD:
                     _pass_div2(sr, tr, stats, P, kdiv)
@@ -788,18 +845,15 @@ def _make_worker(div, ce, lin, pw, ST, ct):  # type: ignore[no-untyped-def]
                 hard = lab >= 0 or lab == LABEL_ELSEWHERE
                 s_label = 0.0
                 if hard:
-                    s_label = np.float64(s[ri, lab]) if whole else stats[S_LAB]
+                    s_label = as_type_of(0.0, s[ri, lab]) if whole else stats[S_LAB]
                 out_loss[ri] = _row_loss(stats, P, kdiv, kce, bool(lin), hard, s_label, classes)
             if want_grad and (whole or phase == PHASE_GRAD):
                 gr = borrowed(g, ri, lo, hi)
                 if _undefined(stats, kdiv, kce):
                     _fill_nan(gr)
                 else:
-                    _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0 or lab == LABEL_ELSEWHERE, scale, classes, DIV, CE,
-                               LIN, PW)
-            if want_grad and (whole or phase == PHASE_LABEL):
-                if ce != CE_NONE and lab >= 0 and not _undefined(stats, kdiv, kce):
-                    _grad_label(borrowed(g, ri, 0, n), lab, P, scale)
+                    _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0 or lab == LABEL_ELSEWHERE, scale, classes,
+                               lab - lo if lab >= 0 else np.int64(-1), DIV, CE, LIN, PW)
 
     return work
 
@@ -820,33 +874,36 @@ def _merge(st, part, k0, k1):  # type: ignore[no-untyped-def]
             st[k] = v
 
 
-@njit(**JIT_INNER)
-def _batch_addresses(s, t, grad, labels, P, out_loss):  # type: ignore[no-untyped-def]
-    """What a driver hands its worker: ``(rows, n, lds, ldt, ldg)`` (the classes computed, the first
-    ``min`` of both widths, and the arrays' row lengths) and the arrays' addresses."""
-    inline_into_callers()
+@njit(**JIT)
+def batch_layout(s, t, grad):  # type: ignore[no-untyped-def]
+    """The logits of a batch as the drivers take them: ``(rows, n, lds, ldt, ldg, s, t, grad)``, the
+    classes computed (the first ``min`` of both widths), the arrays' row lengths and their addresses.
+    The drivers see addresses, not arrays, so that one compiled driver serves every storage type (a
+    parallel driver is the costliest compile of the library); the worker knows the types."""
     rows, lds = s.shape
     ldt = t.shape[1]
-    return (rows, min(lds, ldt), lds, ldt, grad.shape[1], s.ctypes.data, t.ctypes.data, grad.ctypes.data,
-            labels.ctypes.data, P.ctypes.data, out_loss.ctypes.data)
+    return (np.int64(rows), np.int64(min(lds, ldt)), np.int64(lds), np.int64(ldt), np.int64(grad.shape[1]),
+            np.int64(s.ctypes.data), np.int64(t.ctypes.data), np.int64(grad.ctypes.data))
 
 
 @njit(parallel=True, **JIT)
-def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad, nthreads,  # type: ignore[no-untyped-def]  # noqa: E501
-          two_pass):
+def drive(worker, layout, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, nthreads, two_pass):  # type: ignore[no-untyped-def]  # noqa: E501
     """Run the worker at address ``worker`` over a batch: rows spread over threads, or, when there are
     fewer rows than threads (``nthreads``, the caller's count) and they are long, each row's passes
     split into column chunks spread over threads.
 
-    ``s``, ``t`` C-contiguous ``(rows, *)``, computed on their first ``n = min`` of both widths (equal
-    unless padded vocabularies are truncated); ``labels`` int64 ``(rows,)`` (ignored unless ``has_labels``);
-    ``P`` the packed float64 parameters; ``scale`` multiplies the gradient (the reduction factor);
-    ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored rows); ``grad``
-    (``s``'s shape and dtype, may be ``s`` itself; any ``(1, 1)`` array when not ``want_grad``) receives
-    the gradient when ``want_grad``; ``two_pass``: the variant's divergence needs the PHASE_DIV2 pass.
-    Labels must already be validated.
+    ``layout``: :func:`batch_layout` of the student ``s``, the teacher ``t`` (C-contiguous ``(rows, *)``,
+    computed on their first ``n = min`` of both widths: equal unless padded vocabularies are truncated)
+    and the gradient (``s``'s shape, may be ``s`` itself; any ``(1, 1)`` array when not ``want_grad``),
+    which receives the gradient when ``want_grad``; ``labels`` int64 ``(rows,)`` (ignored unless
+    ``has_labels``); ``P`` the packed float64 parameters; ``scale`` multiplies the gradient (the reduction
+    factor); ``out_loss`` float64 ``(rows,)`` receives the unscaled row losses (0 for ignored rows);
+    ``two_pass``: the variant's divergence needs the PHASE_DIV2 pass. Labels must already be validated.
     """
-    rows, n, lds, ldt, ldg, sp, tp, gp, lp, pp, op = _batch_addresses(s, t, grad, labels, P, out_loss)
+    rows, n, lds, ldt, ldg, sp, tp, gp = layout
+    lp = labels.ctypes.data
+    pp = P.ctypes.data
+    op = out_loss.ctypes.data
     if rows >= nthreads or n < 2 * CHUNK:
         # rows in a few shares per thread (the worker loops over a share's rows)
         tasks = min(rows, ROW_TASKS_PER_THREAD * nthreads)
@@ -869,10 +926,9 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
     partp = part.ctypes.data
     for r in range(rows):
         counted, lab = _label_of(has_labels, labels, r, ignore_index)
-        if not counted:
-            out_loss[r] = 0.0
-            if want_grad:
-                grad[r, :] = 0
+        if not counted:  # the worker's row path writes its zeros
+            _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, n, r, r + 1,
+                         has_labels, ignore_index, want_grad, scale)
             continue
         _reset(st)
         # the passes over chunks, each followed by the merge of its statistics; the loss; the gradient
@@ -887,8 +943,6 @@ def drive(worker, s, t, labels, has_labels, ignore_index, P, scale, want_grad, o
             for c in prange(nchunks):
                 _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r,
                              np.int64(c), has_labels, ignore_index, want_grad, scale)
-            _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, partp, op, rows, n, lds, ldt, ldg, n, r, 0,
-                         has_labels, ignore_index, want_grad, scale)
     keep_alive(part)
     keep_alive(st)
 
@@ -903,11 +957,11 @@ SHARD_FINISH = PHASE_LOSS
 
 
 @njit(parallel=True, **JIT)
-def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, want_grad, out_loss, grad,  # type: ignore[no-untyped-def]  # noqa: E501
+def drive_shard(worker, step, layout, labels, has_labels, ignore_index, P, scale, want_grad, out_loss,  # type: ignore[no-untyped-def]  # noqa: E501
                 stats, local_max, classes):
     """One step of a row batch whose classes are split across shards (processes holding contiguous
-    column ranges of the same rows): ``s``/``t`` are this shard's columns, ``stats`` ``(rows, N_STATS)``
-    float64 the rows' statistics, carried from step to step.
+    column ranges of the same rows): ``layout`` (:func:`batch_layout`) holds this shard's columns,
+    ``stats`` ``(rows, N_STATS)`` float64 the rows' statistics, carried from step to step.
 
     SHARD_STATS: this shard's maxima into ``local_max`` ``(rows, N_MAX)``, and its sums relative to
     them (a maximum of -inf, a shard with no mass in that row, is replaced by 0 as the reference);
@@ -917,7 +971,10 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
     ``classes`` is the width of the whole row. Rows run in parallel, each row's columns in chunks as on
     the split path of :func:`drive`.
     """
-    rows, n, lds, ldt, ldg, sp, tp, gp, lp, pp, op = _batch_addresses(s, t, grad, labels, P, out_loss)
+    rows, n, lds, ldt, ldg, sp, tp, gp = layout
+    lp = labels.ctypes.data
+    pp = P.ctypes.data
+    op = out_loss.ctypes.data
     nchunks = (n + CHUNK - 1) // CHUNK
     for r in prange(rows):
         ri = np.int64(r)
@@ -930,8 +987,9 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
                 st[k] = 0.0
             for k in range(N_MAX):
                 local_max[r, k] = 0.0
-            if want_grad and step == SHARD_FINISH:
-                grad[r, :] = 0
+            if step == SHARD_FINISH:  # the worker's row path writes its zeros
+                _call_worker(worker, PHASE_ROW, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri,
+                             ri + 1, has_labels, ignore_index, want_grad, scale)
             continue
         if step == SHARD_FINISH:
             _call_worker(worker, PHASE_LOSS, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes, ri,
@@ -940,8 +998,6 @@ def drive_shard(worker, step, s, t, labels, has_labels, ignore_index, P, scale, 
                 for c in range(nchunks):
                     _call_worker(worker, PHASE_GRAD, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes,
                                  ri, np.int64(c), has_labels, ignore_index, want_grad, scale)
-                _call_worker(worker, PHASE_LABEL, sp, tp, gp, lp, pp, stp, 0, op, rows, n, lds, ldt, ldg, classes,
-                             ri, 0, has_labels, ignore_index, want_grad, scale)
             continue
         part = np.empty((nchunks, N_STATS), dtype=np.float64)
         partp = part.ctypes.data
@@ -1010,7 +1066,7 @@ def _expsum_block(x, j0, j1, m, it):  # type: ignore[no-untyped-def]
     one = as_type_of(m, 1.0)
     acc = zero
     for j in range(j0, j1):
-        d = x[j] - m
+        d = as_type_of(m, x[j]) - m
         acc += fexp(d * it) * (zero if d == zero else one)
     return acc
 
@@ -1038,21 +1094,21 @@ def _softmax_row(xr, orow, invt, ahead, LOG):  # type: ignore[no-untyped-def]
     log = constant(LOG)
     wide_vectors()
     n = xr.shape[0]
-    x0 = xr[0]
-    m, nan = _max_nan(xr, x0)
-    it = as_type_of(x0, invt)
-    mm = as_type_of(x0, m)
+    ct = arithmetic_zero(xr)
+    m, nan = _max_nan(xr, ct)
+    it = as_type_of(ct, invt)
+    mm = as_type_of(ct, m)
     ssum = _expsum(xr, mm, it, ahead)
     if nan:
         ssum = np.nan
     if log:
-        off = as_type_of(x0, math.log(ssum))
+        off = as_type_of(ct, math.log(ssum))
         for j in range(n):
-            orow[j] = (xr[j] - mm) * it - off
+            orow[j] = stored(orow, (as_type_of(ct, xr[j]) - mm) * it - off)
     else:
-        inv = as_type_of(x0, 1.0 / ssum)
+        inv = as_type_of(ct, 1.0 / ssum)
         for j in range(n):
-            orow[j] = fexp((xr[j] - mm) * it) * inv
+            orow[j] = stored(orow, fexp((as_type_of(ct, xr[j]) - mm) * it) * inv)
 
 
 _SOFTMAX: dict = {}

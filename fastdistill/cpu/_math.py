@@ -286,3 +286,69 @@ def prefetch(typingctx, arr, j):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return types.none(arr, j), codegen
+
+
+# ---------------------------------------------------------------- 16-bit storage
+# Numba's CPU target has no 16-bit float type, so half-precision logits reach the kernels as their bits:
+# bfloat16 as int16 arrays, float16 as uint16 arrays (the two integer types keep the two formats apart
+# at compile time; neither is ever a genuine integer input of a kernel). Values are converted to
+# float32 in registers on load (vectorized: a shift, or the F16C/NEON conversion) and rounded once, to
+# nearest even, on store.
+BF16_BITS = np.int16
+F16_BITS = np.uint16
+
+
+@intrinsic
+def bf16_to_f32(typingctx, x):  # type: ignore[no-untyped-def]
+    """The float32 value of bfloat16 bits (its top half: exact)."""
+    if x != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        v = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def f32_to_bf16(typingctx, x):  # type: ignore[no-untyped-def]
+    """bfloat16 bits of a float32, rounded to nearest even (NaN stays a quiet NaN, infinities stay)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        b = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(b, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(b, builder.add(odd, ir.Constant(i32, 0x7FFF)))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        bits = builder.select(nan, builder.or_(b, ir.Constant(i32, 0x00400000)), rounded)
+        return builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), ir.IntType(16))
+
+    return types.int16(x), codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, x):  # type: ignore[no-untyped-def]
+    """The float32 value of float16 bits (exact)."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, x):  # type: ignore[no-untyped-def]
+    """float16 bits of a float32, rounded to nearest even (overflow to infinity, as IEEE 754 does)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(x), codegen

@@ -16,7 +16,7 @@ import contextlib
 import re
 from typing import Any, Iterator, NamedTuple
 
-from .._spec import CE_NAMES, CE_OWN, DIV_NAMES, FLOAT32, reachable
+from .._spec import CE_NAMES, CE_OWN, DIV_NAMES, FLOAT32, FLOAT64, reachable
 
 
 class Variant(NamedTuple):
@@ -37,7 +37,8 @@ class Resources(NamedTuple):
 def kernel_keys() -> list[tuple[int, int, bool, bool, str]]:
     """``(div, ce, lin, float32 arithmetic, storage dtype)`` of every response kernel the launcher can
     run: the variants of :func:`fastdistill._spec.reachable` (the CUDA kernels have no power trick)."""
-    keys = dict.fromkeys((v.div, v.ce, v.lin, v.math == FLOAT32, v.dtype) for v in reachable())
+    keys = dict.fromkeys((v.div, v.ce, v.lin, v.math == FLOAT32, v.dtype) for v in reachable()
+                         if v.dtype in (FLOAT32, FLOAT64) and not (v.teacher or v.grad))
     return list(keys)
 
 

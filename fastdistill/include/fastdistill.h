@@ -8,8 +8,10 @@
  * any thread, without holding the GIL, concurrently, for as long as the interpreter is alive.
  *
  * Conventions of every entry point
- *   - Arrays are dense, row-major (C order): `rows` rows of `n` values. Logits are float32 (`_f32`)
- *     or float64 (`_f64`); float32 inputs accumulate in float64 where it matters.
+ *   - Arrays are dense, row-major (C order): `rows` rows of `n` values. Logits are float32 (`_f32`),
+ *     float64 (`_f64`), IEEE half precision (`_f16`) or bfloat16 (`_bf16`); the 16-bit formats are
+ *     passed as their bits (`uint16_t`), read and computed in float32 (float64 row totals, as float32
+ *     inputs), and their gradients and softmax outputs are rounded once, to nearest even.
  *   - Argument order is (student, teacher, labels).
  *   - `nthreads`: threads for this call, 0 = the calling thread's current Numba setting (by default
  *     the whole pool); 1..pool size is honoured for this call only. Anything else is FD_BAD_PARAM.
@@ -32,7 +34,7 @@
 extern "C" {
 #endif
 
-#define FD_ABI_VERSION 1
+#define FD_ABI_VERSION 2
 
 /* Status codes returned by every entry point. */
 enum fd_status {
@@ -77,6 +79,9 @@ typedef int32_t (*fd_softmax_f32_fn)(const float *x, int64_t rows, int64_t n, do
                                      float *out, int32_t nthreads);
 typedef int32_t (*fd_softmax_f64_fn)(const double *x, int64_t rows, int64_t n, double temperature,
                                      double *out, int32_t nthreads);
+/* (the _f16 and _bf16 entry points: 16-bit values as uint16_t) */
+typedef int32_t (*fd_softmax_h16_fn)(const uint16_t *x, int64_t rows, int64_t n, double temperature,
+                                     uint16_t *out, int32_t nthreads);
 
 /* Response loss, per row:
  *     hard_weight * CE_eps(student, label) + soft_weight * soft(student, teacher)
@@ -112,6 +117,11 @@ typedef int32_t (*fd_response_f64_fn)(const double *student, const double *teach
                                       double hard_weight, double soft_weight, double param,
                                       double label_smoothing, int64_t ignore_index, int32_t reduction,
                                       double *loss_out, double *grad, int32_t nthreads);
+typedef int32_t (*fd_response_h16_fn)(const uint16_t *student, const uint16_t *teacher, const int64_t *labels,
+                                      int64_t rows, int64_t n, int32_t loss_kind, double temperature,
+                                      double hard_weight, double soft_weight, double param,
+                                      double label_smoothing, int64_t ignore_index, int32_t reduction,
+                                      double *loss_out, uint16_t *grad, int32_t nthreads);
 
 /* MSE (fd_mse_*) and cosine distance (fd_cosine_*): fd_response_* with that kind, no labels, weight 1.
  * loss_out, grad and nthreads as above. */
@@ -119,6 +129,8 @@ typedef int32_t (*fd_linear_f32_fn)(const float *student, const float *teacher, 
                                     int32_t reduction, double *loss_out, float *grad, int32_t nthreads);
 typedef int32_t (*fd_linear_f64_fn)(const double *student, const double *teacher, int64_t rows, int64_t n,
                                     int32_t reduction, double *loss_out, double *grad, int32_t nthreads);
+typedef int32_t (*fd_linear_h16_fn)(const uint16_t *student, const uint16_t *teacher, int64_t rows, int64_t n,
+                                    int32_t reduction, double *loss_out, uint16_t *grad, int32_t nthreads);
 
 /* Returns FD_ABI_VERSION of the library that compiled the entry points. */
 typedef int32_t (*fd_abi_version_fn)(void);
@@ -136,6 +148,16 @@ typedef struct fd_api {
     fd_response_f64_fn response_f64;   /* "fd_response_f64" */
     fd_linear_f64_fn mse_f64;       /* "fd_mse_f64" */
     fd_linear_f64_fn cosine_f64;    /* "fd_cosine_f64" */
+    fd_softmax_h16_fn softmax_f16;  /* "fd_softmax_f16" */
+    fd_softmax_h16_fn log_softmax_f16; /* "fd_log_softmax_f16" */
+    fd_response_h16_fn response_f16;   /* "fd_response_f16" */
+    fd_linear_h16_fn mse_f16;       /* "fd_mse_f16" */
+    fd_linear_h16_fn cosine_f16;    /* "fd_cosine_f16" */
+    fd_softmax_h16_fn softmax_bf16;  /* "fd_softmax_bf16" */
+    fd_softmax_h16_fn log_softmax_bf16; /* "fd_log_softmax_bf16" */
+    fd_response_h16_fn response_bf16;   /* "fd_response_bf16" */
+    fd_linear_h16_fn mse_bf16;       /* "fd_mse_bf16" */
+    fd_linear_h16_fn cosine_bf16;    /* "fd_cosine_bf16" */
 } fd_api;
 
 /* A short text for a status code. */
