@@ -104,12 +104,6 @@ def response(
             gpu.check_label_range(labels, n, ignore_index)  # a bad label is reported first
         raise
     if gpu is not None:
-        if any(st in HALF for st in storages):
-            raise TypeError(
-                f"float16/bfloat16 logits run on the CPU backend only so far (got student {storages[0]}, teacher "
-                f"{storages[1]} on the CUDA backend): pass float32 logits (fastdistill.torch does this for CUDA "
-                "tensors)"
-            )
         if s_shape != t_shape:
             raise V.InvalidParameterError(
                 f"vocab_mismatch='truncate' on the CUDA backend needs student and teacher of one width (got "

@@ -104,13 +104,9 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
-    """``x`` detached and C-contiguous: itself when it already is, else one copy. Half-precision CPU
-    tensors are read as they are; on a GPU they are computed in float32 (a copy) until the CUDA kernels
-    read 16-bit storage."""
-    x = x.detach()
-    if x.dtype in _HALF and x.device.type != "cpu":
-        x = x.float()
-    return x.contiguous()
+    """``x`` detached and C-contiguous: itself when it already is, else one copy (half-precision
+    tensors are read as they are, on the CPU and on the GPU)."""
+    return x.detach().contiguous()
 
 
 def _as_backend_input(x: torch.Tensor) -> Any:
@@ -169,8 +165,8 @@ def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Ten
     kw = dict(reduction=reduction, num_items=num_items)
     if not want_grad:
         return _to_tensor(distiller.loss(*args, **kw), cdtype, device), None
-    if gdtype != student.dtype and device.type == "cpu":
-        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype))
+    if gdtype != student.dtype:
+        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype, device=device))
     loss, grad = distiller.loss_and_grad(*args, **kw)
     grad = _to_tensor(grad, gdtype, device)
     if grad.shape[-1] != width:  # student classes the truncated loss does not see

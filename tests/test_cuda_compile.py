@@ -52,7 +52,8 @@ def test_every_reachable_variant_compiles_for_sm90(compiled):
     fused = [n for n in names if n.startswith("response ") and ", fused" in n]
     assert len(lean) == len(keys)
     assert len(fused) == sum(1 for k in keys if k[1] == CE_OWN and not k[2])
-    for want in ("softmax float32", "softmax float64", "log_softmax float32", "log_softmax float64",
+    for want in ("softmax float32", "softmax float64", "softmax bfloat16", "log_softmax float16", "log_softmax float32",
+                 "log_softmax float64",
                  "labels int64", "final sum", "cast float64 -> float32"):
         assert want in names
     assert len(set(names)) == len(names)
@@ -70,6 +71,6 @@ def test_register_caps_are_the_configured_ones(compiled):
         if not c["name"].startswith("response "):
             assert c["cap"] is None, c
             continue
-        f32_math = ", float32" in c["name"] and "float64 math" not in c["name"]
+        f32_math = "float32 math" in c["name"] or (", float32" in c["name"] and "float64 math" not in c["name"])
         single_pass_f32 = f32_math and not any(k in c["name"] for k in ("mixture", "tvd"))
         assert c["cap"] == (80 if single_pass_f32 else 128), c

@@ -454,3 +454,80 @@ def test_a_row_that_is_minus_inf_everywhere_gives_nan_on_the_gpu():
     rows, g = d.loss_and_grad(s, t, y, reduction="none", backend="cuda")
     assert np.isnan(rows[1]) and np.all(np.isfinite(rows[[0, 2, 3]]))
     assert np.all(np.isnan(g[1])) and np.all(np.isfinite(g[[0, 2, 3]]))
+
+
+# ------------------------------------------------------------------ half precision
+
+
+def _half(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(np.float16)
+
+
+def _within_ulp(got, want, dtype):
+    """Two roundings of the same float32 arithmetic to ``dtype``: at most one unit in the last place apart
+    (and a few float32 units of the row's largest element, where terms cancel)."""
+    got = np.asarray(got).astype(np.float64)
+    want = np.asarray(want).astype(np.float64)
+    e = np.floor(np.log2(np.maximum(np.abs(want), 1e-300)))
+    ulp = 2.0 ** (np.maximum(e, -126 if dtype.name == "bfloat16" else -14) - (7 if dtype.name == "bfloat16" else 10))
+    slack = 1e-6 * np.max(np.abs(want))
+    assert np.all(np.abs(got - want) <= ulp + slack), np.max(np.abs(got - want) / ulp)
+
+
+@sim
+@pytest.mark.parametrize("fuse", [0, 64], ids=["three-kernels", "fused-kernel"])
+@pytest.mark.parametrize("kind", ["kl_divergence", "jsd", "reverse_kl", "mse"])
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_matches_the_cpu_backend(half, kind, fuse, monkeypatch):
+    _fused_rows(monkeypatch, fuse)
+    dt = _half(half)
+    s32, t32, y = make_batch(5, 37, np.float32, seed=21, mask=kind != "mse")
+    s, t = s32.astype(dt), t32.astype(dt)
+    soft = {"kl_divergence": fd.DistilLoss.kl_divergence(2.0), "jsd": fd.DistilLoss.jsd(0.3, 2.0),
+            "reverse_kl": fd.DistilLoss.reverse_kl(1.0), "mse": fd.DistilLoss.mse()}[kind]
+    d = fd.ResponseDistiller(soft, 0.0 if kind == "mse" else 0.4, 0.6)
+    want, gw = d.loss_and_grad(s, t, y, backend="cpu")
+    got, gg = d.loss_and_grad(s, t, y, backend="cuda")
+    assert gg.dtype == dt and gg.shape == s.shape
+    assert got == pytest.approx(want, rel=1e-6)
+    _within_ulp(gg, gw, dt)
+    rows = d.loss(s, t, y, reduction="none", backend="cuda")
+    assert rows.dtype == np.float32
+    np.testing.assert_allclose(rows, d.loss(s, t, y, reduction="none", backend="cpu"), rtol=1e-6, atol=1e-9)
+    # the float64 reference of the same 16-bit values
+    ref_rows, keep = response_rows(s.astype(np.float64), t.astype(np.float64), y, d.hard_label_weight, 0.6,
+                                   kind, getattr(soft, "temperature", 1.0), 0.3)
+    assert got == pytest.approx(ref_rows.sum() / keep.sum(), rel=1e-5)
+
+
+@sim
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_mixed_formats_and_device_arrays(half):
+    from numba import cuda
+
+    dt = _half(half)
+    s32, t32, y = make_batch(4, 33, np.float32, seed=22)
+    s = s32.astype(dt)
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.5, 0.5)
+    # a float32 teacher beside the half student, and a float32 gradient buffer
+    want, gw = d.loss_and_grad(s, t32, y, backend="cpu")
+    got, gg = d.loss_and_grad(s, t32, y, backend="cuda")
+    assert got == pytest.approx(want, rel=1e-6)
+    _within_ulp(gg, gw, dt)
+    g32 = np.empty(s.shape, np.float32)
+    _, g_cpu = d.loss_and_grad(s, t32, y, backend="cpu", grad_out=np.empty(s.shape, np.float32))
+    out, g = d.loss_and_grad(s, t32, y, backend="cuda", grad_out=g32)
+    assert g is g32 and rel_err(g32, g_cpu) < 1e-6
+    # softmax keeps the format
+    sm = fd.softmax(s, 1.5, backend="cuda")
+    assert sm.dtype == dt
+    _within_ulp(sm, fd.softmax(s, 1.5, backend="cpu"), dt)
+    if half == "float16":  # numba device arrays of float16 in and out
+        ds, dt_ = cuda.to_device(s), cuda.to_device(t32.astype(np.float16))
+        loss, dg = d.loss_and_grad(ds, dt_, cuda.to_device(y), backend="cuda")
+        assert dg.dtype == np.float16
+        w2, gw2 = d.loss_and_grad(s, t32.astype(np.float16), y, backend="cpu")
+        assert loss == pytest.approx(w2, rel=1e-6)
+        _within_ulp(dg.copy_to_host(), gw2, dt)

@@ -300,7 +300,7 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("dtype,gtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_half_inputs_are_upcast(dtype, gtol):
+def test_half_inputs(dtype, gtol):
     s, t, y = batch(64, 50, dtype, seed=15, mask=True)
     s.requires_grad_()
     loss = DistillationLoss(temperature=2.0)(s, t, y)

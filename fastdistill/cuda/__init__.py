@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import _storage
 from .. import _validate as V
-from .._spec import FLOAT32, ResponseCall
+from .._spec import FLOAT32, FLOAT64, ResponseCall
 from . import _device as D
 from . import _launch as L
 from ._device import launch_path, status
@@ -59,31 +60,32 @@ def check_label_range(labels: Any, n: int, ignore_index: int) -> None:
 
 def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_out: Any, kind: str, t: Any,
                  lab: Any, stream: Any) -> tuple[Any, Any, Any]:
-    """(what the caller gets back, the kernel's view of it, the host array to copy it into or None)."""
+    """(what the caller gets back, the kernel's view of it, the host array to copy it into (as the
+    kernel's element type) or None)."""
     rows, n = call.rows, call.n
-    s_dtype = np.dtype(call.variant.dtype)
+    g_store = call.variant.storage()[2]
+    g_dtype_k = D.DEVICE_DTYPES[g_store]
     if grad_out is None:
-        native, g = D.alloc(kind, student, (rows, n), s_dtype, stream)
+        native, g = D.alloc_logits(kind, student, (rows, n), g_store, stream)
         return native, g, None
     g_kind = D.kind_of(grad_out)
     if g_kind == "host":
-        host = V.grad_out(V.host_array(grad_out, "grad_out"), call.shape, s_dtype,
+        host = V.grad_out(grad_out, call.shape, g_store,
                           (V.host_array(teacher, "teacher") if D.kind_of(teacher) == "host" else None,))
-        g = D.numba_cuda().device_array((rows, n), dtype=s_dtype, stream=stream)
-        return grad_out, g, host
+        g = D.numba_cuda().device_array((rows, n), dtype=g_dtype_k, stream=stream)
+        return grad_out, g, host.view(g_dtype_k)
     g_shape, g_dtype = V.shape_dtype(grad_out)
     if tuple(g_shape) != tuple(call.shape):
         raise V.DimensionMismatchError(
             expected=rows * n, got=int(np.prod(g_shape, dtype=np.int64)),
             message=f"grad_out shape {tuple(g_shape)} differs from student shape {tuple(call.shape)}",
         )
-    if g_dtype != s_dtype:
-        raise TypeError(f"grad_out dtype {g_dtype} differs from student dtype {s_dtype}")
+    V.grad_storage(g_dtype, call.variant.dtype)  # (the variant was resolved for this storage)
     if g_kind == "torch" and D.fast() and grad_out.is_contiguous() and D.torch_dtype(grad_out) is not None:
         g = D.DevArg(grad_out, grad_out.data_ptr(), (rows, n), D.torch_dtype(grad_out))
     else:
         gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else D.numba_cuda().as_cuda_array(
-            grad_out.detach() if V.is_torch(grad_out) else grad_out, sync=False)
+            D._bits(grad_out.detach()) if V.is_torch(grad_out) else grad_out, sync=False)
         if not gv.is_c_contiguous():
             raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
         g = gv.reshape(rows, n)
@@ -100,12 +102,13 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
     K = _K()
     v = call.variant
     rows, n = call.rows, call.n
-    s_dtype = np.dtype(v.dtype)
+    s_store, t_store, _ = v.storage()
     kind = D.kind_of(student)
     stream = D.stream_for(kind, student)
     dev = D.device_id(kind, student)
-    s = D.view(student, kind, stream, "student", (rows, n))
-    t = D.view(teacher, D.kind_of(teacher), stream, "teacher", (rows, n), s_dtype)  # in the student's dtype
+    s = D.view_logits(student, kind, stream, "student", (rows, n), s_store)
+    # the teacher as the kernels read it (converted where its storage has no kernels beside the student's)
+    t = D.view_logits(teacher, D.kind_of(teacher), stream, "teacher", (rows, n), t_store)
     has_labels = labels is not None
     fused = L.fused(rows, n)
     info = None
@@ -140,8 +143,9 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
             _raise_bad_labels(lab, n, call.ignore_index, stream)
         if call.reduction != "none":
             loss = float(h[2])
-    if call.reduction == "none":  # the row losses in the student's precision, as on the CPU
-        loss = D.result(D.as_dtype(rows_native, kind, s_dtype, stream), kind, tuple(call.shape[:-1]), stream)
+    if call.reduction == "none":  # the row losses in the student's precision (float32 for 16-bit), as on the CPU
+        rows_dtype = np.float64 if s_store == FLOAT64 else np.float32
+        loss = D.result(D.as_dtype(rows_native, kind, rows_dtype, stream), kind, tuple(call.shape[:-1]), stream)
     grad = None
     if call.want_grad:
         if g_host is not None:
@@ -150,6 +154,8 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
             grad = g_native  # the caller's own buffer (NumPy array or CPU tensor)
         elif grad_out is not None:
             grad = grad_out
+        elif kind == "host":
+            grad = D.host_result(g_native, tuple(call.shape), v.storage()[2], student, stream)
         else:
             grad = D.result(g_native, kind, tuple(call.shape), stream)
     if kind == "host":
@@ -161,15 +167,19 @@ def softmax(x: Any, tau: float, *, log: bool) -> Any:
     """Row-wise (log-)softmax of ``x / tau`` on the GPU, in ``x``'s array kind, shape and dtype."""
     K = _K()
     shape, dtype = V.shape_dtype(x)
+    storage = _storage.check(dtype, "x")
     n = int(shape[-1])
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     kind = D.kind_of(x)
     stream = D.stream_for(kind, x)
-    xv = D.view(x, kind, stream, "x", (rows, n))
-    out_native, out = D.alloc(kind, x, (rows, n), dtype, stream)
+    xv = D.view_logits(x, kind, stream, "x", (rows, n), storage)
+    out_native, out = D.alloc_logits(kind, x, (rows, n), storage, stream)
     grid, block, G = L.geometry(rows, n)
-    L.launch(K.softmax_kernel(bool(log), dtype == np.float32), grid, block, stream, (xv, float(1.0 / tau), out, G))
-    res = D.result(out_native, kind, tuple(shape), stream)
+    L.launch(K.softmax_kernel(bool(log), storage != FLOAT64), grid, block, stream, (xv, float(1.0 / tau), out, G))
+    if kind == "host":
+        res = D.host_result(out_native, tuple(shape), storage, x, stream)
+    else:
+        res = D.result(out_native, kind, tuple(shape), stream)
     if kind == "host":
         D.synchronize(stream)
     return res

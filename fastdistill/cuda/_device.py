@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import _storage
 from .. import _validate as V
+from .._spec import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
+
+# the element type the kernels see for each storage (bfloat16: its bits, see ``_kernels.load``)
+DEVICE_DTYPES = {FLOAT32: np.dtype(np.float32), FLOAT64: np.dtype(np.float64), FLOAT16: np.dtype(np.float16),
+                 BFLOAT16: np.dtype(np.int16)}
 
 # numba-cuda 0.30 still references ``np.row_stack``, which NumPy 2.5 removed; an alias keeps it importable
 if not hasattr(np, "row_stack"):
@@ -166,13 +172,24 @@ class DevArg:
 
     def plain(self):  # type: ignore[no-untyped-def]
         """The same buffer as a numba device array (the portable, slower wrap)."""
-        return numba_cuda().as_cuda_array(_no_grad(self.obj), sync=False).reshape(self.shape)
+        return numba_cuda().as_cuda_array(_bits(_no_grad(self.obj)), sync=False).reshape(self.shape)
 
     def copy_to_host(self, stream: Any = 0) -> np.ndarray:
         o = self.obj
         if V.is_torch(o):
-            return o.detach().cpu().numpy().reshape(self.shape)
+            return _bits(o.detach()).cpu().numpy().reshape(self.shape)
         return np.asarray(self.plain().copy_to_host(stream=stream))
+
+
+def _bits(x: Any) -> Any:
+    """A bfloat16 tensor as the int16 tensor of its bits (the kernels' view; ``__cuda_array_interface__``
+    and NumPy have no bfloat16), anything else as it is."""
+    if V.is_torch(x):
+        import torch
+
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16)
+    return x
 
 
 def plain(a: Any) -> Any:
@@ -214,11 +231,13 @@ _TORCH_DTYPES: dict = {}
 
 
 def torch_dtype(x: Any):  # type: ignore[no-untyped-def]
-    """NumPy dtype of a torch tensor (None for dtypes the kernels do not take)."""
+    """NumPy dtype of a torch tensor as the kernels see it (bfloat16: int16 bits; None for dtypes the
+    kernels do not take)."""
     if not _TORCH_DTYPES:
         import torch
 
-        for tdt, ndt in ((torch.float32, np.float32), (torch.float64, np.float64), (torch.int64, np.int64),
+        for tdt, ndt in ((torch.float32, np.float32), (torch.float64, np.float64), (torch.float16, np.float16),
+                         (torch.bfloat16, np.int16), (torch.int64, np.int64),
                          (torch.int32, np.int32), (torch.int16, np.int16), (torch.int8, np.int8),
                          (torch.uint8, np.uint8)):
             _TORCH_DTYPES[tdt] = np.dtype(ndt)
@@ -229,7 +248,54 @@ def _torch_of(dtype: np.dtype):  # type: ignore[no-untyped-def]
     import torch
 
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-            np.dtype(np.int64): torch.int64}[np.dtype(dtype)]
+            np.dtype(np.float16): torch.float16, np.dtype(np.int64): torch.int64}[np.dtype(dtype)]
+
+
+def _torch_of_storage(storage: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    return {FLOAT32: torch.float32, FLOAT64: torch.float64, FLOAT16: torch.float16,
+            BFLOAT16: torch.bfloat16}[storage]
+
+
+def view_logits(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...], storage: str):  # type: ignore[no-untyped-def]  # noqa: E501
+    """A kernel argument of ``shape`` holding logits ``x`` in ``storage`` (a storage name): a zero-copy
+    view when ``x`` already is in it (bfloat16 as its bits), else one converted copy."""
+    own = _storage.check(V.shape_dtype(x)[1], name)
+    if kind == "host":
+        bits = _storage.host_logits(x, own, name)
+        if own != storage:
+            bits = _storage.to_float(bits, own, storage)
+        a = np.ascontiguousarray(bits).view(DEVICE_DTYPES[storage])  # (float16 bits as float16)
+        return numba_cuda().to_device(a, stream=stream).reshape(shape)
+    if own != storage:
+        if kind == "torch":
+            x = x.detach().to(_torch_of_storage(storage))
+        elif kind == "cupy":
+            x = x.astype(DEVICE_DTYPES[storage])
+        else:
+            x = _converted(x, kind, DEVICE_DTYPES[storage], stream)
+    return view(_bits(x) if kind == "torch" else x, kind, stream, name, shape)
+
+
+def alloc_logits(kind: str, like: Any, shape: tuple[int, ...], storage: str, stream: Any):  # type: ignore[no-untyped-def]  # noqa: E501
+    """:func:`alloc` of an array of ``storage`` (a torch bfloat16 tensor seen as its bits)."""
+    if kind == "torch" and storage == BFLOAT16:
+        import torch
+
+        a = torch.empty(shape, dtype=torch.bfloat16, device=like.device)
+        if fast():
+            return a, DevArg(a, a.data_ptr(), shape, DEVICE_DTYPES[storage])
+        return a, numba_cuda().as_cuda_array(_bits(a), sync=False)
+    return alloc(kind, like, shape, DEVICE_DTYPES[storage], stream)
+
+
+def host_result(native: Any, shape: tuple[int, ...], storage: str, caller: Any, stream: Any) -> Any:
+    """:func:`result` for a host caller, in the caller's dtype (bfloat16 bits viewed as it)."""
+    out = native.copy_to_host(stream=stream).reshape(shape)
+    if storage == BFLOAT16:
+        return _storage.like_caller(out, caller)
+    return out
 
 
 def view(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...], dtype: Any = None):  # type: ignore[no-untyped-def]  # noqa: E501

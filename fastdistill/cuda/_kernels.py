@@ -17,7 +17,11 @@ and, in the fused variants for small batches, the labels are counted in every bl
 finishes last reduces the row losses, so such a call is one launch (large batches: a one-block label
 kernel before, a one-block sum kernel after).
 
-Elementwise exponentials run in the input precision; every accumulator and every reduction is float64,
+Logits may be stored as float32, float64, float16 or bfloat16 (the last as its bits, int16 arrays: neither
+the simulator nor NumPy has the type); :func:`load` converts an element to float32 (float64 for float64
+storage) in registers, :func:`stored` rounds a result once, to nearest even, into the array's format.
+Elementwise exponentials run in float32 for float32 and 16-bit logits (float64 for float64 logits and
+the float64-math variants); every accumulator and every reduction is float64,
 and reductions combine values in a fixed order (the only atomic adds 1.0 to a block counter, which is
 exact), so results are deterministic run to run.
 The semantics are those of the CPU kernels (``fastdistill.cpu._kernels``).
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, int64
+from numba import cuda, float32, float64, int16, int32, int64, uint16
 try:
     from numba.cuda.core import config as _config
 except ImportError:  # older numba-cuda
@@ -85,6 +89,59 @@ def response_options(div: int, f32: bool) -> dict:
     arithmetic)."""
     two_pass = div == DIV_MIXTURE or div == DIV_TVD
     return _JIT_RESPONSE32 if f32 and not two_pass else _JIT_RESPONSE64
+
+
+# ---------------------------------------------------------------- 16-bit storage
+
+
+if SIM:  # the simulator runs the kernels as Python, on NumPy scalars
+    def load(x):  # type: ignore[no-untyped-def]
+        """An element as a float: bfloat16 bits (int16) decoded, float16 widened (exact)."""
+        if isinstance(x, np.int16):
+            return (np.array([x]).astype(np.int16).view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)[0]
+        if isinstance(x, np.float16):
+            return np.float32(x)
+        return x
+
+    def stored(a, v):  # type: ignore[no-untyped-def]
+        """``v`` as an element of ``a``: bfloat16 bits rounded to nearest even (NaN quiet), else a cast."""
+        if a.dtype == np.int16:
+            b = int(np.array([v], np.float32).view(np.uint32)[0])
+            if v != v:
+                return np.array([((b >> 16) | 0x40) & 0xFFFF], np.uint16).view(np.int16)[0]
+            r = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFFFFFF
+            return np.array([r >> 16], np.uint16).view(np.int16)[0]
+        return a.dtype.type(v)
+else:
+    from numba.cuda import types as _T
+    from numba.cuda.extending import overload as _overload
+
+    def load(x):  # type: ignore[no-untyped-def]  # pragma: no cover - device code only
+        """An element as a float: bfloat16 bits (int16) decoded, float16 widened (exact)."""
+
+    def stored(a, v):  # type: ignore[no-untyped-def]  # pragma: no cover - device code only
+        """``v`` as an element of ``a``: bfloat16 bits rounded to nearest even (NaN quiet), else a cast."""
+
+    @_overload(load, target="cuda")
+    def _load_impl(x):  # type: ignore[no-untyped-def]
+        if x == _T.int16:
+            return lambda x: cuda.libdevice.int_as_float(int32(uint16(x)) << 16)
+        if x == _T.float16:
+            return lambda x: float32(x)
+        return lambda x: x
+
+    @_overload(stored, target="cuda")
+    def _stored_impl(a, v):  # type: ignore[no-untyped-def]
+        if a.dtype == _T.int16:
+            def bf16(a, v):  # type: ignore[no-untyped-def]
+                b = cuda.libdevice.float_as_int(float32(v))
+                if v != v:
+                    return int16((b >> 16) | 0x40)
+                return int16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+            return bf16
+        if a.dtype == _T.float16:
+            return lambda a, v: float32(v)  # (the store converts, rounding to nearest even)
+        return lambda a, v: v
 
 
 # ---------------------------------------------------------------- group reductions
@@ -274,11 +331,11 @@ def _make_step_loads(ft):  # type: ignore[no-untyped-def]
     @cuda.jit(device=True, inline=True)
     def loads(s, t, r, j, G, n):  # type: ignore[no-untyped-def]
         j3 = j + 3 * G
-        t0 = ft(t[r, j])
-        s0 = ft(s[r, j])
+        t0 = ft(load(t[r, j]))
+        s0 = ft(load(s[r, j]))
         if j3 < n:
-            return s0, ft(s[r, j + G]), ft(s[r, j + 2 * G]), ft(s[r, j3]), t0, ft(t[r, j + G]), \
-                ft(t[r, j + 2 * G]), ft(t[r, j3]), 4
+            return s0, ft(load(s[r, j + G])), ft(load(s[r, j + 2 * G])), ft(load(s[r, j3])), t0, \
+                ft(load(t[r, j + G])), ft(load(t[r, j + 2 * G])), ft(load(t[r, j3])), 4
         return s0, s0, s0, s0, t0, t0, t0, t0, 1
 
     return loads
@@ -317,15 +374,15 @@ def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
             j1 = j + G
             j2 = j1 + G
             j3 = j2 + G
-            t0 = ft(t[r, j])
-            s0 = ft(s[r, j])
+            t0 = ft(load(t[r, j]))
+            s0 = ft(load(s[r, j]))
             if j3 < n:
-                t1 = ft(t[r, j1])
-                s1_ = ft(s[r, j1])
-                t2 = ft(t[r, j2])
-                s2 = ft(s[r, j2])
-                t3 = ft(t[r, j3])
-                s3 = ft(s[r, j3])
+                t1 = ft(load(t[r, j1]))
+                s1_ = ft(load(s[r, j1]))
+                t2 = ft(load(t[r, j2]))
+                s2 = ft(load(s[r, j2]))
+                t3 = ft(load(t[r, j3]))
+                s3 = ft(load(s[r, j3]))
                 k = 4
             else:  # the tail: one element
                 t1 = t0
@@ -414,8 +471,8 @@ def _make_mixture_terms(DIV):  # type: ignore[no-untyped-def]
         kq = 0.0
         rr = 0.0
         for j in range(lane, n, G):
-            lp = (float64(t[r, j]) - MT) * invt64 - lsa
-            lq = (float64(s[r, j]) - MS) * invt64 - lsb
+            lp = (float64(load(t[r, j])) - MT) * invt64 - lsa
+            lq = (float64(load(s[r, j])) - MS) * invt64 - lsb
             p = math.exp(lp)
             q = math.exp(lq)
             if DIV == DIV_MIXTURE:
@@ -666,7 +723,7 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
                     loss += dw * 0.5 * KP
                 if CE != CE_NONE and hard:
                     lse1 = MS + math.log(S1)
-                    h = (1.0 - eps) * (lse1 - float64(s[r, lab]))
+                    h = (1.0 - eps) * (lse1 - float64(load(s[r, lab])))
                     if eps != 0.0:
                         h += eps * (lse1 - SSUM / nf)
                     loss += P[P_HARD_W] * h
@@ -687,18 +744,18 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
                     j = lane
                     while j < n:
                         s0, s1_, s2, s3, t0, t1, t2, t3, m = loads(s, t, r, j, G, n)
-                        grad[r, j] = grad_element(s0, t0, j, lab, k, k64)
+                        grad[r, j] = stored(grad, grad_element(s0, t0, j, lab, k, k64))
                         if m == 4:
-                            grad[r, j + G] = grad_element(s1_, t1, j + G, lab, k, k64)
-                            grad[r, j + 2 * G] = grad_element(s2, t2, j + 2 * G, lab, k, k64)
-                            grad[r, j + 3 * G] = grad_element(s3, t3, j + 3 * G, lab, k, k64)
+                            grad[r, j + G] = stored(grad, grad_element(s1_, t1, j + G, lab, k, k64))
+                            grad[r, j + 2 * G] = stored(grad, grad_element(s2, t2, j + 2 * G, lab, k, k64))
+                            grad[r, j + 3 * G] = stored(grad, grad_element(s3, t3, j + 3 * G, lab, k, k64))
                         j += m * G
             elif r < rows:
                 if lane == 0:
                     out_loss[r] = 0.0
                 if want_grad:
                     for j in range(lane, n, G):
-                        grad[r, j] = ft(0.0)
+                        grad[r, j] = stored(grad, ft(0.0))
         # ---- the reduced loss: the last block to finish sums every row loss (fixed order)
         if FUSED and fuse_sum:
             _sum_in_last_block(out_loss, rows, info, scale, v, sh, tid, nthr)
@@ -765,7 +822,7 @@ def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
             nan = 0.0
             if active:
                 for j in range(lane, n, G):
-                    xj = ft(x[r, j])
+                    xj = ft(load(x[r, j]))
                     if xj != xj:
                         nan += 1.0
                     if xj > m:
@@ -786,11 +843,11 @@ def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
                 if LOG:
                     off = ft(math.log(S))
                     for j in range(lane, n, G):
-                        out[r, j] = (ft(x[r, j]) - mf) * invt - off
+                        out[r, j] = stored(out, (ft(load(x[r, j])) - mf) * invt - off)
                 else:
                     inv = ft(1.0 / S)
                     for j in range(lane, n, G):
-                        out[r, j] = math.exp((ft(x[r, j]) - mf) * invt) * inv
+                        out[r, j] = stored(out, math.exp((ft(load(x[r, j])) - mf) * invt) * inv)
 
     return kernel
 

@@ -16,7 +16,7 @@ import contextlib
 import re
 from typing import Any, Iterator, NamedTuple
 
-from .._spec import CE_NAMES, CE_OWN, DIV_NAMES, FLOAT32, FLOAT64, reachable
+from .._spec import CE_NAMES, CE_OWN, DIV_FORWARD_KL, DIV_NAMES, FLOAT32, FLOAT64, STORAGES, reachable
 
 
 class Variant(NamedTuple):
@@ -34,26 +34,36 @@ class Resources(NamedTuple):
     smem: int
 
 
-def kernel_keys() -> list[tuple[int, int, bool, bool, str]]:
-    """``(div, ce, lin, float32 arithmetic, storage dtype)`` of every response kernel the launcher can
-    run: the variants of :func:`fastdistill._spec.reachable` (the CUDA kernels have no power trick)."""
-    keys = dict.fromkeys((v.div, v.ce, v.lin, v.math == FLOAT32, v.dtype) for v in reachable()
-                         if v.dtype in (FLOAT32, FLOAT64) and not (v.teacher or v.grad))
+# the mixed storages (a float32 teacher beside a half-precision student, a float32 gradient, ...) are
+# compiled here for one kernel, the one they run most (the kernels read every storage through the same
+# ``load``/``stored``); their other kernels compile on a GPU's first call
+MIXED_KEY = (DIV_FORWARD_KL, CE_OWN, False, True)
+
+
+def kernel_keys() -> list[tuple[int, int, bool, bool, tuple[str, str, str]]]:
+    """``(div, ce, lin, float32 arithmetic, (student, teacher, gradient) storage)`` of the response kernels
+    compiled here: those of the variants of :func:`fastdistill._spec.reachable` (the CUDA kernels have no
+    power trick) whose three storages are one, and :data:`MIXED_KEY` for each mixed storage."""
+    keys = dict.fromkeys((v.div, v.ce, v.lin, v.math == FLOAT32, v.storage()) for v in reachable()
+                         if not (v.teacher or v.grad) or (v.div, v.ce, v.lin, v.math == FLOAT32) == MIXED_KEY)
     return list(keys)
 
 
-def response_signature(storage: str) -> tuple:
-    """The argument types :func:`fastdistill.cuda.response` launches a response kernel with, for logits
-    stored as ``storage`` (labels int64, parameters, info and row losses float64)."""
+def response_signature(storage: tuple[str, str, str]) -> tuple:
+    """The argument types :func:`fastdistill.cuda.response` launches a response kernel with, for student,
+    teacher and gradient of ``storage`` (labels int64, parameters, info and row losses float64)."""
     from numba.cuda import types as T
+    from numba.cuda.np.numpy_support import from_dtype
 
-    ft = T.float32 if storage == FLOAT32 else T.float64
+    from ._device import DEVICE_DTYPES
+
+    st, tt, gt = (from_dtype(DEVICE_DTYPES[x]) for x in storage)
 
     def arr(t: Any, nd: int = 1) -> Any:
         return T.Array(t, nd, "C")
 
-    return (arr(ft, 2), arr(ft, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64), arr(T.float64), T.boolean,
-            T.float64, T.boolean, arr(T.float64), arr(ft, 2), T.int64, T.boolean)
+    return (arr(st, 2), arr(tt, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64), arr(T.float64), T.boolean,
+            T.float64, T.boolean, arr(T.float64), arr(gt, 2), T.int64, T.boolean)
 
 
 def variants(fused_all: bool = False) -> list[Variant]:
@@ -79,14 +89,20 @@ def variants(fused_all: bool = False) -> list[Variant]:
             k = K.response_kernel(div, ce, lin, f32, fused)
             cap = K.response_options(div, f32).get("max_registers")
             arith = "float32" if f32 else "float64"
-            math = "" if arith == storage else f" ({arith} math)"
-            name = (f"response {DIV_NAMES[div]}, {CE_NAMES[ce]}{', mse/cos' if lin else ''}, {storage}{math}"
+            s_st, t_st, g_st = storage
+            store = s_st if s_st == t_st == g_st else f"{s_st} (teacher {t_st}, gradient {g_st})"
+            math = "" if arith == s_st else f" ({arith} math)"
+            name = (f"response {DIV_NAMES[div]}, {CE_NAMES[ce]}{', mse/cos' if lin else ''}, {store}{math}"
                     f"{', fused' if fused else ''}")
             out.append(Variant(name, k, response_signature(storage), cap))
+    from numba.cuda.np.numpy_support import from_dtype
+
+    from ._device import DEVICE_DTYPES
+
     for log in (False, True):
-        for f32 in (True, False):
-            ft = T.float32 if f32 else T.float64
-            out.append(Variant(f"{'log_' if log else ''}softmax {ft}", K.softmax_kernel(log, f32),
+        for storage in STORAGES:
+            ft = from_dtype(DEVICE_DTYPES[storage])
+            out.append(Variant(f"{'log_' if log else ''}softmax {storage}", K.softmax_kernel(log, storage != FLOAT64),
                                (arr(ft, 2), T.float64, arr(ft, 2), T.int64), None))
     out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
     out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
