@@ -12,17 +12,23 @@ import pytest
 from fastdistill import bench as B
 
 SHAPES = [B.shape_name(s) for s in B.DEFAULT_SHAPES]
-CASES = [(op, shape) for op in B.OPS for shape in SHAPES]
-CASE_IDS = [f"{op}-{shape}" for op, shape in CASES]
+# every shape in float32 and in both 16-bit formats (``-k bfloat16`` for one of them)
+CASES = [(op, shape, dtype) for dtype in B.DTYPES for op in B.OPS for shape in SHAPES]
+CASE_IDS = [f"{op}-{shape}-{dtype}" for op, shape, dtype in CASES]
 
-_INPUTS: dict[str, B.Case] = {}
+_INPUTS: dict[tuple[str, str], B.Case] = {}
 
 
-def case_for(shape: str) -> B.Case:
-    """The inputs of one shape, built once per session."""
-    if shape not in _INPUTS:
-        _INPUTS[shape] = B.Case(B.parse_shape(shape))
-    return _INPUTS[shape]
+def case_for(shape: str, dtype: str = "float32") -> B.Case:
+    """The inputs of one shape and dtype, built once per session (one at a time: the large ones take
+    gigabytes)."""
+    key = (shape, dtype)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        if dtype == "bfloat16":
+            pytest.importorskip("ml_dtypes")
+        _INPUTS[key] = B.Case(B.parse_shape(shape), dtype=dtype)
+    return _INPUTS[key]
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +43,9 @@ def torch_mod() -> Any:
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
 def case(request: pytest.FixtureRequest, benchmark: Any) -> tuple[str, B.Case]:
-    """``(op, inputs)``; puts the benchmark in the group ``op-shape`` so implementations sit side by side."""
-    op, shape = request.param
-    benchmark.group = f"{op}-{shape}"
-    benchmark.extra_info.update(op=op, shape=shape)
-    return op, case_for(shape)
+    """``(op, inputs)``; puts the benchmark in the group ``op-shape-dtype`` so implementations sit side by
+    side."""
+    op, shape, dtype = request.param
+    benchmark.group = f"{op}-{shape}-{dtype}"
+    benchmark.extra_info.update(op=op, shape=shape, dtype=dtype)
+    return op, case_for(shape, dtype)

@@ -1,7 +1,8 @@
 """CPU benchmarks: fastdistill beside NumPy, PyTorch eager and the memory floors.
 
 Run ``pytest bench/ --benchmark-group-by=param`` (or ``-k 64x1000`` for one shape); each group
-``op-shape`` lists fastdistill, numpy, torch, floor_read and floor_rw side by side. The operations are
+``op-shape-dtype`` lists fastdistill, numpy, torch, floor_read and floor_rw side by side (and, for the
+16-bit dtypes, fastdistill on the same values in float32). The operations are
 ``forward`` (loss only), ``forward+grad`` (loss and gradient into a preallocated buffer) and ``softmax``;
 see ``fastdistill bench --help`` for what each implementation and floor is.
 """
@@ -20,6 +21,16 @@ def _run(benchmark: Any, fn: Callable[[], Any]) -> None:
 def test_fastdistill(benchmark: Any, case: tuple[str, B.Case]) -> None:
     op, c = case
     _run(benchmark, B.fastdistill_call(c, op))
+
+
+def test_fastdistill_float32(benchmark: Any, case: tuple[str, B.Case]) -> None:
+    """fastdistill on the same values in float32 (16-bit cases only): the ratio the half formats buy."""
+    op, c = case
+    if c.dtype == "float32":
+        import pytest
+
+        pytest.skip("the float32 case is test_fastdistill itself")
+    _run(benchmark, B.fastdistill_call(c, op, float32=True))
 
 
 def test_numpy(benchmark: Any, case: tuple[str, B.Case]) -> None:
