@@ -16,6 +16,7 @@ from . import _storage
 from . import _validate as V
 from ._spec import HALF, ResponseCall, Terms, resolve, teacher_storage
 from .errors import BackendUnavailableError
+from .sparse import SparseTeacher
 
 TermsLike = Union[Terms, Callable[[], Terms]]
 
@@ -82,6 +83,10 @@ def response(
     ``vocab_mismatch="truncate"``: student and teacher widths may differ; the loss is computed on the
     first ``min`` of both (the student's other columns get a zero gradient).
     """
+    if isinstance(teacher, SparseTeacher):
+        return _sparse_response(student, teacher, labels, terms, ignore_index=ignore_index, reduction=reduction,
+                                num_items=num_items, want_grad=want_grad, grad_out=grad_out, backend=backend,
+                                needs_labels=needs_labels)
     s_shape, s_dtype = V.shape_dtype(student)
     t_shape, t_dtype = V.shape_dtype(teacher)
     V.check_pair(s_shape, s_dtype, t_shape, t_dtype, truncate=vocab_mismatch == "truncate")
@@ -112,6 +117,42 @@ def response(
             )
         return gpu.response(call, student, teacher, labels if host_lab is None else host_lab, grad_out)
     return _cpu_response(call, student, teacher, host_lab, n_counted, grad_out)
+
+
+def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: TermsLike, *, ignore_index: int,
+                     reduction: str, num_items: Any, want_grad: bool, grad_out: Any, backend: str,
+                     needs_labels: bool) -> tuple[Any, Any]:
+    """:func:`response` with a sparse (top-k) teacher: the checks in the contract's order (the teacher's
+    leading dims, ids and repeats after the student's), then the CPU kernel of ``cpu._sparse``."""
+    from . import sparse
+
+    s_shape, s_dtype = V.shape_dtype(student)
+    V.check_logits(s_shape, s_dtype, "student")
+    n = int(s_shape[-1])
+    if labels is not None:
+        l_shape, l_dtype = V.shape_dtype(labels)
+        V.check_labels_meta(l_shape, l_dtype, s_shape)
+    if use_cuda(V.backend(backend), student, labels, grad_out, teacher.indices, teacher.values):
+        raise V.InvalidParameterError(
+            "a SparseTeacher runs on the CPU backend only so far: pass host arrays or CPU tensors"
+        )
+    idx, vals = sparse.host_arrays(teacher, s_shape, n)
+    host_lab, n_counted = (V.host_labels(labels, n, ignore_index) if labels is not None else (None, 0))
+    s_store = _storage.check(s_dtype, "student")
+    g_store = s_store if grad_out is None or not want_grad else V.grad_storage(V.shape_dtype(grad_out)[1], s_store)
+    call = _resolve(terms, s_shape, (s_store, s_store, g_store), n, labels is not None, ignore_index, reduction,
+                    num_items, want_grad, needs_labels)
+    sparse.check_terms(teacher, call.terms)
+    s2 = V.rows_2d(_storage.host_logits(student, s_store, "student"))
+    g2 = None
+    if want_grad and grad_out is not None:
+        g2 = V.grad_out(grad_out, call.shape, g_store, (host_lab, idx)).reshape(s2.shape)
+    div = V.divisor(n_counted if host_lab is not None else call.rows, call.reduction, call.num_items)
+    scale = 1.0 / div if div > 0 else 0.0
+    rows, grad = _cpu().sparse_response(call, s2, idx, vals, host_lab, packed(call.terms), teacher.tail, scale, g2)
+    if want_grad:
+        grad = caller_grad(call, grad, student, grad_out)
+    return reduce_rows(rows, call.reduction, scale, call.shape, s_store), grad
 
 
 def _storages(s_dtype: Any, t_dtype: Any, grad_out: Any) -> tuple[str, str, str]:

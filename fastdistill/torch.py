@@ -296,11 +296,14 @@ def _response_fake(student, teacher, labels, call, num_items, group):  # type: i
     return loss, grad
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    call = inputs[3]
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor],
+                   call_at: int = 3) -> None:
+    """What backward needs of an op whose inputs are ``(student, ..., call at call_at, ...)``."""
+    call = inputs[call_at]
     ctx.want_grad = call[_F["want_grad"]] != 0.0
     ctx.per_row = _reduction_of(call) == "none"
     ctx.student_dtype = inputs[0].dtype
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(output[1])
 
 
@@ -346,7 +349,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: Any) -> tuple[An
             out = _once_differentiable(out)
     if out.dtype != ctx.student_dtype:
         out = out.to(ctx.student_dtype)
-    return out, None, None, None, None, None
+    return (out,) + (None,) * (ctx.n_inputs - 1)
 
 
 def _once_differentiable(x: torch.Tensor) -> torch.Tensor:
@@ -393,9 +396,83 @@ def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch
     return V.num_items(num_items, reduction), None
 
 
+# ------------------------------------------------------------------ sparse (top-k) teachers
+#
+# ``fastdistill::sparse_response``: the same call description, the teacher as its ids and values, and
+# ``sparse = [kind, tail]`` (indices of ``sparse.KINDS`` and ``sparse.TAILS``). CPU tensors.
+
+_SPARSE_OP = "fastdistill::sparse_response"
+
+
+def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, labels: Optional[torch.Tensor],
+                 call: list[float], num_items: Optional[torch.Tensor], sparse: list[int]) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """:func:`_response_impl` for a sparse teacher (``indices``, ``values``: its ``(..., k)`` tensors)."""
+    from .sparse import KINDS, TAILS, SparseTeacher
+
+    distiller, reduction, n_items, want_grad = _decode(call)
+    if num_items is not None:
+        n_items = float(num_items.item())
+    device = student.device
+    for x, name in ((indices, "indices"), (values, "values")):
+        if x.device != device:
+            raise RuntimeError(f"the SparseTeacher's {name} are on {x.device} but the student logits are on {device}")
+    if device.type != "cpu":
+        raise NotImplementedError(f"a SparseTeacher runs on the CPU only so far, got tensors on {device}")
+    cdtype = _loss_dtype(student.dtype)
+    gdtype = _grad_dtype(student.dtype)
+    s = _prepare(student)
+    teacher = SparseTeacher(indices.detach().contiguous().numpy(), _as_backend_input(_prepare(values)),
+                            kind=KINDS[sparse[0]], tail=TAILS[sparse[1]])
+    lab = None if labels is None else _as_backend_input(_labels(labels, device))
+    kw: dict = dict(reduction=reduction, num_items=n_items)
+    if not want_grad:
+        loss = distiller.loss(_as_backend_input(s), teacher, lab, **kw)
+        return _to_tensor(loss, cdtype, device), torch.empty(0, dtype=gdtype, device=device)
+    if gdtype != student.dtype:
+        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype))
+    loss, grad = distiller.loss_and_grad(_as_backend_input(s), teacher, lab, **kw)
+    return _to_tensor(loss, cdtype, device), _to_tensor(grad, gdtype, device)
+
+
+_sparse_op = torch.library.custom_op(_SPARSE_OP, _sparse_impl, mutates_args=())
+
+
+@_sparse_op.register_fake
+def _sparse_fake(student, indices, values, labels, call, num_items, sparse):  # type: ignore[no-untyped-def]
+    per_row = _reduction_of(call) == "none"
+    loss = student.new_empty(student.shape[:-1] if per_row else (), dtype=_loss_dtype(student.dtype))
+    grad = student.new_empty(student.shape if call[_F["want_grad"]] else (0,), dtype=_grad_dtype(student.dtype))
+    return loss, grad
+
+
+_sparse_op.register_autograd(_backward, setup_context=lambda ctx, inputs, output: _setup_context(
+    ctx, inputs, output, call_at=4))
+
+
+def _sparse_response(distiller: ResponseDistiller, student: torch.Tensor, teacher: Any, labels: Any, reduction: str,
+                     num_items: Any) -> torch.Tensor:
+    from .sparse import KINDS, TAILS
+
+    idx = teacher.indices if isinstance(teacher.indices, torch.Tensor) else torch.as_tensor(teacher.indices)
+    vals = teacher.values if isinstance(teacher.values, torch.Tensor) else torch.as_tensor(teacher.values)
+    lab = None if labels is None else _labels(labels, student.device)
+    n_items, n_items_tensor = _num_items_args(num_items, reduction)
+    want_grad = torch.is_grad_enabled() and student.requires_grad
+    call = _describe(distiller, reduction, n_items, want_grad)
+    sparse = [KINDS.index(teacher.kind), TAILS.index(teacher.tail)]
+    loss, _ = torch.ops.fastdistill.sparse_response(student, idx.detach(), vals.detach(), lab, call, n_items_tensor,
+                                                    sparse)
+    return loss
+
+
 def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: Any, reduction: str,
               num_items: Any, group_name: str = "") -> torch.Tensor:
     student = _check_tensor(student, "student")
+    if type(teacher).__name__ == "SparseTeacher":
+        if group_name:
+            raise NotImplementedError("vocab_parallel_group with a SparseTeacher is not supported")
+        return _sparse_response(distiller, student, teacher, labels, V.reduction(reduction), num_items)
     teacher = _check_tensor(teacher, "teacher")
     reduction = V.reduction(reduction)
     for x, name in ((student, "student"), (teacher, "teacher")):

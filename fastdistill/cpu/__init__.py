@@ -157,3 +157,23 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
         local_max,
         np.int64(classes),
     )
+
+
+def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labels: np.ndarray | None,  # type: ignore[no-untyped-def]
+                    params: np.ndarray, tail: str, scale: float,
+                    grad_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Row losses and (``call.want_grad``) the gradient for a sparse teacher (``cpu._sparse``): ``idx``
+    int64 and ``vals`` float64 ``(rows, k)``, checked."""
+    from . import _sparse as S
+
+    v = call.variant
+    out_loss = np.empty(s.shape[0], dtype=np.float64)
+    if call.want_grad:
+        grad = grad_out if grad_out is not None else np.empty_like(s)
+    else:
+        grad = _no_grad(s.dtype)
+    _launch(S.sparse_response, _threads_for(s.size), as_kernel_input(s), idx, vals,
+            as_kernel_input(labels) if labels is not None else _NO_LABELS, labels is not None,
+            np.int64(call.ignore_index), params, np.int64(v.div), np.int64(v.ce), np.int64(S.TAILS[tail]),
+            call.want_grad, float(scale), out_loss, grad)
+    return out_loss, (grad if call.want_grad else None)

@@ -1,0 +1,352 @@
+"""Numba CPU kernels for sparse (top-k) teachers, and for ``top_k``.
+
+Private module. A sparse teacher gives per row the ids of k classes and their values (log-probabilities
+or logits). Its loss touches the full student row only through three row sums -- the maximum, the
+normaliser of ``softmax(s / tau)`` and, for the cross-entropy at another temperature, that of
+``softmax(s)`` -- and the k student logits at the teacher's ids. So per row:
+
+1. two streaming passes over the student row (maximum; exponential sums), vectorized, as the dense
+   kernels' ``_max_nan`` and ``_expsum``;
+2. the divergence over k (or k + 1) *bins* in float64, from k gathers: the teacher's bins, and for the
+   ``"renormalize"`` and ``"bucket"`` tails one bin for the mass outside the support;
+3. (gradient) one dense write ``g_j = a * q_j + b * q1_j + c`` -- every class outside the support has
+   the same derivative per unit of probability -- then the k support columns (and the label's)
+   recomputed with their own terms and stored once (never a stored value corrected afterwards: a
+   half-precision gradient is rounded once).
+
+With ``h_b = q_b * dD/dq_b`` per bin (finite where ``q_b`` underflows), the gradient of the divergence
+with respect to ``s_j`` is ``(h_b(j) * q_j / q_b(j) - q_j * sum_b h_b) / tau``: the support columns are
+their bins, the others share the outside bin.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import overload
+
+from .._scalar import logaddexp
+from .._spec import (
+    CE_NONE,
+    CE_SHARED,
+    DIV_FORWARD_KL,
+    DIV_NONE,
+    DIV_MIXTURE,
+    DIV_REVERSE_KL,
+    DIV_TVD,
+    P_CP,
+    P_CQ,
+    P_DIV_W,
+    P_HARD_W,
+    P_LAM,
+    P_SMOOTH,
+    P_TAU,
+    TAU_FLOAT64_MATH,
+)
+from ._kernels import JIT, JIT_INNER, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
+from ._math import borrowed, fexp, inline_into_callers, wide_vectors
+
+# tails (what the divergence compares; see fastdistill.sparse.SparseTeacher)
+TAIL_RENORMALIZE = 0
+TAIL_SUPPORT = 1
+TAIL_BUCKET = 2
+TAILS = {"renormalize": TAIL_RENORMALIZE, "support": TAIL_SUPPORT, "bucket": TAIL_BUCKET}
+
+_logaddexp = njit(**JIT_INNER)(logaddexp)
+
+
+def _is_float64(a):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """Whether array ``a`` holds float64 (a compile-time constant)."""
+    return a.dtype == np.float64
+
+
+@overload(_is_float64, jit_options={"cache": True})
+def _is_float64_impl(a):  # type: ignore[no-untyped-def]
+    f64 = a.dtype == types.float64
+    return lambda a: f64
+
+
+@njit(**JIT_INNER)
+def _bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
+    """(the bin's term of the divergence, ``h = q * dD/dq``) for teacher/student probabilities ``p``,
+    ``q`` of one bin (``lp``, ``lq`` their logarithms; 0 * log 0 is 0)."""
+    inline_into_callers()
+    if div == DIV_NONE:
+        return 0.0, 0.0
+    if div == DIV_FORWARD_KL:
+        return (p * (lp - lq) if p > 0.0 else 0.0), -p
+    if div == DIV_REVERSE_KL:
+        if q > 0.0:
+            return q * (lq - lp), q * (lq - lp + 1.0)
+        return 0.0, 0.0
+    if div == DIV_MIXTURE:
+        lm = _logaddexp(loglam + lp, log1mlam + lq)
+        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
+        h = 0.0
+        if q > 0.0:
+            r = math.exp(lq - lm)  # q / m
+            h = -cp * (1.0 - lam) * p * r + cq * q * (lq - lm + 1.0 - (1.0 - lam) * r)
+        return d, h
+    # TVD
+    return 0.5 * abs(p - q), q * 0.5 * np.sign(q - p)
+
+
+@njit(**JIT_INNER)
+def _dense_coefficients(s_row, ms, invt, ce, tau, f64_math):  # type: ignore[no-untyped-def]
+    """(Z, Z1): the normalisers of ``softmax(s / tau)`` and (cross-entropy at another temperature)
+    ``softmax(s)`` relative to the row maximum ``ms``."""
+    inline_into_callers()
+    if f64_math:
+        z = _expsum(s_row, ms, invt, 0)
+    else:
+        z = _expsum(s_row, np.float32(ms), np.float32(invt), 0)
+    z1 = z
+    if ce != CE_NONE and ce != CE_SHARED:
+        z1 = _expsum(s_row, np.float32(ms), np.float32(1.0), 0) if not f64_math else _expsum(s_row, ms, 1.0, 0)
+    return z, z1
+
+
+@njit(**JIT_INNER)
+def _write_dense(g_row, s_row, ms, invt, a, b, c, two):  # type: ignore[no-untyped-def]
+    """``g_j = a * exp((s_j - ms) * invt) + b * exp(s_j - ms) + c`` (``b`` only when ``two``), in the
+    arithmetic precision of the row, rounded once into ``g``'s storage."""
+    inline_into_callers()
+    wide_vectors()
+    ct = arithmetic_zero(s_row)
+    af = as_type_of(ct, a)
+    bf = as_type_of(ct, b)
+    cf = as_type_of(ct, c)
+    mf = as_type_of(ct, ms)
+    it = as_type_of(ct, invt)
+    if two:
+        for j in range(s_row.shape[0]):
+            d = as_type_of(ct, s_row[j]) - mf
+            g_row[j] = stored(g_row, af * fexp(d * it) + bf * fexp(d) + cf)
+    else:
+        for j in range(s_row.shape[0]):
+            d = as_type_of(ct, s_row[j]) - mf
+            g_row[j] = stored(g_row, af * fexp(d * it) + cf)
+
+
+@njit(parallel=True, **JIT)
+def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, want_grad, scale,  # type: ignore[no-untyped-def]  # noqa: E501
+                    out_loss, grad):
+    """Row losses (unscaled, 0 for ignored rows) into ``out_loss`` and, when ``want_grad``, the gradient
+    of ``scale * sum(rows)`` into ``grad`` (``s``'s shape), for student logits ``s`` ``(rows, n)`` and a
+    sparse teacher ``idx`` int64 ``(rows, k)`` (-1: an unused slot), ``vals`` float64 ``(rows, k)``
+    (log-probabilities or logits; the tails use them as ``exp(v / tau)``), ``div``/``ce`` the variant's
+    divergence and cross-entropy mode (``_spec``), ``tail`` a ``TAIL_*``. Inputs are validated."""
+    rows, n = s.shape
+    k = idx.shape[1]
+    tau = P[P_TAU]
+    invt = 1.0 / tau
+    dw = P[P_DIV_W]
+    hw = P[P_HARD_W]
+    eps = P[P_SMOOTH]
+    lam = P[P_LAM]
+    cp = P[P_CP]
+    cq = P[P_CQ]
+    loglam = math.log(lam) if lam > 0.0 else -np.inf
+    log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
+    f64_math = _is_float64(s) or tau > TAU_FLOAT64_MATH
+    for r in prange(rows):
+        ri = np.int64(r)
+        lab = labels[r] if has_labels else np.int64(-1)
+        g_row = borrowed(grad, ri, 0, n) if want_grad else borrowed(grad, 0, 0, 1)
+        if has_labels and lab == ignore_index:
+            out_loss[r] = 0.0
+            if want_grad:
+                for j in range(n):  # (a slice assignment here became a parfor of its own, never run)
+                    g_row[j] = stored(g_row, 0.0)
+            continue
+        s_row = borrowed(s, ri, 0, n)
+        ms, nan = _max_nan(s_row, arithmetic_zero(s_row))
+        z, z1 = _dense_coefficients(s_row, ms, invt, ce, tau, f64_math)
+        ssum = 0.0
+        if ce != CE_NONE and eps != 0.0:
+            for j in range(n):
+                ssum += as_type_of(0.0, s_row[j])
+        lz = math.log(z)
+        # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
+        ids = idx[r]
+        vr = vals[r]
+        count = 0
+        vmax = -np.inf
+        for b in range(k):
+            if ids[b] >= 0:
+                count += 1
+                vmax = max(vmax, vr[b] * invt)
+        lse_v = -np.inf
+        if count > 0 and vmax > -np.inf:
+            acc = 0.0
+            for b in range(k):
+                if ids[b] >= 0:
+                    acc += math.exp(vr[b] * invt - vmax)
+            lse_v = vmax + math.log(acc)
+        # the student's probabilities on the support
+        q_s = 0.0
+        p_s = 0.0
+        for b in range(k):
+            if ids[b] >= 0:
+                q_s += math.exp((as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lz)
+                p_s += math.exp(vr[b])
+        lq_norm = math.log(q_s) if tail == TAIL_SUPPORT else 0.0  # q renormalised over the support
+        d = 0.0
+        h_sum = 0.0
+        for b in range(k):
+            if ids[b] >= 0:
+                lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lz - lq_norm
+                lp = vr[b] if tail == TAIL_BUCKET else vr[b] * invt - lse_v
+                db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
+                d += db
+                h_sum += hb
+        q_out = 0.0
+        h_out = 0.0
+        if tail != TAIL_SUPPORT:
+            q_out = max(0.0, 1.0 - q_s)
+            p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
+            lq_out = math.log(q_out) if q_out > 0.0 else -np.inf
+            lp_out = math.log(p_out) if p_out > 0.0 else -np.inf
+            d_out, h_out = _bin(div, lp_out, lq_out, p_out, q_out, loglam, log1mlam, lam, cp, cq)
+            d += d_out
+            h_sum += h_out
+        if div != DIV_TVD and d < 0.0:
+            d = 0.0  # a divergence rounded below 0
+        if count == 0 and tail != TAIL_BUCKET and div != DIV_NONE:
+            d = np.nan  # no support: the teacher's distribution is undefined
+        loss = dw * d
+        counted_ce = ce != CE_NONE and lab >= 0
+        s_lab = 0.0
+        lse1 = 0.0
+        if counted_ce:
+            lse1 = ms + (math.log(z) if ce == CE_SHARED else math.log(z1))
+            s_lab = as_type_of(0.0, s_row[lab])
+            h = (1.0 - eps) * (lse1 - s_lab)
+            if eps != 0.0:
+                h += eps * (lse1 - ssum / n)
+            loss += hw * h
+        if nan or ms == -np.inf:
+            loss = np.nan
+        out_loss[r] = loss
+        if not want_grad:
+            continue
+        # dense part: cd * (G_out - sum h) * q_j, the cross-entropy's softmax, its smoothing constant
+        cd = scale * dw * invt
+        g_out = h_out / q_out if q_out > 0.0 else 0.0
+        a = cd * (g_out - h_sum) / z if tail != TAIL_SUPPORT else 0.0
+        b_ce = 0.0
+        c = 0.0
+        if counted_ce:
+            ch = scale * hw
+            c = -ch * eps / n
+            if ce == CE_SHARED:
+                a += ch / z
+            else:
+                b_ce = ch / z1
+        if loss != loss:
+            for j in range(n):
+                g_row[j] = stored(g_row, np.nan)
+            continue
+        _write_dense(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0)
+        # the support's columns and the label's, each from all of its terms, rounded once
+        one_hot = scale * hw * (1.0 - eps) if counted_ce else 0.0
+        _write_support(g_row, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
+                       lab if counted_ce else np.int64(-1), tail, div, loglam, log1mlam, lam, cp, cq)
+
+
+@njit(**JIT_INNER)
+def _write_support(g_row, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
+                   lab, tail, div, loglam, log1mlam, lam, cp, cq):
+    """The support's columns and the label's (``lab``, -1 for none), each from all of its terms (the
+    dense ones of :func:`_write_dense`, its bin's, the one-hot), rounded once."""
+    lab_in_support = False
+    for b in range(ids.shape[0]):
+        j = ids[b]
+        if j < 0:
+            continue
+        sj = as_type_of(0.0, s_row[j])
+        dj = (sj - ms) * invt
+        val = a * math.exp(dj) + b_ce * math.exp(sj - ms) + c
+        lq = dj - lz - lq_norm
+        lp = vr[b] if tail == TAIL_BUCKET else vr[b] * invt - lse_v
+        qb = math.exp(lq)
+        _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
+        if tail == TAIL_SUPPORT:
+            val += cd * (hb - qb * h_sum)
+        else:
+            val += cd * (hb - qb * g_out)  # (its bin's own derivative in place of the outside one)
+        if j == lab:
+            val -= one_hot
+            lab_in_support = True
+        g_row[j] = stored(g_row, val)
+    if lab >= 0 and not lab_in_support:
+        sl = as_type_of(0.0, s_row[lab])
+        val = a * math.exp((sl - ms) * invt) + b_ce * math.exp(sl - ms) + c - one_hot
+        g_row[lab] = stored(g_row, val)
+
+
+# ---------------------------------------------------------------- top_k
+
+
+@njit(**JIT_INNER)
+def _insert(best_v, best_i, m, v, i):  # type: ignore[no-untyped-def]
+    """Insert ``(v, i)`` into the ``m`` entries of ``best_*`` kept sorted by decreasing value, ties by
+    increasing id (the caller checked that it belongs)."""
+    inline_into_callers()
+    pos = m
+    while pos > 0 and (best_v[pos - 1] < v or (best_v[pos - 1] == v and best_i[pos - 1] > i)):
+        if pos < best_v.shape[0]:
+            best_v[pos] = best_v[pos - 1]
+            best_i[pos] = best_i[pos - 1]
+        pos -= 1
+    if pos < best_v.shape[0]:
+        best_v[pos] = v
+        best_i[pos] = i
+
+
+BLOCK = 128
+
+
+@njit(parallel=True, **JIT)
+def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
+    """Per row of ``x`` ``(rows, n)``: the ids of the ``k`` largest logits (decreasing; ties: lower id
+    first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64. The row's
+    maximum and normaliser come from the vectorized passes; the selection scans a block of 128 columns
+    only when the block's maximum can enter the current top k."""
+    rows, n = x.shape
+    for r in prange(rows):
+        ri = np.int64(r)
+        xr = borrowed(x, ri, 0, n)
+        ct = arithmetic_zero(xr)
+        ms, nan = _max_nan(xr, ct)
+        if _is_float64(xr):
+            z = _expsum(xr, ms, invt, 0)
+        else:
+            z = _expsum(xr, np.float32(ms), np.float32(invt), 0)
+        lse = ms * invt + math.log(z)
+        if nan:
+            lse = np.nan
+        bv = np.empty(k, np.float64)
+        bi = np.empty(k, np.int64)
+        m = 0
+        for j0 in range(0, n, BLOCK):
+            j1 = min(n, j0 + BLOCK)
+            blk = xr[j0:j1]
+            top = as_type_of(ct, blk[0])
+            for j in range(1, j1 - j0):
+                v = as_type_of(ct, blk[j])
+                top = v if v > top else top
+            if m == k and not (np.float64(top) >= bv[k - 1]):
+                continue
+            for j in range(j1 - j0):
+                v = np.float64(as_type_of(ct, blk[j]))
+                if m < k:
+                    _insert(bv, bi, m, v, np.int64(j0 + j))
+                    m += 1
+                elif v > bv[k - 1] or (v == bv[k - 1] and j0 + j < bi[k - 1]):
+                    _insert(bv, bi, k - 1, v, np.int64(j0 + j))
+        for b in range(k):
+            out_idx[r, b] = bi[b]
+            out_val[r, b] = bv[b] * invt - lse

@@ -1,0 +1,174 @@
+"""Sparse (top-k) teachers: ``SparseTeacher`` and ``top_k``.
+
+Offline distillation stores, per token, the teacher's k most likely classes and their log-probabilities
+(what an inference server returns) instead of the full distribution. A :class:`SparseTeacher` stands
+wherever a dense teacher array may stand; the loss is computed from the full student row and the k
+teacher entries, fused, and nothing of size ``rows x classes`` is built for the teacher.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _storage
+from . import _validate as V
+from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64
+from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
+
+KINDS = ("logprobs", "logits")
+TAILS = ("renormalize", "support", "bucket")
+
+
+class SparseTeacherIndexError(FastDistillError, ValueError):
+    """A sparse teacher's class id is out of range or repeated in a row."""
+
+
+class SparseTeacher:
+    """A teacher given by its top-k classes per row: ``indices`` (integers, ``(..., k)``, class ids in
+    ``[0, classes)``, ``-1`` for an unused slot) and ``values`` (the same shape, any float dtype: the
+    teacher's log-probabilities, ``kind="logprobs"``, or raw logits, ``kind="logits"``).
+
+    At temperature ``tau`` the support weights are ``w_i = exp(v_i / tau)``; the student is always the
+    full row, ``q = softmax(s / tau)``. ``tail`` says what the divergence compares:
+
+    - ``"renormalize"`` (DistillKit): ``p = w / sum_S w`` on the support, 0 elsewhere, against the full
+      ``q`` (reverse KL and ``jsd(beta=1)`` are infinite there and refused);
+    - ``"support"`` (Megatron's top-k KL): ``p`` and ``q`` both renormalised over the support;
+    - ``"bucket"``: k + 1 bins, ``p_i = exp(v_i)`` and ``p_rest = max(0, 1 - sum p_i)`` against ``q_i``
+      and ``q_rest = sum_{j not in S} q_j`` (needs ``kind="logprobs"`` and temperature 1).
+
+    Arrays are kept as given (NumPy arrays or tensors); they are checked against the student when a
+    loss uses them.
+    """
+
+    __slots__ = ("indices", "values", "kind", "tail")
+
+    def __init__(self, indices: Any, values: Any, *, kind: str = "logprobs", tail: str = "renormalize") -> None:
+        if kind not in KINDS:
+            raise InvalidParameterError(f"kind must be one of {KINDS}, got {kind!r}")
+        if tail not in TAILS:
+            raise InvalidParameterError(f"tail must be one of {TAILS}, got {tail!r}")
+        i_shape, i_dtype = V.shape_dtype(indices)
+        v_shape, v_dtype = V.shape_dtype(values)
+        if getattr(i_dtype, "kind", "") not in "iu":
+            raise TypeError(f"SparseTeacher indices must be an integer array, got dtype {i_dtype}")
+        if _storage.storage_of(v_dtype) is None and getattr(v_dtype, "kind", "") != "f":
+            raise TypeError(f"SparseTeacher values must be a float array, got dtype {v_dtype}")
+        if len(i_shape) == 0 or tuple(i_shape) != tuple(v_shape):
+            raise DimensionMismatchError(
+                expected=int(np.prod(i_shape)), got=int(np.prod(v_shape)),
+                message=f"SparseTeacher indices shape {tuple(i_shape)} and values shape {tuple(v_shape)} "
+                "must be equal, (..., k)",
+            )
+        if 0 in i_shape:
+            raise DimensionMismatchError(expected=1, got=0,
+                                         message=f"SparseTeacher has no slots: shape {tuple(i_shape)}")
+        self.indices = indices
+        self.values = values
+        self.kind = kind
+        self.tail = tail
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(..., k)``."""
+        return tuple(V.shape_dtype(self.indices)[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.shape[-1])
+
+    def __repr__(self) -> str:
+        return f"SparseTeacher(shape={self.shape}, kind={self.kind!r}, tail={self.tail!r})"
+
+
+def check_terms(teacher: SparseTeacher, terms: Any) -> None:
+    """The loss's parameters against the sparse teacher (the contract's refusals)."""
+    if terms.mse_w != 0.0 or terms.cos_w != 0.0:
+        raise InvalidParameterError(
+            "MSE, cosine and combined losses need dense teacher logits, not a SparseTeacher"
+        )
+    div = terms.div_kind
+    if teacher.tail == "renormalize" and div == DIV_REVERSE_KL:
+        raise InvalidParameterError(
+            "reverse KL (and jsd with beta=1, skew_reverse_kl with alpha=0) is infinite with "
+            "tail='renormalize': the teacher has no mass outside its support; use tail='support' or 'bucket'"
+        )
+    if teacher.tail == "renormalize" and div == DIV_MIXTURE and terms.c_q != 0.0 and terms.lam >= 1.0:
+        raise InvalidParameterError("this mixture is infinite with tail='renormalize'")
+    if teacher.tail == "bucket" and (teacher.kind != "logprobs" or terms.tau != 1.0) and div != DIV_NONE:
+        raise InvalidParameterError(
+            f"tail='bucket' needs kind='logprobs' and temperature 1 (got kind={teacher.kind!r}, "
+            f"temperature {terms.tau}): its rest bin is 1 - sum exp(values)"
+        )
+
+
+def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices int64 (rows, k), values float64 (rows, k))`` of ``teacher``, checked against a student
+    of shape ``s_shape`` with ``n`` classes: leading dims equal, ids in ``[-1, n)``, none repeated in a
+    row. (``rows x k`` copies only.)"""
+    i_shape = teacher.shape
+    if tuple(i_shape[:-1]) != tuple(s_shape[:-1]):
+        rows = int(np.prod(s_shape[:-1]))
+        raise DimensionMismatchError(
+            expected=rows, got=int(np.prod(i_shape[:-1])),
+            message=f"SparseTeacher shape {tuple(i_shape)} does not match the student's rows: its leading "
+            f"dims must be {tuple(s_shape[:-1])} (student shape {tuple(s_shape)})",
+        )
+    k = int(i_shape[-1])
+    idx = np.ascontiguousarray(V.host_array(teacher.indices, "indices"), dtype=np.int64).reshape(-1, k)
+    v_dtype = V.shape_dtype(teacher.values)[1]
+    st = _storage.storage_of(v_dtype)
+    if st is not None and st != FLOAT64:
+        vals = _storage.to_float(_storage.host_logits(teacher.values, st, "values"), st, FLOAT64)
+    else:
+        vals = V.host_array(teacher.values, "values")
+    vals = np.ascontiguousarray(vals, dtype=np.float64).reshape(-1, k)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -1 or hi >= n:
+        bad = (idx < -1) | (idx >= n)
+        r, c = np.argwhere(bad)[0]
+        raise SparseTeacherIndexError(
+            f"SparseTeacher index {int(idx[r, c])} in row {int(r)} (slot {int(c)}) is out of range for {n} "
+            f"classes (valid: 0..{n - 1}, or -1 for an unused slot)"
+        )
+    if k > 1:
+        srt = np.sort(idx, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if dup.any():
+            r, c = np.argwhere(dup)[0]
+            raise SparseTeacherIndexError(
+                f"SparseTeacher index {int(srt[r, c + 1])} appears twice in row {int(r)}"
+            )
+    return idx, vals
+
+
+def top_k(logits: Any, k: int, *, temperature: float = 1.0) -> SparseTeacher:
+    """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
+    their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
+    as a ``SparseTeacher(kind="logprobs")``: int32 ids and float32 values (float64 for float64 logits),
+    NumPy arrays of the logits' leading shape. One pass over the logits (two vectorized reductions per
+    row, then the selection from cache). CPU."""
+    shape, dtype = V.shape_dtype(logits)
+    V.check_logits(shape, dtype, "logits")
+    kk = V.integer(k, "k")
+    n = int(shape[-1])
+    if not 1 <= kk <= n:
+        raise InvalidParameterError(f"k must be in [1, {n}] (the logits' classes), got {kk}")
+    tau = V.temperature(temperature)
+    storage = _storage.check(dtype, "logits")
+    x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
+    from .cpu import _sparse as S
+    from .cpu import as_kernel_input
+
+    rows = x.shape[0]
+    out_idx = np.empty((rows, kk), np.int64)
+    out_val = np.empty((rows, kk), np.float64)
+    S.top_k_kernel(as_kernel_input(x), np.int64(kk), float(1.0 / tau), out_idx, out_val)
+    lead = tuple(shape[:-1])
+    vdt = np.float64 if storage == FLOAT64 else np.float32
+    return SparseTeacher(out_idx.astype(np.int32).reshape(lead + (kk,)), out_val.astype(vdt).reshape(lead + (kk,)),
+                         kind="logprobs")
+
+
+__all__ = ["SparseTeacher", "SparseTeacherIndexError", "top_k"]
