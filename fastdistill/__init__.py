@@ -31,6 +31,7 @@ from .functional import (
 )
 from ._warmup import warmup
 from .losses import DistilLoss
+from .sparse import SparseTeacher, SparseTeacherIndexError, top_k
 
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "DistilLoss",
     "ResponseDistiller",
     "FeatureDistiller",
+    "SparseTeacher",
+    "top_k",
     "softmax",
     "log_softmax",
     "kl_divergence",
@@ -55,4 +58,5 @@ __all__ = [
     "LabelOutOfRangeError",
     "InvalidParameterError",
     "BackendUnavailableError",
+    "SparseTeacherIndexError",
 ]

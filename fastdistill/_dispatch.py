@@ -132,17 +132,22 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
     if labels is not None:
         l_shape, l_dtype = V.shape_dtype(labels)
         V.check_labels_meta(l_shape, l_dtype, s_shape)
-    if use_cuda(V.backend(backend), student, labels, grad_out, teacher.indices, teacher.values):
-        raise V.InvalidParameterError(
-            "a SparseTeacher runs on the CPU backend only so far: pass host arrays or CPU tensors"
-        )
-    idx, vals = sparse.host_arrays(teacher, s_shape, n)
-    host_lab, n_counted = (V.host_labels(labels, n, ignore_index) if labels is not None else (None, 0))
+    on_gpu = use_cuda(V.backend(backend), student, labels, grad_out, teacher.indices, teacher.values)
+    gpu = cuda_backend() if on_gpu else None
+    idx, vals = sparse.host_arrays(teacher, s_shape, n)  # (rows x k, checked on the host)
+    host_lab, n_counted = None, 0
+    if labels is not None and not (on_gpu and V.is_device(labels)):
+        host_lab, n_counted = V.host_labels(labels, n, ignore_index)
     s_store = _storage.check(s_dtype, "student")
     g_store = s_store if grad_out is None or not want_grad else V.grad_storage(V.shape_dtype(grad_out)[1], s_store)
     call = _resolve(terms, s_shape, (s_store, s_store, g_store), n, labels is not None, ignore_index, reduction,
                     num_items, want_grad, needs_labels)
     sparse.check_terms(teacher, call.terms)
+    if gpu is not None:
+        from .cpu._sparse import TAILS
+
+        return gpu.sparse_response(call, student, idx, vals, labels if host_lab is None else host_lab,
+                                   TAILS[teacher.tail], grad_out)
     s2 = V.rows_2d(_storage.host_logits(student, s_store, "student"))
     g2 = None
     if want_grad and grad_out is not None:

@@ -116,13 +116,14 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
             f"dims must be {tuple(s_shape[:-1])} (student shape {tuple(s_shape)})",
         )
     k = int(i_shape[-1])
-    idx = np.ascontiguousarray(V.host_array(teacher.indices, "indices"), dtype=np.int64).reshape(-1, k)
-    v_dtype = V.shape_dtype(teacher.values)[1]
+    indices, values = _on_host(teacher.indices), _on_host(teacher.values)
+    idx = np.ascontiguousarray(V.host_array(indices, "indices"), dtype=np.int64).reshape(-1, k)
+    v_dtype = V.shape_dtype(values)[1]
     st = _storage.storage_of(v_dtype)
     if st is not None and st != FLOAT64:
-        vals = _storage.to_float(_storage.host_logits(teacher.values, st, "values"), st, FLOAT64)
+        vals = _storage.to_float(_storage.host_logits(values, st, "values"), st, FLOAT64)
     else:
-        vals = V.host_array(teacher.values, "values")
+        vals = V.host_array(values, "values")
     vals = np.ascontiguousarray(vals, dtype=np.float64).reshape(-1, k)
     lo, hi = int(idx.min()), int(idx.max())
     if lo < -1 or hi >= n:
@@ -141,6 +142,18 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
                 f"SparseTeacher index {int(srt[r, c + 1])} appears twice in row {int(r)}"
             )
     return idx, vals
+
+
+def _on_host(x: Any) -> Any:
+    """A device array's host copy (a sparse teacher's ``rows x k`` ids or values, checked on the host),
+    anything else as it is."""
+    if not V.is_device(x):
+        return x
+    if V.is_torch(x):
+        return x.detach().cpu()
+    if hasattr(x, "get"):  # CuPy
+        return x.get()
+    return x.copy_to_host()
 
 
 def top_k(logits: Any, k: int, *, temperature: float = 1.0) -> SparseTeacher:

@@ -55,7 +55,29 @@ int32_t h_load(const uint64_t *a)
     api.response_bf16 = (fd_response_h16_fn)(uintptr_t)a[18];
     api.mse_bf16 = (fd_linear_h16_fn)(uintptr_t)a[19];
     api.cosine_bf16 = (fd_linear_h16_fn)(uintptr_t)a[20];
+    api.response_sparse_f32 = (fd_response_sparse_f32_fn)(uintptr_t)a[21];
+    api.response_sparse_f64 = (fd_response_sparse_f64_fn)(uintptr_t)a[22];
+    api.response_sparse_f16 = (fd_response_sparse_h16_fn)(uintptr_t)a[23];
+    api.response_sparse_bf16 = (fd_response_sparse_h16_fn)(uintptr_t)a[24];
     return api.abi_version();
+}
+
+int32_t h_response_sparse(int prec, const void *s, const int64_t *idx, const float *vals, int64_t k,
+                          const int64_t *labels, int64_t rows, int64_t n, int32_t kind, double temperature,
+                          double hard_w, double soft_w, double param, double smoothing, int64_t ignore_index,
+                          int32_t tail, int32_t reduction, double *loss, void *grad, int32_t nthreads)
+{
+    if (prec == 1)
+        return api.response_sparse_f64((const double *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w,
+                                       soft_w, param, smoothing, ignore_index, tail, reduction, loss, (double *)grad,
+                                       nthreads);
+    if (prec == 2 || prec == 3)
+        return (prec == 2 ? api.response_sparse_f16 : api.response_sparse_bf16)(
+            (const uint16_t *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w, soft_w, param, smoothing,
+            ignore_index, tail, reduction, loss, (uint16_t *)grad, nthreads);
+    return api.response_sparse_f32((const float *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w,
+                                   soft_w, param, smoothing, ignore_index, tail, reduction, loss, (float *)grad,
+                                   nthreads);
 }
 
 /* prec: 0 float32, 1 float64, 2 float16, 3 bfloat16 */
@@ -218,6 +240,9 @@ def lib(cc, tmp_path_factory):
     h.h_linear.restype = i32
     h.h_threads.argtypes = [i32, vp, vp, vp, i64, i64, i32, i32, vp, vp, vp]
     h.h_threads.restype = i32
+    h.h_response_sparse.argtypes = [ctypes.c_int, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64,
+                                    i32, i32, vp, vp, i32]
+    h.h_response_sparse.restype = i32
     syms = capi.symbols()
     addrs = np.array([syms[name] for name in capi.SYMBOL_NAMES], dtype=np.uint64)
     assert h.h_load(addrs.ctypes.data) == capi.ABI_VERSION
@@ -740,3 +765,50 @@ def test_half_precision_entry_points(lib, half, name, T):
     ref = np.exp(log_softmax(s.astype(np.float64) / T))
     np.testing.assert_array_equal(out.view(np.uint16), fd.softmax(s, T).view(np.uint16))
     assert np.all(np.abs(out.astype(np.float64) - ref) <= np.abs(np.spacing(ref.astype(dt))).astype(np.float64))
+
+
+@pytest.mark.parametrize("prec", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("tail", ["renormalize", "support", "bucket"])
+def test_sparse_teacher_entry_points(lib, prec, tail):
+    """fd_response_sparse_*: the Python API's kernel on the same inputs (identical results), and the
+    statuses of bad ids, kinds and tails."""
+    dt = pytest.importorskip("ml_dtypes").bfloat16 if prec == "bfloat16" else np.dtype(prec).type
+    rng = np.random.default_rng(31)
+    rows, n, k = 7, 40, 5
+    s = (rng.normal(size=(rows, n)) * 2).astype(dt)
+    t = rng.normal(size=(rows, n)) * 2
+    idx = np.ascontiguousarray(np.argsort(-t, axis=1)[:, :k], dtype=np.int64)
+    lp = t - np.log(np.exp(t).sum(1, keepdims=True))
+    vals = np.ascontiguousarray(np.take_along_axis(lp, idx, 1), dtype=np.float32)
+    idx[0, -1] = -1
+    y = rng.integers(0, n, rows).astype(np.int64)
+    y[2] = IGNORE
+    tau = 1.0 if tail == "bucket" else 2.0
+    code = {"renormalize": capi.FD_TAIL_RENORMALIZE, "support": capi.FD_TAIL_SUPPORT, "bucket": capi.FD_TAIL_BUCKET}
+
+    def call(kind=capi.FD_JSD, T=tau, tl=code[tail], ids=idx, param=0.3, red="mean"):
+        loss = np.full(rows if red == "none" else 1, -7.0)
+        g = np.full_like(s, -7.0)
+        st = lib.h_response_sparse(PREC[np.dtype(dt).name], ptr(s), ptr(ids), ptr(vals), k, ptr(y), rows, n, kind, T,
+                                   0.4, 0.6, param, 0.0, IGNORE, tl, RED[red], ptr(loss), ptr(g), 0)
+        return st, loss, g
+
+    st, loss, g = call()
+    assert st == capi.FD_OK, capi.status_message(st)
+    d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.3, tau), 0.4, 0.6)
+    want, gw = d.loss_and_grad(s, fd.SparseTeacher(idx, vals, tail=tail), y)
+    assert loss[0] == pytest.approx(want, rel=1e-12)
+    np.testing.assert_array_equal(g.view(np.uint8), gw.view(np.uint8))
+    dup = idx.copy()
+    dup[3, 1] = dup[3, 0]
+    assert call(ids=dup)[0] == capi.FD_BAD_INDEX
+    big = idx.copy()
+    big[4, 0] = n
+    assert call(ids=big)[0] == capi.FD_BAD_INDEX
+    assert call(kind=capi.FD_MSE)[0] == capi.FD_BAD_KIND
+    assert call(tl=7)[0] == capi.FD_BAD_PARAM
+    if tail == "bucket":
+        assert call(T=2.0)[0] == capi.FD_BAD_PARAM
+    if tail == "renormalize":
+        assert call(kind=capi.FD_REVERSE_KL)[0] == capi.FD_BAD_PARAM
+        assert call(kind=capi.FD_JSD, param=1.0)[0] == capi.FD_BAD_PARAM

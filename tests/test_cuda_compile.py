@@ -66,8 +66,12 @@ def test_every_reachable_variant_compiles_for_sm90(compiled):
 
 
 def test_register_caps_are_the_configured_ones(compiled):
-    """Single-pass kernels with float32 arithmetic are capped at 80 registers, the rest at 128."""
+    """Single-pass kernels with float32 arithmetic are capped at 80 registers, the rest (and the sparse
+    teacher's) at 128."""
     for c in compiled:
+        if c["name"].startswith("sparse "):  # the sparse-teacher kernel, its float64 bins on one thread
+            assert c["cap"] == 128, c
+            continue
         if not c["name"].startswith("response "):
             assert c["cap"] is None, c
             continue

@@ -531,3 +531,58 @@ def test_half_precision_mixed_formats_and_device_arrays(half):
         w2, gw2 = d.loss_and_grad(s, t32.astype(np.float16), y, backend="cpu")
         assert loss == pytest.approx(w2, rel=1e-6)
         _within_ulp(dg.copy_to_host(), gw2, dt)
+
+
+# ------------------------------------------------------------------ sparse (top-k) teachers
+
+
+@sim
+@pytest.mark.parametrize("tail", ["renormalize", "support", "bucket"])
+@pytest.mark.parametrize("kind", ["kl_divergence", "jsd", "tvd", "reverse_kl"])
+@pytest.mark.parametrize("shape", [(5, 9), (3, 70)])
+def test_sparse_teacher_matches_the_cpu_backend(kind, tail, shape):
+    if kind == "reverse_kl" and tail == "renormalize":
+        pytest.skip("refused with tail='renormalize'")
+    rows, n = shape
+    rng = np.random.default_rng(41)
+    s = rng.normal(size=(rows, n)) * 2
+    t = rng.normal(size=(rows, n)) * 2
+    idx = np.argsort(-t, axis=1)[:, :4].copy()
+    idx[0, -1] = -1
+    lp = t - np.log(np.exp(t).sum(1, keepdims=True))
+    vals = np.take_along_axis(lp, idx, 1).astype(np.float32)
+    y = rng.integers(0, n, rows)
+    y[1] = IGNORE
+    tau = 1.0 if tail == "bucket" else 2.0
+    soft = {"kl_divergence": fd.DistilLoss.kl_divergence(tau), "jsd": fd.DistilLoss.jsd(0.3, tau),
+            "tvd": fd.DistilLoss.tvd(tau), "reverse_kl": fd.DistilLoss.reverse_kl(tau)}[kind]
+    d = fd.ResponseDistiller(soft, 0.4, 0.6)
+    teacher = fd.SparseTeacher(idx, vals, tail=tail)
+    for dtype in (np.float64, np.float32):
+        want, gw = d.loss_and_grad(s.astype(dtype), teacher, y, backend="cpu")
+        got, gg = d.loss_and_grad(s.astype(dtype), teacher, y, backend="cuda")
+        tol = 1e-10 if dtype == np.float64 else 1e-5
+        assert got == pytest.approx(want, rel=tol)
+        assert gg.dtype == dtype and rel_err(gg, gw) < tol
+        rows_c = d.loss(s.astype(dtype), teacher, y, reduction="none", backend="cuda")
+        np.testing.assert_allclose(rows_c, d.loss(s.astype(dtype), teacher, y, reduction="none", backend="cpu"),
+                                   rtol=tol, atol=1e-12)
+
+
+@sim
+def test_sparse_teacher_half_student_and_device_arrays():
+    from numba import cuda
+
+    dt = np.dtype(np.float16)
+    rng = np.random.default_rng(42)
+    s = (rng.normal(size=(4, 33)) * 2).astype(dt)
+    t = rng.normal(size=(4, 33))
+    idx = np.argsort(-t, axis=1)[:, :5].copy()
+    vals = np.take_along_axis(t - np.log(np.exp(t).sum(1, keepdims=True)), idx, 1)
+    y = rng.integers(0, 33, 4)
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.5, 0.5)
+    want, gw = d.loss_and_grad(s, fd.SparseTeacher(idx, vals), y, backend="cpu")
+    got, gg = d.loss_and_grad(cuda.to_device(s), fd.SparseTeacher(cuda.to_device(idx), cuda.to_device(vals)),
+                              cuda.to_device(y), backend="cuda")
+    assert got == pytest.approx(want, rel=1e-6)
+    _within_ulp(gg.copy_to_host(), gw, dt)

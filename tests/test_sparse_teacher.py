@@ -332,3 +332,19 @@ def test_sparse_op_passes_opcheck():
     args = (st, torch.tensor(idx), torch.tensor(vals, dtype=torch.float32), torch.tensor(y),
             _describe(d, "mean", None, True), None, [0, 0])
     torch.library.opcheck(torch.ops.fastdistill.sparse_response, args)
+
+
+def test_offline_topk_example_runs_quick():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "examples" / "offline_topk" / "run.py"), "--quick"],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {line.split(" test accuracy ")[0].strip(): float(line.rsplit(" ", 1)[1])
+             for line in r.stdout.splitlines() if "test accuracy" in line and "student" in line}
+    hard, dense, top = (lines[k] for k in sorted(lines, key=lambda k: ("hard" not in k, "dense" not in k)))
+    assert top > hard + 0.1 and abs(top - dense) < 0.05, r.stdout
+    assert "120 B" in r.stdout

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .._spec import LOSS_CODES
 
-ABI_VERSION = 2  # 2: the float16 and bfloat16 entry points
+ABI_VERSION = 2  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points
 
 # status codes (fastdistill.h: enum fd_status)
 FD_OK = 0
@@ -34,6 +34,12 @@ FD_BAD_KIND = 7
 FD_BAD_REDUCTION = 8
 FD_OVERLAP = 9
 FD_INTERNAL_ERROR = 10
+FD_BAD_INDEX = 11
+
+# tails of a sparse teacher (enum fd_tail): the names of fastdistill.sparse.TAILS, in order
+FD_TAIL_RENORMALIZE = 0
+FD_TAIL_SUPPORT = 1
+FD_TAIL_BUCKET = 2
 
 # loss kinds (enum fd_loss_kind)
 FD_KL = 0
@@ -65,6 +71,7 @@ STATUS_MESSAGES = {
     FD_BAD_REDUCTION: "unknown reduction",
     FD_OVERLAP: "an output buffer overlaps an input (only grad == student and out == x are allowed)",
     FD_INTERNAL_ERROR: "internal error (for example out of memory); outputs are unspecified",
+    FD_BAD_INDEX: "a sparse teacher's class id is < -1 or >= n, or repeated in a row",
 }
 
 STATUS_NAMES = {
@@ -79,6 +86,7 @@ STATUS_NAMES = {
     FD_BAD_REDUCTION: "FD_BAD_REDUCTION",
     FD_OVERLAP: "FD_OVERLAP",
     FD_INTERNAL_ERROR: "FD_INTERNAL_ERROR",
+    FD_BAD_INDEX: "FD_BAD_INDEX",
 }
 
 # the names and codes of the library's own table (fastdistill._spec.LOSS_CODES): the same numbers
@@ -93,6 +101,7 @@ SYMBOL_NAMES = (
     "fd_softmax_f64", "fd_log_softmax_f64", "fd_response_f64", "fd_mse_f64", "fd_cosine_f64",
     "fd_softmax_f16", "fd_log_softmax_f16", "fd_response_f16", "fd_mse_f16", "fd_cosine_f16",
     "fd_softmax_bf16", "fd_log_softmax_bf16", "fd_response_bf16", "fd_mse_bf16", "fd_cosine_bf16",
+    "fd_response_sparse_f32", "fd_response_sparse_f64", "fd_response_sparse_f16", "fd_response_sparse_bf16",
 )
 
 PRECISIONS = ("f32", "f64", "f16", "bf16")

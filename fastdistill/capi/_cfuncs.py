@@ -57,6 +57,7 @@ from . import (
     ABI_VERSION,
     FD_BAD_KIND,
     FD_BAD_PARAM,
+    FD_BAD_INDEX,
     FD_BAD_REDUCTION,
     FD_BAD_SHAPE,
     FD_CE_ONLY,
@@ -78,8 +79,11 @@ from . import (
     FD_SKEW_KL,
     FD_SKEW_REVERSE_KL,
     FD_SUM,
+    FD_TAIL_BUCKET,
+    FD_TAIL_RENORMALIZE,
     FD_TVD,
 )
+from ..cpu import _sparse as S
 
 # ---------------------------------------------------------------- thread pool access without Python
 
@@ -285,6 +289,51 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
     return _check_threads(nthreads)
 
 
+@njit(**JIT)
+def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index, tail,  # type: ignore[no-untyped-def]  # noqa: E501
+                  reduction, lossp, gp, nthreads):
+    """Every check of ``fd_response_sparse_*``: the dense entry point's (shape, pointers, overlaps of the
+    gradient with every input, labels, kind, reduction, parameters), then k, the ids, the tail."""
+    st = _check_shape(rows, n)
+    if st != FD_OK:
+        return st
+    if _addr(ip) == 0 or _addr(vp) == 0:
+        return FD_NULL_POINTER
+    if k < 1 or k > n:
+        return FD_BAD_PARAM
+    g = _addr(gp)
+    nb = np.uint64(rows) * np.uint64(n) * _itemsize(sp)
+    kb = np.uint64(rows) * np.uint64(k)
+    if _overlap(g, nb, _addr(ip), kb * np.uint64(8)) or _overlap(g, nb, _addr(vp), kb * np.uint64(4)):
+        return FD_OVERLAP
+    # the dense checks, with the student standing in for the teacher (it is only read)
+    st = _check_response(sp, sp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
+                         reduction, lossp, gp, nthreads)
+    if st != FD_OK:
+        return st
+    if kind == FD_MSE or kind == FD_COSINE or kind == FD_COMBINED:
+        return FD_BAD_KIND
+    if tail < 0 or tail > FD_TAIL_BUCKET:
+        return FD_BAD_PARAM
+    if tail == FD_TAIL_BUCKET and kind != FD_CE_ONLY and tau != 1.0:
+        return FD_BAD_PARAM
+    renorm = tail == FD_TAIL_RENORMALIZE and kind != FD_CE_ONLY
+    if renorm and (kind == FD_REVERSE_KL or (kind == FD_JSD and param == 1.0)
+                   or (kind == FD_SKEW_REVERSE_KL and param == 0.0)):
+        return FD_BAD_PARAM
+    for r in range(rows):
+        base = r * k
+        for b in range(k):
+            i = ip[base + b]
+            if i < -1 or i >= n:
+                return FD_BAD_INDEX
+            if i >= 0:
+                for c in range(b):
+                    if ip[base + c] == i:
+                        return FD_BAD_INDEX
+    return FD_OK
+
+
 @intrinsic
 def _itemsize(typingctx, ptr):  # type: ignore[no-untyped-def]
     """Size in bytes of the element type a pointer points to."""
@@ -415,6 +464,16 @@ def _linear_sig(ft):  # type: ignore[no-untyped-def]
     return types.int32(fp, fp, types.int64, types.int64, types.int32, types.CPointer(types.float64), fp, types.int32)
 
 
+def _sparse_sig(ft):  # type: ignore[no-untyped-def]
+    fp = types.CPointer(ft)
+    ip = types.CPointer(types.int64)
+    return types.int32(
+        fp, ip, types.CPointer(types.float32), types.int64, ip, types.int64, types.int64, types.int32, types.float64,
+        types.float64, types.float64, types.float64, types.float64, types.int64, types.int32, types.int32,
+        types.CPointer(types.float64), fp, types.int32,
+    )
+
+
 def _softmax_sig(ft):  # type: ignore[no-untyped-def]
     fp = types.CPointer(ft)
     return types.int32(fp, types.int64, types.int64, types.float64, fp, types.int32)
@@ -506,6 +565,49 @@ def _make(ft):  # type: ignore[no-untyped-def]
 
         return entry
 
+    @cfunc(_sparse_sig(ft), **CJIT)
+    def response_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,  # type: ignore[no-untyped-def]  # noqa: E501
+                        tail, reduction, lossp, gp, nthreads):
+        status = FD_INTERNAL_ERROR
+        try:
+            status = _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing,
+                                   ignore_index, tail, reduction, lossp, gp, nthreads)
+        except Exception:  # noqa: BLE001
+            status = FD_INTERNAL_ERROR
+        if status != FD_OK:
+            return np.int32(status)
+        status = FD_INTERNAL_ERROR
+        old = _get_num_threads()
+        if nthreads > 0:
+            _set_num_threads(nthreads)
+        try:
+            P = _empty_f64(N_PARAMS)
+            div = loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P)
+            has_labels = _addr(lp) != 0
+            want_grad = _addr(gp) != 0
+            s = carray(sp, (rows, n))
+            g = carray(gp, (rows, n)) if want_grad else s  # never written without want_grad
+            labels = carray(lp, (rows if has_labels else 0,))
+            idx = carray(ip, (rows, k))
+            v32 = carray(vp, (rows, k))
+            vals = np.empty((rows, k), dtype=np.float64)
+            for r in range(rows):
+                for b in range(k):
+                    vals[r, b] = v32[r, b]
+            scale = _count_and_scale(lp, rows, ignore_index, reduction)
+            out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
+            div_kind = div if P[P_DIV_W] != 0.0 else 0
+            d, ce, _, _, _ = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], False, STORAGE != _F64_STORAGE)
+            S.sparse_response(s, idx, vals, labels, has_labels, np.int64(ignore_index), P, np.int64(d), np.int64(ce),
+                              np.int64(tail), want_grad, scale, out, g)
+            _reduce(out, rows, reduction, scale, lossp)
+            status = FD_OK
+        except Exception:  # noqa: BLE001
+            status = FD_INTERNAL_ERROR
+        if nthreads > 0:
+            _set_num_threads(old)
+        return np.int32(status)
+
     def softmax(log):  # type: ignore[no-untyped-def]
         kernel = _SOFTMAX_LOG if log else _SOFTMAX
 
@@ -539,6 +641,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
         "cosine": linear(FD_COSINE),
         "softmax": softmax(False),
         "log_softmax": softmax(True),
+        "response_sparse": response_sparse,
     }
 
 

@@ -163,6 +163,65 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
     return loss, grad
 
 
+def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.ndarray, labels: Any, tail: int,
+                    grad_out: Any) -> tuple[Any, Any]:
+    """A resolved call with a sparse teacher on the GPU (``idx`` int64, ``vals`` float64 ``(rows, k)``
+    host arrays, checked: copied over, ``rows x k``): ``(loss, grad or None)`` as :func:`response`."""
+    K = _K()
+    v = call.variant
+    rows, n = call.rows, call.n
+    s_store = v.storage()[0]
+    kind = D.kind_of(student)
+    stream = D.stream_for(kind, student)
+    dev = D.device_id(kind, student)
+    s = D.view_logits(student, kind, stream, "student", (rows, n), s_store)
+    cuda = D.numba_cuda()
+    idx_d = cuda.to_device(idx, stream=stream)
+    vals_d = cuda.to_device(vals, stream=stream)
+    has_labels = labels is not None
+    lab = D.dummy(np.int64, dev)
+    info = _info(kind, student, stream)
+    if has_labels:
+        lab = D.view(labels, D.kind_of(labels), stream, "labels", (rows,), np.int64)
+        _count_labels(lab, n, call.ignore_index, info, stream)
+    g_native, g, g_host = (None, s, None)
+    if call.want_grad:
+        g_native, g, g_host = _grad_buffer(call, student, idx, labels, grad_out, kind, idx_d, lab, stream)
+    rows_native, row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
+    red_mean = call.reduction == "mean"
+    nit = float(call.num_items) if call.num_items is not None else 0.0
+    grid, block, G = L.geometry(rows, n)
+    params = D.device_params(call.terms, stream, dev)
+    L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
+             (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, info, red_mean, nit,
+              call.want_grad, row_buf, g, G))
+    if call.reduction != "none":
+        L.launch(K.sum_kernel, 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))
+    h = D.read_info(info, stream)
+    if has_labels and h[1] > 0:
+        _raise_bad_labels(lab, n, call.ignore_index, stream)
+    if call.reduction == "none":
+        rows_dtype = np.float64 if s_store == FLOAT64 else np.float32
+        loss = D.result(D.as_dtype(rows_native, kind, rows_dtype, stream), kind, tuple(call.shape[:-1]), stream)
+    else:
+        loss = float(h[2])
+    grad = None
+    if call.want_grad:
+        if g_host is not None:
+            g.copy_to_host(g_host.reshape(rows, n), stream=stream)
+            D.synchronize(stream)
+            grad = g_native
+        elif grad_out is not None:
+            grad = grad_out
+        elif kind == "host":
+            grad = D.host_result(g_native, tuple(call.shape), v.storage()[2], student, stream)
+        else:
+            grad = D.result(g_native, kind, tuple(call.shape), stream)
+    if kind == "host":
+        D.synchronize(stream)
+    return loss, grad
+
+
 def softmax(x: Any, tau: float, *, log: bool) -> Any:
     """Row-wise (log-)softmax of ``x / tau`` on the GPU, in ``x``'s array kind, shape and dtype."""
     K = _K()

@@ -904,3 +904,270 @@ def cast_kernel(src, dst):  # type: ignore[no-untyped-def]
     producers without a conversion of their own (numba device arrays)."""
     for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
         dst[i] = src[i]
+
+
+# ---------------------------------------------------------------- sparse (top-k) teachers
+#
+# The CPU kernels' method (``fastdistill.cpu._sparse``): the student row's maximum and normalisers from
+# one online pass by the row's group, the divergence over the k (or k + 1) bins in float64 by the group's
+# first thread (k is small), its coefficients handed to the group through shared memory, one dense write
+# of the gradient by the group, then the support's columns (and the label's) rewritten by the first
+# thread, each from all of its terms, rounded once. Every thread of a block walks the same rows (the
+# block synchronises between the steps).
+
+TAIL_RENORMALIZE = 0
+TAIL_SUPPORT = 1
+TAIL_BUCKET = 2
+NC = 10  # coefficients per row handed from the first thread to its group
+MAX_GROUPS = MAX_BLOCK  # rows per block at most (one thread per row)
+
+
+@cuda.jit(device=True, inline=True)
+def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
+    """(the bin's term of the divergence, ``q * dD/dq``): ``cpu._sparse._bin``."""
+    if div == DIV_NONE:
+        return 0.0, 0.0
+    if div == DIV_FORWARD_KL:
+        return (p * (lp - lq) if p > 0.0 else 0.0), -p
+    if div == DIV_REVERSE_KL:
+        if q > 0.0:
+            return q * (lq - lp), q * (lq - lp + 1.0)
+        return 0.0, 0.0
+    if div == DIV_MIXTURE:
+        lm = _logaddexp(loglam + lp, log1mlam + lq)
+        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
+        h = 0.0
+        if q > 0.0:
+            ratio = math.exp(lq - lm)
+            h = -cp * (1.0 - lam) * p * ratio + cq * q * (lq - lm + 1.0 - (1.0 - lam) * ratio)
+        return d, h
+    return 0.5 * abs(p - q), q * 0.5 * _sign(q - p)
+
+
+def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
+    """``kernel[grid, block, stream](s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail,
+    info, red_mean, n_items, want_grad, out_loss, grad, G)``: ``idx`` int64 and ``vals`` float64
+    ``(rows, k)``, checked; ``info`` as for the response kernel (counted rows written by
+    :func:`label_kernel` before); ``out_loss`` receives the unscaled row losses."""
+    k = _SPARSE.get(f32)
+    if k is None:
+        k = _SPARSE[f32] = _make_sparse(f32)
+    return k
+
+
+_SPARSE: dict = {}
+
+
+def _make_sparse(F32):  # type: ignore[no-untyped-def]
+    ft = float32 if F32 else float64
+
+    @cuda.jit(**_JIT_RESPONSE64)
+    def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
+               want_grad, out_loss, grad, G):
+        rows = int64(s.shape[0])
+        n = int64(s.shape[1])
+        kk = int64(idx.shape[1])
+        tid = int64(cuda.threadIdx.x)
+        gpb = int64(cuda.blockDim.x) // G
+        lane = tid % G
+        slot = tid // G
+        sh = cuda.shared.array((NK, SH), float64)
+        coef = cuda.shared.array((MAX_GROUPS, NC), float64)
+        v = cuda.local.array(NK, float64)
+        tau = P[P_TAU]
+        invt64 = 1.0 / tau
+        invt = ft(invt64)
+        dw = P[P_DIV_W]
+        hw = P[P_HARD_W]
+        eps = P[P_SMOOTH]
+        lam = P[P_LAM]
+        cp = P[P_CP]
+        cq = P[P_CQ]
+        loglam = math.log(lam) if lam > 0.0 else NEG_INF
+        log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
+        own_ce = ce != CE_NONE and ce != CE_SHARED
+        scale = _scale_info(has_labels, info, rows, red_mean, n_items)
+        zero = ft(0.0)
+        step = int64(cuda.gridDim.x) * gpb
+        for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):
+            r = base + slot
+            active = r < rows
+            lab = int64(-1)
+            counted = active
+            if active and has_labels:
+                lab = int64(labels[r])
+                counted = lab != ignore_index
+            # pass 1: online maximum and normalisers of this thread's columns
+            m = ft(NEG_INF)
+            z = 0.0
+            z1 = 0.0
+            ssum = 0.0
+            nan = 0.0
+            if counted:
+                for j in range(lane, n, G):
+                    x = ft(load(s[r, j]))
+                    if x != x:
+                        nan += 1.0
+                    if x > m:
+                        z *= float64(math.exp((m - x) * invt))
+                        if own_ce:
+                            z1 *= float64(math.exp(m - x))
+                        m = x
+                    if x != NEG_INF:
+                        z += math.exp((x - m) * invt)
+                        if own_ce:
+                            z1 += math.exp(x - m)
+                    ssum += float64(x)
+            v[0] = m
+            _group_reduce(v, 1, True, sh, G)
+            M = v[0]
+            v[0] = z * _rescale(float64(m), M, invt64)
+            v[1] = z1 * _rescale(float64(m), M, 1.0)
+            v[2] = ssum
+            v[3] = nan
+            _group_reduce(v, 4, False, sh, G)
+            Z = v[0]
+            Z1 = v[1] if own_ce else v[0]
+            SSUM = v[2]
+            NAN = v[3]
+            # the k bins, by the row's first thread
+            if lane == 0 and active:
+                if not counted:
+                    out_loss[r] = 0.0
+                else:
+                    lz = math.log(Z)
+                    count = 0
+                    vmax = NEG_INF
+                    for b in range(kk):
+                        if idx[r, b] >= 0:
+                            count += 1
+                            vmax = max(vmax, vals[r, b] * invt64)
+                    lse_v = NEG_INF
+                    if count > 0 and vmax > NEG_INF:
+                        acc = 0.0
+                        for b in range(kk):
+                            if idx[r, b] >= 0:
+                                acc += math.exp(vals[r, b] * invt64 - vmax)
+                        lse_v = vmax + math.log(acc)
+                    q_s = 0.0
+                    p_s = 0.0
+                    for b in range(kk):
+                        if idx[r, b] >= 0:
+                            q_s += math.exp((float64(load(s[r, idx[r, b]])) - M) * invt64 - lz)
+                            p_s += math.exp(vals[r, b])
+                    lq_norm = math.log(q_s) if tail == TAIL_SUPPORT else 0.0
+                    d = 0.0
+                    h_sum = 0.0
+                    for b in range(kk):
+                        if idx[r, b] >= 0:
+                            lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lz - lq_norm
+                            lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
+                            db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
+                                                 cq)
+                            d += db
+                            h_sum += hb
+                    q_out = 0.0
+                    h_out = 0.0
+                    if tail != TAIL_SUPPORT:
+                        q_out = max(0.0, 1.0 - q_s)
+                        p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
+                        lq_out = math.log(q_out) if q_out > 0.0 else NEG_INF
+                        lp_out = math.log(p_out) if p_out > 0.0 else NEG_INF
+                        d_out, h_out = _sparse_bin(div, lp_out, lq_out, p_out, q_out, loglam, log1mlam, lam, cp, cq)
+                        d += d_out
+                        h_sum += h_out
+                    if div != DIV_TVD and d < 0.0:
+                        d = 0.0
+                    if count == 0 and tail != TAIL_BUCKET and div != DIV_NONE:
+                        d = np.nan
+                    loss = dw * d
+                    counted_ce = ce != CE_NONE and lab >= 0
+                    if counted_ce:
+                        lse1 = M + math.log(Z1)
+                        h = (1.0 - eps) * (lse1 - float64(load(s[r, lab])))
+                        if eps != 0.0:
+                            h += eps * (lse1 - SSUM / n)
+                        loss += hw * h
+                    if NAN != 0.0 or M == NEG_INF:
+                        loss = np.nan
+                    out_loss[r] = loss
+                    cd = scale * dw * invt64
+                    g_out = h_out / q_out if q_out > 0.0 else 0.0
+                    a = cd * (g_out - h_sum) / Z if tail != TAIL_SUPPORT else 0.0
+                    b_ce = 0.0
+                    c = 0.0
+                    if counted_ce:
+                        ch = scale * hw
+                        c = -ch * eps / n
+                        if own_ce:
+                            b_ce = ch / Z1
+                        else:
+                            a += ch / Z
+                    coef[slot, 0] = a
+                    coef[slot, 1] = b_ce
+                    coef[slot, 2] = c
+                    coef[slot, 3] = cd
+                    coef[slot, 4] = h_sum
+                    coef[slot, 5] = g_out
+                    coef[slot, 6] = lse_v
+                    coef[slot, 7] = lz + lq_norm
+                    coef[slot, 8] = scale * hw * (1.0 - eps) if counted_ce else 0.0
+                    coef[slot, 9] = loss
+            cuda.syncthreads()
+            # the dense gradient, by the group
+            if want_grad and active:
+                if not counted:
+                    for j in range(lane, n, G):
+                        grad[r, j] = stored(grad, zero)
+                elif coef[slot, 9] != coef[slot, 9]:
+                    for j in range(lane, n, G):
+                        grad[r, j] = stored(grad, ft(np.nan))
+                else:
+                    a_f = ft(coef[slot, 0])
+                    b_f = ft(coef[slot, 1])
+                    c_f = ft(coef[slot, 2])
+                    mf = ft(M)
+                    for j in range(lane, n, G):
+                        dx = ft(load(s[r, j])) - mf
+                        val = a_f * math.exp(dx * invt) + c_f
+                        if own_ce:
+                            val += b_f * math.exp(dx)
+                        grad[r, j] = stored(grad, val)
+            cuda.syncthreads()
+            # the support's columns and the label's, each from all of its terms, by the first thread
+            if want_grad and active and counted and lane == 0 and coef[slot, 9] == coef[slot, 9]:
+                a = coef[slot, 0]
+                b_ce = coef[slot, 1]
+                c = coef[slot, 2]
+                cd = coef[slot, 3]
+                h_sum = coef[slot, 4]
+                g_out = coef[slot, 5]
+                lse_v = coef[slot, 6]
+                lzn = coef[slot, 7]
+                one_hot = coef[slot, 8]
+                lab_in_support = False
+                for b in range(kk):
+                    j = idx[r, b]
+                    if j >= 0:
+                        sj = float64(load(s[r, j]))
+                        dj = (sj - M) * invt64
+                        val = a * math.exp(dj) + b_ce * math.exp(sj - M) + c
+                        lq = dj - lzn
+                        lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
+                        qb = math.exp(lq)
+                        _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
+                        if tail == TAIL_SUPPORT:
+                            val += cd * (hb - qb * h_sum)
+                        else:
+                            val += cd * (hb - qb * g_out)
+                        if j == lab:
+                            val -= one_hot
+                            lab_in_support = True
+                        grad[r, j] = stored(grad, val)
+                if lab >= 0 and one_hot != 0.0 and not lab_in_support:
+                    sl = float64(load(s[r, lab]))
+                    grad[r, lab] = stored(grad, a * math.exp((sl - M) * invt64) + b_ce * math.exp(sl - M) + c
+                                          - one_hot)
+            cuda.syncthreads()
+
+    return kernel

@@ -72,7 +72,7 @@ def variants(fused_all: bool = False) -> list[Variant]:
     Response kernels: every key of :func:`kernel_keys`, lean (large batches); the fused ones (small
     batches) for the keys with their own cross-entropy normaliser and no linear term (their prologue and
     epilogue do not depend on the terms), or for every key with ``fused_all``. Then softmax, the label
-    count, the final sum and the dtype conversion.
+    count, the final sum, the dtype conversion, and the sparse-teacher kernel of every storage.
     """
     from numba.cuda import types as T
 
@@ -104,6 +104,12 @@ def variants(fused_all: bool = False) -> list[Variant]:
             ft = from_dtype(DEVICE_DTYPES[storage])
             out.append(Variant(f"{'log_' if log else ''}softmax {storage}", K.softmax_kernel(log, storage != FLOAT64),
                                (arr(ft, 2), T.float64, arr(ft, 2), T.int64), None))
+    for storage in STORAGES:  # sparse (top-k) teachers: float32 arithmetic but for float64 logits
+        st = from_dtype(DEVICE_DTYPES[storage])
+        sig = (arr(st, 2), arr(T.int64, 2), arr(T.float64, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64),
+               T.int64, T.int64, T.int64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64), arr(st, 2),
+               T.int64)
+        out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
     out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
     out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
                        None))

@@ -49,7 +49,15 @@ enum fd_status {
     FD_BAD_KIND = 7,           /* unknown loss kind */
     FD_BAD_REDUCTION = 8,      /* unknown reduction */
     FD_OVERLAP = 9,            /* an output overlaps an input (only grad == student, out == x allowed) */
-    FD_INTERNAL_ERROR = 10     /* unexpected failure (e.g. out of memory); outputs unspecified */
+    FD_INTERNAL_ERROR = 10,    /* unexpected failure (e.g. out of memory); outputs unspecified */
+    FD_BAD_INDEX = 11          /* a sparse teacher's class id is < -1 or >= n, or repeated in a row */
+};
+
+/* What a sparse (top-k) teacher's divergence compares (fastdistill.SparseTeacher's tail). */
+enum fd_tail {
+    FD_TAIL_RENORMALIZE = 0, /* p = w / sum_S w on the support, 0 elsewhere, against the full q */
+    FD_TAIL_SUPPORT = 1,     /* p and q both renormalised over the support */
+    FD_TAIL_BUCKET = 2       /* k + 1 bins: exp(v) and the rest; needs temperature 1 */
 };
 
 /* Soft (teacher-matching) loss of fd_response_*: p = softmax(teacher / T), q = softmax(student / T). */
@@ -132,6 +140,32 @@ typedef int32_t (*fd_linear_f64_fn)(const double *student, const double *teacher
 typedef int32_t (*fd_linear_h16_fn)(const uint16_t *student, const uint16_t *teacher, int64_t rows, int64_t n,
                                     int32_t reduction, double *loss_out, uint16_t *grad, int32_t nthreads);
 
+/* Response loss with a sparse (top-k) teacher: `indices` rows x k class ids (-1: an unused slot, no id
+ * twice in a row), `values` rows x k float32 log-probabilities of the teacher at those ids (weights
+ * exp(value / T)), `tail` enum fd_tail. The other arguments as fd_response_*; the gradient is dense.
+ * loss_kind: FD_KL, FD_REVERSE_KL, FD_JSD, FD_SKEW_KL, FD_SKEW_REVERSE_KL, FD_TVD or FD_CE_ONLY (MSE,
+ * cosine and combined need dense logits: FD_BAD_KIND). FD_BAD_INDEX for a bad id; FD_BAD_PARAM also for
+ * k < 1, an unknown tail, FD_TAIL_BUCKET with T != 1, and a divergence that is infinite with
+ * FD_TAIL_RENORMALIZE (reverse KL, jsd with beta = 1, skew reverse KL with alpha = 0). */
+typedef int32_t (*fd_response_sparse_f32_fn)(const float *student, const int64_t *indices, const float *values,
+                                             int64_t k, const int64_t *labels, int64_t rows, int64_t n,
+                                             int32_t loss_kind, double temperature, double hard_weight,
+                                             double soft_weight, double param, double label_smoothing,
+                                             int64_t ignore_index, int32_t tail, int32_t reduction,
+                                             double *loss_out, float *grad, int32_t nthreads);
+typedef int32_t (*fd_response_sparse_f64_fn)(const double *student, const int64_t *indices, const float *values,
+                                             int64_t k, const int64_t *labels, int64_t rows, int64_t n,
+                                             int32_t loss_kind, double temperature, double hard_weight,
+                                             double soft_weight, double param, double label_smoothing,
+                                             int64_t ignore_index, int32_t tail, int32_t reduction,
+                                             double *loss_out, double *grad, int32_t nthreads);
+typedef int32_t (*fd_response_sparse_h16_fn)(const uint16_t *student, const int64_t *indices, const float *values,
+                                             int64_t k, const int64_t *labels, int64_t rows, int64_t n,
+                                             int32_t loss_kind, double temperature, double hard_weight,
+                                             double soft_weight, double param, double label_smoothing,
+                                             int64_t ignore_index, int32_t tail, int32_t reduction,
+                                             double *loss_out, uint16_t *grad, int32_t nthreads);
+
 /* Returns FD_ABI_VERSION of the library that compiled the entry points. */
 typedef int32_t (*fd_abi_version_fn)(void);
 
@@ -158,6 +192,10 @@ typedef struct fd_api {
     fd_response_h16_fn response_bf16;   /* "fd_response_bf16" */
     fd_linear_h16_fn mse_bf16;       /* "fd_mse_bf16" */
     fd_linear_h16_fn cosine_bf16;    /* "fd_cosine_bf16" */
+    fd_response_sparse_f32_fn response_sparse_f32;  /* "fd_response_sparse_f32" */
+    fd_response_sparse_f64_fn response_sparse_f64;  /* "fd_response_sparse_f64" */
+    fd_response_sparse_h16_fn response_sparse_f16;  /* "fd_response_sparse_f16" */
+    fd_response_sparse_h16_fn response_sparse_bf16; /* "fd_response_sparse_bf16" */
 } fd_api;
 
 /* A short text for a status code. */
@@ -175,6 +213,7 @@ static inline const char *fd_status_string(int32_t status)
     case FD_BAD_REDUCTION: return "FD_BAD_REDUCTION: unknown reduction";
     case FD_OVERLAP: return "FD_OVERLAP: an output buffer overlaps an input";
     case FD_INTERNAL_ERROR: return "FD_INTERNAL_ERROR: internal error (e.g. out of memory)";
+    case FD_BAD_INDEX: return "FD_BAD_INDEX: a sparse teacher's class id is out of range or repeated";
     default: return "unknown fastdistill status";
     }
 }
