@@ -156,12 +156,13 @@ def _on_host(x: Any) -> Any:
     return x.copy_to_host()
 
 
-def top_k(logits: Any, k: int, *, temperature: float = 1.0) -> SparseTeacher:
+def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto") -> SparseTeacher:
     """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
     their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
     as a ``SparseTeacher(kind="logprobs")``: int32 ids and float32 values (float64 for float64 logits),
     NumPy arrays of the logits' leading shape. One pass over the logits (two vectorized reductions per
-    row, then the selection from cache). CPU."""
+    row, then the selection from cache). Device logits run on the GPU and give arrays of the caller's
+    kind (int64 ids, float64 values: the kernel's own)."""
     shape, dtype = V.shape_dtype(logits)
     V.check_logits(shape, dtype, "logits")
     kk = V.integer(k, "k")
@@ -170,6 +171,11 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0) -> SparseTeacher:
         raise InvalidParameterError(f"k must be in [1, {n}] (the logits' classes), got {kk}")
     tau = V.temperature(temperature)
     storage = _storage.check(dtype, "logits")
+    from ._dispatch import cuda_backend, use_cuda
+
+    if use_cuda(V.backend(backend), logits):
+        idx, vals = cuda_backend().top_k(logits, kk, tau, storage)
+        return SparseTeacher(idx, vals, kind="logprobs")
     x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
     from .cpu import _sparse as S
     from .cpu import as_kernel_input

@@ -399,7 +399,7 @@ def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch
 # ------------------------------------------------------------------ sparse (top-k) teachers
 #
 # ``fastdistill::sparse_response``: the same call description, the teacher as its ids and values, and
-# ``sparse = [kind, tail]`` (indices of ``sparse.KINDS`` and ``sparse.TAILS``). CPU tensors.
+# ``sparse = [kind, tail]`` (indices of ``sparse.KINDS`` and ``sparse.TAILS``). CPU and CUDA tensors.
 
 _SPARSE_OP = "fastdistill::sparse_response"
 
@@ -417,12 +417,10 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     for x, name in ((indices, "indices"), (values, "values")):
         if x.device != device:
             raise RuntimeError(f"the SparseTeacher's {name} are on {x.device} but the student logits are on {device}")
-    if device.type != "cpu":
-        raise NotImplementedError(f"a SparseTeacher runs on the CPU only so far, got tensors on {device}")
     cdtype = _loss_dtype(student.dtype)
     gdtype = _grad_dtype(student.dtype)
     s = _prepare(student)
-    teacher = SparseTeacher(indices.detach().contiguous().numpy(), _as_backend_input(_prepare(values)),
+    teacher = SparseTeacher(_as_backend_input(_prepare(indices)), _as_backend_input(_prepare(values)),
                             kind=KINDS[sparse[0]], tail=TAILS[sparse[1]])
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
     kw: dict = dict(reduction=reduction, num_items=n_items)
@@ -430,7 +428,7 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
         loss = distiller.loss(_as_backend_input(s), teacher, lab, **kw)
         return _to_tensor(loss, cdtype, device), torch.empty(0, dtype=gdtype, device=device)
     if gdtype != student.dtype:
-        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype))
+        kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype, device=device))
     loss, grad = distiller.loss_and_grad(_as_backend_input(s), teacher, lab, **kw)
     return _to_tensor(loss, cdtype, device), _to_tensor(grad, gdtype, device)
 

@@ -586,3 +586,18 @@ def test_sparse_teacher_half_student_and_device_arrays():
                               cuda.to_device(y), backend="cuda")
     assert got == pytest.approx(want, rel=1e-6)
     _within_ulp(gg.copy_to_host(), gw, dt)
+
+
+@sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_top_k_on_the_device_equals_the_cpu(dtype):
+    from numba import cuda
+
+    rng = np.random.default_rng(43)
+    x = rng.normal(size=(5, 40)).astype(dtype)
+    x[0, [3, 9]] = x[0].max() + 1  # a tie: the lower id first
+    want = fd.top_k(x, 6, temperature=2.0)
+    got = fd.top_k(cuda.to_device(x), 6, temperature=2.0, backend="cuda")
+    np.testing.assert_array_equal(got.indices.copy_to_host(), want.indices)
+    np.testing.assert_allclose(got.values.copy_to_host(), want.values, rtol=1e-5, atol=1e-6)
+    assert list(got.indices.copy_to_host()[0, :2]) == [3, 9]

@@ -306,15 +306,18 @@ def _insert(best_v, best_i, m, v, i):  # type: ignore[no-untyped-def]
         best_i[pos] = i
 
 
-BLOCK = 128
+# columns per block of the selection: a block is scanned element by element only when its maximum can
+# enter the top k (32: 1.25x faster than 128 at 1024x128256, k = 64, where ~500 blocks a row qualify; 16
+# and a pass that fuses the maxima, the normaliser and the blocks' maxima were slower)
+SELECT_BLOCK = 32
 
 
 @njit(parallel=True, **JIT)
 def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
     """Per row of ``x`` ``(rows, n)``: the ids of the ``k`` largest logits (decreasing; ties: lower id
     first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64. The row's
-    maximum and normaliser come from the vectorized passes; the selection scans a block of 128 columns
-    only when the block's maximum can enter the current top k."""
+    maximum and normaliser come from the vectorized passes; the selection scans a block of
+    ``SELECT_BLOCK`` columns only when the block's maximum can enter the current top k."""
     rows, n = x.shape
     for r in prange(rows):
         ri = np.int64(r)
@@ -331,8 +334,8 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
         bv = np.empty(k, np.float64)
         bi = np.empty(k, np.int64)
         m = 0
-        for j0 in range(0, n, BLOCK):
-            j1 = min(n, j0 + BLOCK)
+        for j0 in range(0, n, SELECT_BLOCK):
+            j1 = min(n, j0 + SELECT_BLOCK)
             blk = xr[j0:j1]
             top = as_type_of(ct, blk[0])
             for j in range(1, j1 - j0):

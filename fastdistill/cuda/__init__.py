@@ -222,6 +222,26 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     return loss, grad
 
 
+def top_k(x: Any, k: int, tau: float, storage: str) -> tuple[Any, Any]:
+    """``fastdistill.top_k`` of device logits: (ids int64, log-probabilities float64), ``x``'s leading
+    shape plus ``(k,)``, in the caller's array kind."""
+    K = _K()
+    shape, _ = V.shape_dtype(x)
+    n = int(shape[-1])
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    kind = D.kind_of(x)
+    stream = D.stream_for(kind, x)
+    xv = D.view_logits(x, kind, stream, "logits", (rows, n), storage)
+    idx_native, idx = D.alloc(kind, x, (rows, k), np.int64, stream)
+    val_native, val = D.alloc(kind, x, (rows, k), np.float64, stream)
+    grid, block, G = L.geometry(rows, n)
+    L.launch(K.top_k_kernel(storage != FLOAT64), grid, block, stream, (xv, int(k), float(1.0 / tau), idx, val, G))
+    out = tuple(D.result(a, kind, tuple(shape[:-1]) + (k,), stream) for a in (idx_native, val_native))
+    if kind == "host":
+        D.synchronize(stream)
+    return out
+
+
 def softmax(x: Any, tau: float, *, log: bool) -> Any:
     """Row-wise (log-)softmax of ``x / tau`` on the GPU, in ``x``'s array kind, shape and dtype."""
     K = _K()

@@ -1171,3 +1171,81 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
             cuda.syncthreads()
 
     return kernel
+
+
+# ---------------------------------------------------------------- top_k
+
+
+def top_k_kernel(f32: bool):  # type: ignore[no-untyped-def]
+    """``kernel[grid, block, stream](x, k, invt, out_idx, out_val, G)``: per row of ``x`` the ids of the
+    ``k`` largest logits (decreasing; ties: the lower id first) into ``out_idx`` int64 ``(rows, k)`` and
+    their ``log_softmax(x * invt)`` into ``out_val`` float64. The row's group computes its maximum and
+    normaliser (one online pass); its first thread then selects, skipping every column that cannot
+    enter the current top k with one comparison (a simple kernel: the selection is serial per row)."""
+    k = _TOP_K.get(f32)
+    if k is None:
+        k = _TOP_K[f32] = _make_top_k(f32)
+    return k
+
+
+_TOP_K: dict = {}
+
+
+def _make_top_k(F32):  # type: ignore[no-untyped-def]
+    ft = float32 if F32 else float64
+
+    @cuda.jit(**_JIT)
+    def kernel(x, k, invt64, out_idx, out_val, G):  # type: ignore[no-untyped-def]
+        rows = int64(x.shape[0])
+        n = int64(x.shape[1])
+        tid = int64(cuda.threadIdx.x)
+        gpb = int64(cuda.blockDim.x) // G
+        lane = tid % G
+        sh = cuda.shared.array((NK, SH), float64)
+        v = cuda.local.array(NK, float64)
+        invt = ft(invt64)
+        step = int64(cuda.gridDim.x) * gpb
+        for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):
+            r = base + tid // G
+            active = r < rows
+            m = ft(NEG_INF)
+            ssum = 0.0
+            nan = 0.0
+            if active:
+                for j in range(lane, n, G):
+                    xj = ft(load(x[r, j]))
+                    if xj != xj:
+                        nan += 1.0
+                    if xj > m:
+                        ssum *= float64(math.exp((m - xj) * invt))
+                        m = xj
+                    if xj != NEG_INF:
+                        ssum += math.exp((xj - m) * invt)
+            v[0] = m
+            _group_reduce(v, 1, True, sh, G)
+            M = v[0]
+            v[0] = ssum * _rescale(float64(m), M, invt64)
+            v[1] = nan
+            _group_reduce(v, 2, False, sh, G)
+            lse = M * invt64 + math.log(v[0])
+            if v[1] != 0.0:
+                lse = np.nan
+            if active and lane == 0:
+                cnt = int64(0)
+                for j in range(n):
+                    val = float64(load(x[r, j]))
+                    if cnt == k and not (val > out_val[r, k - 1]):
+                        continue  # (ties keep the lower id, already in)
+                    pos = cnt if cnt < k else k - 1
+                    while pos > 0 and out_val[r, pos - 1] < val:
+                        if pos < k:
+                            out_val[r, pos] = out_val[r, pos - 1]
+                            out_idx[r, pos] = out_idx[r, pos - 1]
+                        pos -= 1
+                    out_val[r, pos] = val
+                    out_idx[r, pos] = j
+                    if cnt < k:
+                        cnt += 1
+                for b in range(k):
+                    out_val[r, b] = out_val[r, b] * invt64 - lse
+    return kernel

@@ -72,7 +72,7 @@ def variants(fused_all: bool = False) -> list[Variant]:
     Response kernels: every key of :func:`kernel_keys`, lean (large batches); the fused ones (small
     batches) for the keys with their own cross-entropy normaliser and no linear term (their prologue and
     epilogue do not depend on the terms), or for every key with ``fused_all``. Then softmax, the label
-    count, the final sum, the dtype conversion, and the sparse-teacher kernel of every storage.
+    count, the final sum, the dtype conversion, and the sparse-teacher and top-k kernels of every storage.
     """
     from numba.cuda import types as T
 
@@ -110,6 +110,8 @@ def variants(fused_all: bool = False) -> list[Variant]:
                T.int64, T.int64, T.int64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64), arr(st, 2),
                T.int64)
         out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
+        out.append(Variant(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
+                           (arr(st, 2), T.int64, T.float64, arr(T.int64, 2), arr(T.float64, 2), T.int64), None))
     out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
     out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
                        None))
