@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL
+
 NEG_INF = -math.inf
 
 
@@ -26,3 +28,26 @@ def mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
     if cq != 0.0:
         r += cq * math.exp(lq - lm)
     return r
+
+
+def sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq):  # type: ignore[no-untyped-def]
+    """One bin of a sparse teacher's divergence: (its term, ``h = q * dD/dq``) for teacher and student
+    probabilities ``p``, ``q`` (``lp``, ``lq`` their logarithms, 0 * log 0 = 0; ``lm`` the log of the
+    mixture ``lam * p + (1 - lam) * q``, read by ``DIV_MIXTURE`` only)."""
+    if div == DIV_NONE:
+        return 0.0, 0.0
+    if div == DIV_FORWARD_KL:
+        return (p * (lp - lq) if p > 0.0 else 0.0), -p
+    if div == DIV_REVERSE_KL:
+        if q > 0.0:
+            return q * (lq - lp), q * (lq - lp + 1.0)
+        return 0.0, 0.0
+    if div == DIV_MIXTURE:
+        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
+        h = 0.0
+        if q > 0.0:
+            ratio = math.exp(lq - lm)  # q / m
+            h = -cp * (1.0 - lam) * p * ratio + cq * q * (lq - lm + 1.0 - (1.0 - lam) * ratio)
+        return d, h
+    # DIV_TVD
+    return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))

@@ -27,14 +27,12 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .._scalar import logaddexp
+from .._scalar import logaddexp, sparse_bin
 from .._spec import (
     CE_NONE,
     CE_SHARED,
-    DIV_FORWARD_KL,
-    DIV_NONE,
     DIV_MIXTURE,
-    DIV_REVERSE_KL,
+    DIV_NONE,
     DIV_TVD,
     P_CP,
     P_CQ,
@@ -68,29 +66,15 @@ def _is_float64_impl(a):  # type: ignore[no-untyped-def]
     return lambda a: f64
 
 
+_sparse_bin = njit(**JIT_INNER)(sparse_bin)
+
+
 @njit(**JIT_INNER)
 def _bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
-    """(the bin's term of the divergence, ``h = q * dD/dq``) for teacher/student probabilities ``p``,
-    ``q`` of one bin (``lp``, ``lq`` their logarithms; 0 * log 0 is 0)."""
+    """``_scalar.sparse_bin`` (its mixture's log computed here when the divergence needs it)."""
     inline_into_callers()
-    if div == DIV_NONE:
-        return 0.0, 0.0
-    if div == DIV_FORWARD_KL:
-        return (p * (lp - lq) if p > 0.0 else 0.0), -p
-    if div == DIV_REVERSE_KL:
-        if q > 0.0:
-            return q * (lq - lp), q * (lq - lp + 1.0)
-        return 0.0, 0.0
-    if div == DIV_MIXTURE:
-        lm = _logaddexp(loglam + lp, log1mlam + lq)
-        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
-        h = 0.0
-        if q > 0.0:
-            r = math.exp(lq - lm)  # q / m
-            h = -cp * (1.0 - lam) * p * r + cq * q * (lq - lm + 1.0 - (1.0 - lam) * r)
-        return d, h
-    # TVD
-    return 0.5 * abs(p - q), q * 0.5 * np.sign(q - p)
+    lm = _logaddexp(loglam + lp, log1mlam + lq) if div == DIV_MIXTURE else 0.0
+    return _sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
 
 
 @njit(**JIT_INNER)

@@ -143,19 +143,29 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
             _raise_bad_labels(lab, n, call.ignore_index, stream)
         if call.reduction != "none":
             loss = float(h[2])
-    if call.reduction == "none":  # the row losses in the student's precision (float32 for 16-bit), as on the CPU
+    return _results(call, kind, stream, student, grad_out, loss, rows_native, (g_native, g, g_host))
+
+
+def _results(call: ResponseCall, kind: str, stream: Any, student: Any, grad_out: Any, loss: Any, rows_native: Any,
+             grads: tuple[Any, Any, Any]) -> tuple[Any, Any]:
+    """``(loss, grad or None)`` as the caller gets them: the row losses for ``reduction="none"`` (in the
+    student's precision, float32 for 16-bit students, as on the CPU), else ``loss``; the gradient in the
+    caller's own buffer (copied back to a host one) or a new array of the caller's kind."""
+    g_native, g, g_host = grads
+    s_store, _, g_store = call.variant.storage()
+    if call.reduction == "none":
         rows_dtype = np.float64 if s_store == FLOAT64 else np.float32
         loss = D.result(D.as_dtype(rows_native, kind, rows_dtype, stream), kind, tuple(call.shape[:-1]), stream)
     grad = None
     if call.want_grad:
         if g_host is not None:
-            g.copy_to_host(g_host.reshape(rows, n), stream=stream)
+            g.copy_to_host(g_host.reshape(call.rows, call.n), stream=stream)
             D.synchronize(stream)
             grad = g_native  # the caller's own buffer (NumPy array or CPU tensor)
         elif grad_out is not None:
             grad = grad_out
         elif kind == "host":
-            grad = D.host_result(g_native, tuple(call.shape), v.storage()[2], student, stream)
+            grad = D.host_result(g_native, tuple(call.shape), g_store, student, stream)
         else:
             grad = D.result(g_native, kind, tuple(call.shape), stream)
     if kind == "host":
@@ -200,26 +210,7 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     h = D.read_info(info, stream)
     if has_labels and h[1] > 0:
         _raise_bad_labels(lab, n, call.ignore_index, stream)
-    if call.reduction == "none":
-        rows_dtype = np.float64 if s_store == FLOAT64 else np.float32
-        loss = D.result(D.as_dtype(rows_native, kind, rows_dtype, stream), kind, tuple(call.shape[:-1]), stream)
-    else:
-        loss = float(h[2])
-    grad = None
-    if call.want_grad:
-        if g_host is not None:
-            g.copy_to_host(g_host.reshape(rows, n), stream=stream)
-            D.synchronize(stream)
-            grad = g_native
-        elif grad_out is not None:
-            grad = grad_out
-        elif kind == "host":
-            grad = D.host_result(g_native, tuple(call.shape), v.storage()[2], student, stream)
-        else:
-            grad = D.result(g_native, kind, tuple(call.shape), stream)
-    if kind == "host":
-        D.synchronize(stream)
-    return loss, grad
+    return _results(call, kind, stream, student, grad_out, float(h[2]), rows_native, (g_native, g, g_host))
 
 
 def top_k(x: Any, k: int, tau: float, storage: str) -> tuple[Any, Any]:

@@ -41,7 +41,7 @@ try:
 except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
-from .._scalar import logaddexp, mix_ratio
+from .._scalar import logaddexp, mix_ratio, sparse_bin
 from .._spec import (
     CE_NONE,
     CE_OWN,
@@ -799,8 +799,41 @@ def softmax_kernel(log: bool, f32: bool):  # type: ignore[no-untyped-def]
     return k
 
 
+def _make_row_stats(ft):  # type: ignore[no-untyped-def]
+    """``row_stats(x, r, n, lane, G, invt, invt64, active, v, sh) -> (max, sum exp((x - max) * invt),
+    NaNs)`` of row ``r``, every thread of the group taking every ``G``-th column in one online pass (the
+    sum rescaled when the maximum grows), combined over the group (reached by every thread of the
+    block: ``active`` says whether this thread's row exists)."""
+
+    @cuda.jit(device=True, inline=True)
+    def row_stats(x, r, n, lane, G, invt, invt64, active, v, sh):  # type: ignore[no-untyped-def]
+        m = ft(NEG_INF)
+        ssum = 0.0
+        nan = 0.0
+        if active:
+            for j in range(lane, n, G):
+                xj = ft(load(x[r, j]))
+                if xj != xj:
+                    nan += 1.0
+                if xj > m:
+                    ssum *= float64(math.exp((m - xj) * invt))
+                    m = xj
+                if xj != NEG_INF:
+                    ssum += math.exp((xj - m) * invt)
+        v[0] = m
+        _group_reduce(v, 1, True, sh, G)
+        M = v[0]
+        v[0] = ssum * _rescale(float64(m), M, invt64)
+        v[1] = nan
+        _group_reduce(v, 2, False, sh, G)
+        return M, v[0], v[1]
+
+    return row_stats
+
+
 def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
+    row_stats = _make_row_stats(ft)
 
     @cuda.jit(**_JIT)
     def kernel(x, invt64, out, G):  # type: ignore[no-untyped-def]
@@ -812,31 +845,12 @@ def _make_softmax(LOG, F32):  # type: ignore[no-untyped-def]
         sh = cuda.shared.array((NK, SH), float64)
         v = cuda.local.array(NK, float64)
         invt = ft(invt64)
-        zero = ft(0.0)
         step = int64(cuda.gridDim.x) * gpb
         for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):
             r = base + tid // G
             active = r < rows
-            m = ft(NEG_INF)
-            ssum = 0.0
-            nan = 0.0
-            if active:
-                for j in range(lane, n, G):
-                    xj = ft(load(x[r, j]))
-                    if xj != xj:
-                        nan += 1.0
-                    if xj > m:
-                        ssum *= float64(math.exp((m - xj) * invt))
-                        m = xj
-                    ssum += zero if xj == NEG_INF else math.exp((xj - m) * invt)
-            v[0] = m
-            _group_reduce(v, 1, True, sh, G)
-            M = v[0]
-            v[0] = ssum * _rescale(float64(m), M, invt64)
-            v[1] = nan
-            _group_reduce(v, 2, False, sh, G)
-            S = v[0]
-            if v[1] != 0.0 or M == NEG_INF:
+            M, S, nan = row_stats(x, r, n, lane, G, invt, invt64, active, v, sh)
+            if nan != 0.0 or M == NEG_INF:
                 S = np.nan
             if active:
                 mf = ft(M)
@@ -922,26 +936,14 @@ NC = 10  # coefficients per row handed from the first thread to its group
 MAX_GROUPS = MAX_BLOCK  # rows per block at most (one thread per row)
 
 
+_scalar_sparse_bin = cuda.jit(device=True, inline=True)(sparse_bin)
+
+
 @cuda.jit(device=True, inline=True)
 def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
-    """(the bin's term of the divergence, ``q * dD/dq``): ``cpu._sparse._bin``."""
-    if div == DIV_NONE:
-        return 0.0, 0.0
-    if div == DIV_FORWARD_KL:
-        return (p * (lp - lq) if p > 0.0 else 0.0), -p
-    if div == DIV_REVERSE_KL:
-        if q > 0.0:
-            return q * (lq - lp), q * (lq - lp + 1.0)
-        return 0.0, 0.0
-    if div == DIV_MIXTURE:
-        lm = _logaddexp(loglam + lp, log1mlam + lq)
-        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
-        h = 0.0
-        if q > 0.0:
-            ratio = math.exp(lq - lm)
-            h = -cp * (1.0 - lam) * p * ratio + cq * q * (lq - lm + 1.0 - (1.0 - lam) * ratio)
-        return d, h
-    return 0.5 * abs(p - q), q * 0.5 * _sign(q - p)
+    """``_scalar.sparse_bin`` (its mixture's log computed here when the divergence needs it)."""
+    lm = _logaddexp(loglam + lp, log1mlam + lq) if div == DIV_MIXTURE else 0.0
+    return _scalar_sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
 
 
 def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
@@ -1193,6 +1195,7 @@ _TOP_K: dict = {}
 
 def _make_top_k(F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
+    row_stats = _make_row_stats(ft)
 
     @cuda.jit(**_JIT)
     def kernel(x, k, invt64, out_idx, out_val, G):  # type: ignore[no-untyped-def]
@@ -1208,27 +1211,9 @@ def _make_top_k(F32):  # type: ignore[no-untyped-def]
         for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):
             r = base + tid // G
             active = r < rows
-            m = ft(NEG_INF)
-            ssum = 0.0
-            nan = 0.0
-            if active:
-                for j in range(lane, n, G):
-                    xj = ft(load(x[r, j]))
-                    if xj != xj:
-                        nan += 1.0
-                    if xj > m:
-                        ssum *= float64(math.exp((m - xj) * invt))
-                        m = xj
-                    if xj != NEG_INF:
-                        ssum += math.exp((xj - m) * invt)
-            v[0] = m
-            _group_reduce(v, 1, True, sh, G)
-            M = v[0]
-            v[0] = ssum * _rescale(float64(m), M, invt64)
-            v[1] = nan
-            _group_reduce(v, 2, False, sh, G)
-            lse = M * invt64 + math.log(v[0])
-            if v[1] != 0.0:
+            M, S, nan = row_stats(x, r, n, lane, G, invt, invt64, active, v, sh)
+            lse = M * invt64 + math.log(S)
+            if nan != 0.0:
                 lse = np.nan
             if active and lane == 0:
                 cnt = int64(0)
