@@ -201,6 +201,7 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     red_mean = call.reduction == "mean"
     nit = float(call.num_items) if call.num_items is not None else 0.0
     grid, block, G = L.geometry(rows, n)
+    G = max(G, block // K.MAX_GROUPS)  # (at most MAX_GROUPS rows a block: their coefficients' shared memory)
     params = D.device_params(call.terms, stream, dev)
     L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
              (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, info, red_mean, nit,

@@ -933,7 +933,9 @@ TAIL_RENORMALIZE = 0
 TAIL_SUPPORT = 1
 TAIL_BUCKET = 2
 NC = 10  # coefficients per row handed from the first thread to its group
-MAX_GROUPS = MAX_BLOCK  # rows per block at most (one thread per row)
+# rows per block at most (the coefficients' shared memory: 64 x 10 float64, 5 KB; the launcher widens
+# the groups of a wider block, fastdistill.cuda.sparse_response)
+MAX_GROUPS = 64
 
 
 _scalar_sparse_bin = cuda.jit(device=True, inline=True)(sparse_bin)
