@@ -41,8 +41,8 @@ from .errors import InvalidParameterError
 from ._spec import LOSS_CODES
 from .losses import SOFT_LOSSES, DistilLoss, soft_loss_by_name
 
-__all__ = ["DistillationLoss", "response_loss", "kl_divergence", "feature_loss", "generalized_jsd_loss",
-           "SOFT_LOSSES"]
+__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "response_loss", "kl_divergence", "feature_loss",
+           "generalized_jsd_loss", "SOFT_LOSSES"]
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -802,3 +802,6 @@ def _elementwise_jsd(student: Any, teacher: Any, labels: Any, soft: DistilLoss) 
     if labels is not None:
         out = out[_check_tensor(labels, "labels") != _TRL_IGNORE]
     return out.to(cdtype)
+
+
+from ._torch_linear import FusedLinearDistillationLoss  # noqa: E402  (it builds on this module's helpers)

@@ -1,0 +1,98 @@
+"""``FusedLinearDistillationLoss`` against the PyTorch composition: time and peak memory, each in a
+fresh subprocess (the peak resident memory of two calls above the resident memory before them, after a
+warm-up call; Linux).
+
+    python bench/fused_linear.py [--rows 8192] [--hidden 1024] [--classes 32000] [--dtype float32]
+
+Implementations: ``fused`` (chunk_size 1024), ``torch`` (logits = x @ W.T for both models, then
+DistillationLoss and ``.backward()``: the logits and their gradient exist in full), ``matmuls`` (the
+fused loss's chunk matmuls alone: student and teacher logits, grad_input, grad_weight, no loss), and,
+where PyTorch has it, ``F.linear_cross_entropy`` (the hard-label part only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+CODE = r"""
+import json, resource, sys, time
+import torch
+import torch.nn.functional as F
+from fastdistill.torch import DistillationLoss, FusedLinearDistillationLoss
+impl, rows, hidden, classes, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+dt = getattr(torch, dtype)
+torch.manual_seed(0)
+x = torch.randn(rows, hidden, dtype=dt, requires_grad=True)
+w = (torch.randn(classes, hidden, dtype=dt) * 0.02).requires_grad_(True)
+tx = torch.randn(rows, hidden, dtype=dt)
+tw = torch.randn(classes, hidden, dtype=dt) * 0.02
+y = torch.randint(0, classes, (rows,))
+fused = FusedLinearDistillationLoss(temperature=2.0, chunk_size=1024)
+crit = DistillationLoss(temperature=2.0)
+def run():
+    x.grad = w.grad = None
+    if impl == "fused":
+        fused(x, w, tx, tw, y).backward()
+    elif impl == "torch":
+        crit(x @ w.t(), (tx @ tw.t()).detach(), y).backward()
+    elif impl == "matmuls":
+        with torch.no_grad():
+            gw = torch.zeros(w.shape, dtype=torch.float32)
+            for lo in range(0, rows, 1024):
+                s = x[lo:lo + 1024] @ w.t()
+                t = tx[lo:lo + 1024] @ tw.t()
+                gi = s @ w
+                gw.addmm_(s.t().float(), x[lo:lo + 1024].float())
+    else:
+        F.linear_cross_entropy(x, w, y).backward()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+run()  # warm-up (compiles the kernels)
+x.grad = w.grad = None
+open("/proc/self/clear_refs", "w").write("5")  # (Linux: the resident high-water mark restarts here)
+base = status("VmRSS:")
+t0 = time.perf_counter(); run(); t = time.perf_counter() - t0
+t0 = time.perf_counter(); run(); t = min(t, time.perf_counter() - t0)
+print(json.dumps({"impl": impl, "seconds": t, "extra_kb": status("VmHWM:") - base}))
+"""
+
+
+def measure(impl: str, rows: int, hidden: int, classes: int, dtype: str) -> dict | None:
+    r = subprocess.run([sys.executable, "-c", CODE, impl, str(rows), str(hidden), str(classes), dtype],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--classes", type=int, default=32000)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+    shape = (args.rows, args.hidden, args.classes, args.dtype)
+    logits_mb = args.rows * args.classes * (2 if args.dtype == "bfloat16" else 4) / 2**20
+    print(f"{args.rows}x{args.hidden}x{args.classes} {args.dtype}: one model's logits {logits_mb:.0f} MiB")
+    res = {}
+    for impl in ("fused", "matmuls", "torch", "linear_cross_entropy"):
+        m = measure(impl, *shape)
+        if m is None:
+            print(f"  {impl:22s} not available")
+            continue
+        res[impl] = m
+        print(f"  {impl:22s} {m['seconds'] * 1e3:9.1f} ms   extra peak memory {m['extra_kb'] / 1024:8.0f} MiB")
+    if "fused" in res and "matmuls" in res:
+        print(f"  fused / chunk matmuls: {res['fused']['seconds'] / res['matmuls']['seconds']:.2f}x")
+    if "fused" in res and "torch" in res:
+        print(f"  torch / fused extra peak memory: {res['torch']['extra_kb'] / max(1, res['fused']['extra_kb']):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""``fastdistill.torch.FusedLinearDistillationLoss``: the distillation loss from hidden states and the
+output projection, chunk by chunk, never materialising more than ``chunk_size`` rows of logits.
+
+Private module (its class is exported by :mod:`fastdistill.torch`). The whole fused loss is one
+``torch.library`` custom op, ``fastdistill::fused_linear_response``: in forward, per chunk of rows, the
+student's logits by a matmul (and the teacher's, when given as hidden states and a weight), the fused
+loss-and-gradient kernel on that chunk with the gradient written over the chunk's own logits, then
+``grad_input`` of the chunk and the accumulated ``grad_weight``/``grad_bias`` by matmuls. Backward
+scales the three by the upstream gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import _validate as V
+from .distillers import ResponseDistiller
+from .torch import (
+    _as_backend_input,
+    _check_tensor,
+    _decode,
+    _describe,
+    _labels,
+    _num_items_args,
+    make_soft_loss,
+)
+
+_OP = "fastdistill::fused_linear_response"
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    out = x @ w.t()
+    if b is not None:
+        out = out + b
+    return out.contiguous()
+
+
+def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
+                teacher_weight: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                student_bias: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor], call: list[float],
+                chunk_size: int, num_items: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """(loss, grad_input, grad_weight, grad_bias) of the mean (or ``num_items``-divided) loss over the
+    batch's counted rows; ``grad_bias`` is empty without a bias. The gradients of the weight and bias
+    are accumulated in float32 (float64 for float64 inputs)."""
+    distiller, reduction, n_items, want_grad = _decode(call)
+    x = student_input.detach().reshape(-1, student_input.shape[-1])
+    w = student_weight.detach()
+    b = None if student_bias is None else student_bias.detach()
+    rows = x.shape[0]
+    t_in = teacher_input.detach()
+    t_in = t_in.reshape(-1, t_in.shape[-1])
+    tw = None if teacher_weight is None else teacher_weight.detach()
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    lab = None if labels is None else _labels(labels, x.device).reshape(-1)
+    if num_items is not None:
+        n_items = float(num_items.item())
+    if n_items is None:  # the mean over the whole batch's counted rows, not each chunk's
+        n_items = float(rows if lab is None else int((lab != distiller.ignore_index).sum()))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_input = torch.empty_like(x) if want_grad else x.new_empty(0)
+    grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grad else w.new_empty(0)
+    grad_bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device) if (want_grad and b is not None)
+                 else w.new_empty(0))
+    total = 0.0
+    chunk = max(1, int(chunk_size))
+    for lo in range(0, rows, chunk):
+        hi = min(rows, lo + chunk)
+        s = _logits(x[lo:hi], w, b)
+        t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
+        y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
+        if n_items > 0:
+            kw: dict = dict(num_items=n_items)
+        else:  # every row ignored: 0 and a zero gradient
+            kw = dict(reduction="sum")
+        if want_grad:
+            # the chunk's gradient written over its own logits (no second buffer)
+            loss, _ = distiller.loss_and_grad(_as_backend_input(s), _as_backend_input(t), y, grad_out=_as_backend_input(s),
+                                              **kw)
+            g = s if n_items > 0 else torch.zeros_like(s)
+            grad_input[lo:hi] = g @ w
+            grad_weight.addmm_(g.t().to(acc), x[lo:hi].to(acc))
+            if b is not None:
+                grad_bias += g.sum(0, dtype=acc)
+        else:
+            loss = distiller.loss(_as_backend_input(s), _as_backend_input(t), y, **kw)
+        total += float(loss) if n_items > 0 else 0.0
+        del s, t  # (before the next chunk's are made: two chunks of logits at a time, not four)
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss_t = torch.tensor(total, dtype=out_dtype, device=x.device)
+    if want_grad:
+        grad_input = grad_input.reshape(student_input.shape)
+        grad_weight = grad_weight.to(w.dtype)
+        if b is not None:
+            grad_bias = grad_bias.to(b.dtype)
+    return loss_t, grad_input, grad_weight, grad_bias
+
+
+_fused_op = torch.library.custom_op(_OP, _fused_impl, mutates_args=())
+
+
+@_fused_op.register_fake
+def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,  # type: ignore[no-untyped-def]  # noqa: E501
+                call, chunk_size, num_items):
+    want = call[-1] != 0.0
+    out_dtype = torch.float64 if student_input.dtype == torch.float64 else torch.float32
+    loss = student_input.new_empty((), dtype=out_dtype)
+    gi = student_input.new_empty(student_input.shape if want else (0,))
+    gw = student_weight.new_empty(student_weight.shape if want else (0,))
+    gb = (student_bias.new_empty(student_bias.shape) if (want and student_bias is not None)
+          else student_weight.new_empty(0))
+    return loss, gi, gw, gb
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    ctx.want_grad = inputs[7][-1] != 0.0
+    ctx.has_bias = inputs[5] is not None
+    ctx.save_for_backward(output[1], output[2], output[3])
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+    if not ctx.want_grad:
+        raise RuntimeError(f"{_OP} was called without a gradient")
+    gi, gw, gb = ctx.saved_tensors
+    go = grad_loss.to(gi.dtype)
+    return (gi * go, gw * go.to(gw.dtype), None, None, None, (gb * go.to(gb.dtype)) if ctx.has_bias else None,
+            None, None, None, None)
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup)
+
+
+class FusedLinearDistillationLoss(torch.nn.Module):
+    """The distillation loss of ``DistillationLoss`` computed from hidden states: the student's logits
+    ``student_input @ student_weight.T (+ student_bias)`` exist only ``chunk_size`` rows at a time.
+
+    ``forward(student_input, student_weight, teacher_input, teacher_weight=None, labels=None,
+    student_bias=None, teacher_bias=None, num_items=None)``: ``teacher_weight=None`` means that
+    ``teacher_input`` already holds the teacher's logits (rows x classes). The loss is the mean over the
+    whole batch's counted rows (or divided by ``num_items``); gradients reach ``student_input``,
+    ``student_weight`` and ``student_bias``, computed in forward (the weight's accumulated in float32)
+    and scaled by the upstream gradient in backward. Extra memory: about three chunks of logits.
+    """
+
+    def __init__(self, soft_loss: Any = "kl_divergence", temperature: float | None = None,
+                 hard_label_weight: float = 0.5, soft_label_weight: float = 0.5, ignore_index: int = -100,
+                 chunk_size: int = 1024, **soft_params: Any) -> None:
+        super().__init__()
+        soft = make_soft_loss(soft_loss, temperature, soft_params.pop("beta", None), soft_params.pop("alpha", None),
+                              soft_params.pop("t2_scale", None))
+        if soft_params:
+            raise TypeError(f"unknown soft-loss parameters: {sorted(soft_params)}")
+        self.distiller = ResponseDistiller(soft, hard_label_weight, soft_label_weight, ignore_index=ignore_index)
+        self.chunk_size = V.integer(chunk_size, "chunk_size")
+        if self.chunk_size < 1:
+            raise V.InvalidParameterError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
+                teacher_weight: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                num_items: Any = None) -> torch.Tensor:
+        for x, name in ((student_input, "student_input"), (student_weight, "student_weight"),
+                        (teacher_input, "teacher_input")):
+            _check_tensor(x, name)
+        if type(teacher_input).__name__ == "SparseTeacher":
+            raise NotImplementedError("FusedLinearDistillationLoss with a SparseTeacher is not supported yet")
+        h = student_input.shape[-1]
+        if student_weight.dim() != 2 or student_weight.shape[1] != h:
+            raise V.DimensionMismatchError(
+                expected=h, got=int(student_weight.shape[-1]),
+                message=f"student_weight must be (classes, {h}) for student_input of hidden size {h}, got "
+                f"{tuple(student_weight.shape)}",
+            )
+        n_items, n_items_tensor = _num_items_args(num_items, "mean")
+        want_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_input, student_weight, student_bias))
+        call = _describe(self.distiller, "mean", n_items, want_grad)
+        loss, *_ = torch.ops.fastdistill.fused_linear_response(
+            student_input, student_weight, teacher_input.detach(),
+            None if teacher_weight is None else teacher_weight.detach(), labels, student_bias,
+            None if teacher_bias is None else teacher_bias.detach(), call, self.chunk_size, n_items_tensor)
+        return loss
