@@ -29,6 +29,11 @@ from .torch import (
 _OP = "fastdistill::fused_linear_response"
 
 
+def _teacher_arg(t: Any) -> Any:
+    """A chunk's teacher as the façade takes it (a SparseTeacher as it is)."""
+    return t if type(t).__name__ == "SparseTeacher" else _as_backend_input(t)
+
+
 def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     out = x @ w.t()
     if b is not None:
@@ -39,11 +44,12 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
 def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
                 teacher_weight: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                 student_bias: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor], call: list[float],
-                chunk_size: int, num_items: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]:
+                chunk_size: int, num_items: Optional[torch.Tensor],
+                sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_input, grad_weight, grad_bias) of the mean (or ``num_items``-divided) loss over the
     batch's counted rows; ``grad_bias`` is empty without a bias. The gradients of the weight and bias
-    are accumulated in float32 (float64 for float64 inputs)."""
+    are accumulated in float32 (float64 for float64 inputs). ``sparse`` = ``[kind, tail]`` for a sparse
+    teacher, whose ids then come as ``teacher_input`` and values as ``teacher_weight`` (else empty)."""
     distiller, reduction, n_items, want_grad = _decode(call)
     x = student_input.detach().reshape(-1, student_input.shape[-1])
     w = student_weight.detach()
@@ -51,6 +57,13 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     rows = x.shape[0]
     t_in = teacher_input.detach()
     t_in = t_in.reshape(-1, t_in.shape[-1])
+    sparse_kind = None
+    if sparse:  # a sparse teacher: teacher_input holds its ids, teacher_weight its values
+        from .sparse import KINDS, TAILS, SparseTeacher
+
+        sparse_kind = (KINDS[sparse[0]], TAILS[sparse[1]])
+        t_vals = teacher_weight.detach().reshape(-1, teacher_weight.shape[-1])
+        teacher_weight = None
     tw = None if teacher_weight is None else teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
     lab = None if labels is None else _labels(labels, x.device).reshape(-1)
@@ -68,7 +81,11 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
         s = _logits(x[lo:hi], w, b)
-        t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
+        if sparse_kind is not None:
+            t = SparseTeacher(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
+                              kind=sparse_kind[0], tail=sparse_kind[1])
+        else:
+            t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
         if n_items > 0:
             kw: dict = dict(num_items=n_items)
@@ -76,7 +93,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             kw = dict(reduction="sum")
         if want_grad:
             # the chunk's gradient written over its own logits (no second buffer)
-            loss, _ = distiller.loss_and_grad(_as_backend_input(s), _as_backend_input(t), y, grad_out=_as_backend_input(s),
+            loss, _ = distiller.loss_and_grad(_as_backend_input(s), _teacher_arg(t), y, grad_out=_as_backend_input(s),
                                               **kw)
             g = s if n_items > 0 else torch.zeros_like(s)
             grad_input[lo:hi] = g @ w
@@ -84,7 +101,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             if b is not None:
                 grad_bias += g.sum(0, dtype=acc)
         else:
-            loss = distiller.loss(_as_backend_input(s), _as_backend_input(t), y, **kw)
+            loss = distiller.loss(_as_backend_input(s), _teacher_arg(t), y, **kw)
         total += float(loss) if n_items > 0 else 0.0
         del s, t  # (before the next chunk's are made: two chunks of logits at a time, not four)
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -102,7 +119,7 @@ _fused_op = torch.library.custom_op(_OP, _fused_impl, mutates_args=())
 
 @_fused_op.register_fake
 def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,  # type: ignore[no-untyped-def]  # noqa: E501
-                call, chunk_size, num_items):
+                call, chunk_size, num_items, sparse):
     want = call[-1] != 0.0
     out_dtype = torch.float64 if student_input.dtype == torch.float64 else torch.float32
     loss = student_input.new_empty((), dtype=out_dtype)
@@ -125,7 +142,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     gi, gw, gb = ctx.saved_tensors
     go = grad_loss.to(gi.dtype)
     return (gi * go, gw * go.to(gw.dtype), None, None, None, (gb * go.to(gb.dtype)) if ctx.has_bias else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup)
@@ -137,7 +154,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
 
     ``forward(student_input, student_weight, teacher_input, teacher_weight=None, labels=None,
     student_bias=None, teacher_bias=None, num_items=None)``: ``teacher_weight=None`` means that
-    ``teacher_input`` already holds the teacher's logits (rows x classes). The loss is the mean over the
+    ``teacher_input`` already holds the teacher's logits (rows x classes) or is a ``SparseTeacher``. The loss is the mean over the
     whole batch's counted rows (or divided by ``num_items``); gradients reach ``student_input``,
     ``student_weight`` and ``student_bias``, computed in forward (the weight's accumulated in float32)
     and scaled by the upstream gradient in backward. Extra memory: about three chunks of logits.
@@ -160,11 +177,18 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                 teacher_weight: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                 num_items: Any = None) -> torch.Tensor:
+        sparse: list[int] = []
+        if type(teacher_input).__name__ == "SparseTeacher":
+            from .sparse import KINDS, TAILS
+
+            if teacher_weight is not None or teacher_bias is not None:
+                raise V.InvalidParameterError("a SparseTeacher is the teacher itself: pass no teacher_weight/teacher_bias")
+            sparse = [KINDS.index(teacher_input.kind), TAILS.index(teacher_input.tail)]
+            teacher_weight = torch.as_tensor(teacher_input.values)
+            teacher_input = torch.as_tensor(teacher_input.indices)
         for x, name in ((student_input, "student_input"), (student_weight, "student_weight"),
                         (teacher_input, "teacher_input")):
             _check_tensor(x, name)
-        if type(teacher_input).__name__ == "SparseTeacher":
-            raise NotImplementedError("FusedLinearDistillationLoss with a SparseTeacher is not supported yet")
         h = student_input.shape[-1]
         if student_weight.dim() != 2 or student_weight.shape[1] != h:
             raise V.DimensionMismatchError(
@@ -179,5 +203,5 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         loss, *_ = torch.ops.fastdistill.fused_linear_response(
             student_input, student_weight, teacher_input.detach(),
             None if teacher_weight is None else teacher_weight.detach(), labels, student_bias,
-            None if teacher_bias is None else teacher_bias.detach(), call, self.chunk_size, n_items_tensor)
+            None if teacher_bias is None else teacher_bias.detach(), call, self.chunk_size, n_items_tensor, sparse)
         return loss

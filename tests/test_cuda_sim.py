@@ -601,3 +601,22 @@ def test_top_k_on_the_device_equals_the_cpu(dtype):
     np.testing.assert_array_equal(got.indices.copy_to_host(), want.indices)
     np.testing.assert_allclose(got.values.copy_to_host(), want.values, rtol=1e-5, atol=1e-6)
     assert list(got.indices.copy_to_host()[0, :2]) == [3, 9]
+
+
+@sim
+def test_sparse_teacher_gradient_in_place():
+    from numba import cuda
+
+    rng = np.random.default_rng(44)
+    s = rng.normal(size=(4, 30))
+    t = rng.normal(size=(4, 30))
+    idx = np.argsort(-t, axis=1)[:, :5].copy()
+    vals = np.take_along_axis(t - np.log(np.exp(t).sum(1, keepdims=True)), idx, 1)
+    y = rng.integers(0, 30, 4)
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.5, 0.5)
+    teacher = fd.SparseTeacher(idx, vals)
+    want, gw = d.loss_and_grad(s, teacher, y, backend="cpu")
+    ds = cuda.to_device(s)
+    got, g = d.loss_and_grad(ds, teacher, cuda.to_device(y), grad_out=ds, backend="cuda")
+    assert got == pytest.approx(want, rel=1e-10)
+    assert rel_err(ds.copy_to_host(), gw) < 1e-10

@@ -91,3 +91,28 @@ def test_bad_shapes_and_parameters():
         FusedLinearDistillationLoss(chunk_size=0)
     with pytest.raises(TypeError, match="unknown soft-loss parameters"):
         FusedLinearDistillationLoss(gamma=1.0)
+
+
+def test_sparse_teacher():
+    import numpy as np
+
+    import fastdistill as fd
+
+    x, w, b, tx, tw, tb, y = _setup()
+    t_logits = (tx @ tw.t() + tb).numpy()
+    top = fd.top_k(t_logits, 6)
+    teacher = fd.SparseTeacher(torch.as_tensor(np.asarray(top.indices)), torch.as_tensor(np.asarray(top.values)),
+                               tail="support")
+    fused = FusedLinearDistillationLoss(temperature=2.0, chunk_size=7)
+    loss = fused(x, w, teacher, labels=y, student_bias=b)
+    loss.backward()
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    ref = DistillationLoss(temperature=2.0)(x @ w.t() + b, teacher, y)
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    for a, r in zip(got, (x.grad, w.grad, b.grad)):
+        assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(fd.InvalidParameterError, match="SparseTeacher is the teacher itself"):
+        fused(x, w, teacher, tw, y)

@@ -348,3 +348,16 @@ def test_offline_topk_example_runs_quick():
     hard, dense, top = (lines[k] for k in sorted(lines, key=lambda k: ("hard" not in k, "dense" not in k)))
     assert top > hard + 0.1 and abs(top - dense) < 0.05, r.stdout
     assert "120 B" in r.stdout
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "support", "bucket"])
+def test_gradient_in_place_over_the_student(tail):
+    """``grad_out=student``: the support's columns are read before the dense gradient overwrites them."""
+    s, idx, vals, y = batch(6, 40, 5, seed=13)
+    d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.4, 1.0), 0.5, 0.5)
+    teacher = SparseTeacher(idx, vals, tail=tail)
+    want, gw = d.loss_and_grad(s, teacher, y)
+    work = s.copy()
+    got, g = d.loss_and_grad(work, teacher, y, grad_out=work)
+    assert g is work and got == want
+    np.testing.assert_array_equal(work, gw)

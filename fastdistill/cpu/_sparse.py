@@ -233,20 +233,26 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
             for j in range(n):
                 g_row[j] = stored(g_row, np.nan)
             continue
-        _write_dense(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0)
-        # the support's columns and the label's, each from all of its terms, rounded once
         one_hot = scale * hw * (1.0 - eps) if counted_ce else 0.0
-        _write_support(g_row, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
-                       lab if counted_ce else np.int64(-1), tail, div, loglam, log1mlam, lam, cp, cq)
+        lab_c = lab if counted_ce else np.int64(-1)
+        sup = np.empty(k + 1, np.float64)
+        _support_values(sup, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
+                        lab_c, tail, div, loglam, log1mlam, lam, cp, cq)
+        _write_dense(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0)
+        _scatter_support(g_row, ids, sup, lab_c)
 
 
 @njit(**JIT_INNER)
-def _write_support(g_row, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
-                   lab, tail, div, loglam, log1mlam, lam, cp, cq):
-    """The support's columns and the label's (``lab``, -1 for none), each from all of its terms (the
-    dense ones of :func:`_write_dense`, its bin's, the one-hot), rounded once."""
+def _support_values(out, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
+                    lab, tail, div, loglam, log1mlam, lam, cp, cq):
+    """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
+    not one of them (``out[k]``; NaN when there is none), each from all of its terms (the dense ones of
+    :func:`_write_dense`, its bin's, the one-hot). Read before the dense write: the gradient may be
+    the student itself."""
+    k = ids.shape[0]
+    out[k] = np.nan
     lab_in_support = False
-    for b in range(ids.shape[0]):
+    for b in range(k):
         j = ids[b]
         if j < 0:
             continue
@@ -264,11 +270,21 @@ def _write_support(g_row, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce,
         if j == lab:
             val -= one_hot
             lab_in_support = True
-        g_row[j] = stored(g_row, val)
+        out[b] = val
     if lab >= 0 and not lab_in_support:
         sl = as_type_of(0.0, s_row[lab])
-        val = a * math.exp((sl - ms) * invt) + b_ce * math.exp(sl - ms) + c - one_hot
-        g_row[lab] = stored(g_row, val)
+        out[k] = a * math.exp((sl - ms) * invt) + b_ce * math.exp(sl - ms) + c - one_hot
+
+
+@njit(**JIT_INNER)
+def _scatter_support(g_row, ids, vals, lab):  # type: ignore[no-untyped-def]
+    """Store :func:`_support_values` (rounded once) over the dense gradient."""
+    k = ids.shape[0]
+    for b in range(k):
+        if ids[b] >= 0:
+            g_row[ids[b]] = stored(g_row, vals[b])
+    if lab >= 0 and vals[k] == vals[k]:
+        g_row[lab] = stored(g_row, vals[k])
 
 
 # ---------------------------------------------------------------- top_k

@@ -203,9 +203,10 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     grid, block, G = L.geometry(rows, n)
     G = max(G, block // K.MAX_GROUPS)  # (at most MAX_GROUPS rows a block: their coefficients' shared memory)
     params = D.device_params(call.terms, stream, dev)
+    sup = cuda.device_array((rows, idx.shape[1] + 1), dtype=np.float64, stream=stream) if call.want_grad else vals_d
     L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
              (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, info, red_mean, nit,
-              call.want_grad, row_buf, g, G))
+              call.want_grad, row_buf, g, sup, G))
     if call.reduction != "none":
         L.launch(K.sum_kernel, 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))
     h = D.read_info(info, stream)

@@ -950,9 +950,10 @@ def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: igno
 
 def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
     """``kernel[grid, block, stream](s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail,
-    info, red_mean, n_items, want_grad, out_loss, grad, G)``: ``idx`` int64 and ``vals`` float64
+    info, red_mean, n_items, want_grad, out_loss, grad, sup, G)``: ``idx`` int64 and ``vals`` float64
     ``(rows, k)``, checked; ``info`` as for the response kernel (counted rows written by
-    :func:`label_kernel` before); ``out_loss`` receives the unscaled row losses."""
+    :func:`label_kernel` before); ``out_loss`` receives the unscaled row losses; ``sup`` float64
+    ``(rows, k + 1)`` scratch for the support's gradient values."""
     k = _SPARSE.get(f32)
     if k is None:
         k = _SPARSE[f32] = _make_sparse(f32)
@@ -967,7 +968,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
 
     @cuda.jit(**_JIT_RESPONSE64)
     def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
-               want_grad, out_loss, grad, G):
+               want_grad, out_loss, grad, sup, G):
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
         kk = int64(idx.shape[1])
@@ -1117,6 +1118,34 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     coef[slot, 7] = lz + lq_norm
                     coef[slot, 8] = scale * hw * (1.0 - eps) if counted_ce else 0.0
                     coef[slot, 9] = loss
+                    if want_grad and loss == loss:
+                        # the support's columns and the label's, each from all of its terms, read before
+                        # the dense write (the gradient may be the student itself), stored after it
+                        one_hot = coef[slot, 8]
+                        lzn = lz + lq_norm
+                        lab_in_support = False
+                        sup[r, kk] = np.nan
+                        for b in range(kk):
+                            j = idx[r, b]
+                            if j >= 0:
+                                sj = float64(load(s[r, j]))
+                                dj = (sj - M) * invt64
+                                val = a * math.exp(dj) + b_ce * math.exp(sj - M) + c
+                                lq = dj - lzn
+                                lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
+                                qb = math.exp(lq)
+                                _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
+                                if tail == TAIL_SUPPORT:
+                                    val += cd * (hb - qb * h_sum)
+                                else:
+                                    val += cd * (hb - qb * g_out)
+                                if j == lab:
+                                    val -= one_hot
+                                    lab_in_support = True
+                                sup[r, b] = val
+                        if lab >= 0 and one_hot != 0.0 and not lab_in_support:
+                            sl = float64(load(s[r, lab]))
+                            sup[r, kk] = a * math.exp((sl - M) * invt64) + b_ce * math.exp(sl - M) + c - one_hot
             cuda.syncthreads()
             # the dense gradient, by the group
             if want_grad and active:
@@ -1138,40 +1167,14 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                             val += b_f * math.exp(dx)
                         grad[r, j] = stored(grad, val)
             cuda.syncthreads()
-            # the support's columns and the label's, each from all of its terms, by the first thread
+            # the support's columns and the label's (computed above), stored over the dense gradient
             if want_grad and active and counted and lane == 0 and coef[slot, 9] == coef[slot, 9]:
-                a = coef[slot, 0]
-                b_ce = coef[slot, 1]
-                c = coef[slot, 2]
-                cd = coef[slot, 3]
-                h_sum = coef[slot, 4]
-                g_out = coef[slot, 5]
-                lse_v = coef[slot, 6]
-                lzn = coef[slot, 7]
-                one_hot = coef[slot, 8]
-                lab_in_support = False
                 for b in range(kk):
                     j = idx[r, b]
                     if j >= 0:
-                        sj = float64(load(s[r, j]))
-                        dj = (sj - M) * invt64
-                        val = a * math.exp(dj) + b_ce * math.exp(sj - M) + c
-                        lq = dj - lzn
-                        lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
-                        qb = math.exp(lq)
-                        _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
-                        if tail == TAIL_SUPPORT:
-                            val += cd * (hb - qb * h_sum)
-                        else:
-                            val += cd * (hb - qb * g_out)
-                        if j == lab:
-                            val -= one_hot
-                            lab_in_support = True
-                        grad[r, j] = stored(grad, val)
-                if lab >= 0 and one_hot != 0.0 and not lab_in_support:
-                    sl = float64(load(s[r, lab]))
-                    grad[r, lab] = stored(grad, a * math.exp((sl - M) * invt64) + b_ce * math.exp(sl - M) + c
-                                          - one_hot)
+                        grad[r, j] = stored(grad, sup[r, b])
+                if lab >= 0 and sup[r, kk] == sup[r, kk]:
+                    grad[r, lab] = stored(grad, sup[r, kk])
             cuda.syncthreads()
 
     return kernel
