@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _storage
 from . import _validate as V
-from ._spec import HALF, ResponseCall, Terms, resolve, teacher_storage
+from ._spec import HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
 from .errors import BackendUnavailableError
 from .sparse import SparseTeacher
 
@@ -138,22 +138,19 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
     host_lab, n_counted = None, 0
     if labels is not None and not (on_gpu and V.is_device(labels)):
         host_lab, n_counted = V.host_labels(labels, n, ignore_index)
-    s_store = _storage.check(s_dtype, "student")
-    g_store = s_store if grad_out is None or not want_grad else V.grad_storage(V.shape_dtype(grad_out)[1], s_store)
-    call = _resolve(terms, s_shape, (s_store, s_store, g_store), n, labels is not None, ignore_index, reduction,
-                    num_items, want_grad, needs_labels)
+    storages = _storages(s_dtype, s_dtype, grad_out if want_grad else None)  # (no teacher array: the student's)
+    call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items, want_grad,
+                    needs_labels)
+    s_store, _, g_store = storages
     sparse.check_terms(teacher, call.terms)
     if gpu is not None:
-        from .cpu._sparse import TAILS
-
         return gpu.sparse_response(call, student, idx, vals, labels if host_lab is None else host_lab,
-                                   TAILS[teacher.tail], grad_out)
+                                   TAILS.index(teacher.tail), grad_out)
     s2 = V.rows_2d(_storage.host_logits(student, s_store, "student"))
     g2 = None
     if want_grad and grad_out is not None:
         g2 = V.grad_out(grad_out, call.shape, g_store, (host_lab, idx)).reshape(s2.shape)
-    div = V.divisor(n_counted if host_lab is not None else call.rows, call.reduction, call.num_items)
-    scale = 1.0 / div if div > 0 else 0.0
+    scale = _scale(call, host_lab, n_counted)
     rows, grad = _cpu().sparse_response(call, s2, idx, vals, host_lab, packed(call.terms), teacher.tail, scale, g2)
     if want_grad:
         grad = caller_grad(call, grad, student, grad_out)
@@ -205,9 +202,14 @@ def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray |
     g_out = (V.grad_out(grad_out, call.shape, g_store, (t, lab))
              if (call.want_grad and grad_out is not None) else None)
     s2 = V.rows_2d(s)
-    div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
     g2 = g_out.reshape(s2.shape) if g_out is not None else None
-    return s2, V.rows_2d(t), g2, (1.0 / div if div > 0 else 0.0)
+    return s2, V.rows_2d(t), g2, _scale(call, lab, n_counted)
+
+
+def _scale(call: ResponseCall, lab: np.ndarray | None, n_counted: int) -> float:
+    """The reduction's factor of the row losses and the gradient (0 when "mean" counts no row)."""
+    div = V.divisor(n_counted if lab is not None else call.rows, call.reduction, call.num_items)
+    return 1.0 / div if div > 0 else 0.0
 
 
 def _cpu_response(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,

@@ -44,6 +44,11 @@ CE_NAMES = {CE_NONE: "no CE", CE_SHARED: "CE shared", CE_OWN: "CE own"}
 # their float64 counterparts stay below 1e-8 up to tau = 1e4
 TAU_FLOAT64_MATH = 32.0
 
+# tails of a sparse (top-k) teacher: what its divergence compares (fastdistill.sparse.SparseTeacher); a
+# tail's code is its position in TAILS, read by every backend (and equal to the C ABI's enum fd_tail)
+TAILS = ("renormalize", "support", "bucket")
+TAIL_RENORMALIZE, TAIL_SUPPORT, TAIL_BUCKET = range(3)
+
 # layout of the packed float64 parameter array
 P_TAU, P_HARD_W, P_DIV_W, P_MSE_W, P_COS_W, P_LAM, P_CP, P_CQ, P_SMOOTH = range(9)
 N_PARAMS = 9

@@ -23,12 +23,25 @@ _TORCH_NAMES = {"torch.float32": FLOAT32, "torch.float64": FLOAT64, "torch.float
                 "torch.bfloat16": BFLOAT16}
 
 
+_STORAGE_OF: dict = {}
+
+
 def storage_of(dtype: Any) -> str | None:
     """The storage name of a NumPy dtype or a PyTorch dtype's name (``OtherDtype``), None if not a
-    logits format (ml_dtypes' bfloat16 is a NumPy dtype named "bfloat16"; its float8 types are not)."""
+    logits format (ml_dtypes' bfloat16 is a NumPy dtype named "bfloat16"; its float8 types are not; nor
+    are arrays of the other byte order).
+    Kept per dtype: a call asks several times, and ``dtype.name`` costs microseconds."""
+    try:
+        return _STORAGE_OF[dtype]
+    except KeyError:
+        pass
     if isinstance(dtype, np.dtype):
-        return _NUMPY_NAMES.get(dtype.name) if dtype.kind in "fV" else None
-    return _TORCH_NAMES.get(str(dtype))
+        # (a byte-swapped float32 is named "float32" too; the kernels read native byte order only)
+        st = _NUMPY_NAMES.get(dtype.name) if (dtype.kind in "fV" and dtype.isnative) else None
+    else:
+        st = _TORCH_NAMES.get(str(dtype))
+    _STORAGE_OF[dtype] = st
+    return st
 
 
 def check(dtype: Any, name: str) -> str:

@@ -57,11 +57,9 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     rows = x.shape[0]
     t_in = teacher_input.detach()
     t_in = t_in.reshape(-1, t_in.shape[-1])
-    sparse_kind = None
     if sparse:  # a sparse teacher: teacher_input holds its ids, teacher_weight its values
-        from .sparse import KINDS, TAILS, SparseTeacher
+        from .sparse import from_codes
 
-        sparse_kind = (KINDS[sparse[0]], TAILS[sparse[1]])
         t_vals = teacher_weight.detach().reshape(-1, teacher_weight.shape[-1])
         teacher_weight = None
     tw = None if teacher_weight is None else teacher_weight.detach()
@@ -81,9 +79,9 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
         s = _logits(x[lo:hi], w, b)
-        if sparse_kind is not None:
-            t = SparseTeacher(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
-                              kind=sparse_kind[0], tail=sparse_kind[1])
+        if sparse:
+            t = from_codes(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
+                           sparse)
         else:
             t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
@@ -179,11 +177,11 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                 num_items: Any = None) -> torch.Tensor:
         sparse: list[int] = []
         if type(teacher_input).__name__ == "SparseTeacher":
-            from .sparse import KINDS, TAILS
+            from .sparse import codes
 
             if teacher_weight is not None or teacher_bias is not None:
                 raise V.InvalidParameterError("a SparseTeacher is the teacher itself: pass no teacher_weight/teacher_bias")
-            sparse = [KINDS.index(teacher_input.kind), TAILS.index(teacher_input.tail)]
+            sparse = codes(teacher_input)
             teacher_weight = torch.as_tensor(teacher_input.values)
             teacher_input = torch.as_tensor(teacher_input.indices)
         for x, name in ((student_input, "student_input"), (student_weight, "student_weight"),

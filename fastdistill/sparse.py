@@ -13,11 +13,10 @@ import numpy as np
 
 from . import _storage
 from . import _validate as V
-from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64
+from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
 from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
 
 KINDS = ("logprobs", "logits")
-TAILS = ("renormalize", "support", "bucket")
 
 
 class SparseTeacherIndexError(FastDistillError, ValueError):
@@ -80,6 +79,17 @@ class SparseTeacher:
 
     def __repr__(self) -> str:
         return f"SparseTeacher(shape={self.shape}, kind={self.kind!r}, tail={self.tail!r})"
+
+
+def codes(teacher: SparseTeacher) -> list[int]:
+    """``[kind, tail]`` of ``teacher`` as numbers (positions in ``KINDS`` and ``TAILS``): how the custom
+    ops of ``fastdistill.torch`` carry them."""
+    return [KINDS.index(teacher.kind), TAILS.index(teacher.tail)]
+
+
+def from_codes(indices: Any, values: Any, kind_tail: list[int]) -> SparseTeacher:
+    """The :class:`SparseTeacher` of ``indices``, ``values`` and :func:`codes`' numbers."""
+    return SparseTeacher(indices, values, kind=KINDS[kind_tail[0]], tail=TAILS[kind_tail[1]])
 
 
 def check_terms(teacher: SparseTeacher, terms: Any) -> None:

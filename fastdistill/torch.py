@@ -408,7 +408,7 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
                  call: list[float], num_items: Optional[torch.Tensor], sparse: list[int]) -> tuple[torch.Tensor,
                                                                                                    torch.Tensor]:
     """:func:`_response_impl` for a sparse teacher (``indices``, ``values``: its ``(..., k)`` tensors)."""
-    from .sparse import KINDS, TAILS, SparseTeacher
+    from .sparse import from_codes
 
     distiller, reduction, n_items, want_grad = _decode(call)
     if num_items is not None:
@@ -420,8 +420,7 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     cdtype = _loss_dtype(student.dtype)
     gdtype = _grad_dtype(student.dtype)
     s = _prepare(student)
-    teacher = SparseTeacher(_as_backend_input(_prepare(indices)), _as_backend_input(_prepare(values)),
-                            kind=KINDS[sparse[0]], tail=TAILS[sparse[1]])
+    teacher = from_codes(_as_backend_input(_prepare(indices)), _as_backend_input(_prepare(values)), sparse)
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
     kw: dict = dict(reduction=reduction, num_items=n_items)
     if not want_grad:
@@ -450,7 +449,7 @@ _sparse_op.register_autograd(_backward, setup_context=lambda ctx, inputs, output
 
 def _sparse_response(distiller: ResponseDistiller, student: torch.Tensor, teacher: Any, labels: Any, reduction: str,
                      num_items: Any) -> torch.Tensor:
-    from .sparse import KINDS, TAILS
+    from .sparse import codes
 
     idx = teacher.indices if isinstance(teacher.indices, torch.Tensor) else torch.as_tensor(teacher.indices)
     vals = teacher.values if isinstance(teacher.values, torch.Tensor) else torch.as_tensor(teacher.values)
@@ -458,9 +457,8 @@ def _sparse_response(distiller: ResponseDistiller, student: torch.Tensor, teache
     n_items, n_items_tensor = _num_items_args(num_items, reduction)
     want_grad = torch.is_grad_enabled() and student.requires_grad
     call = _describe(distiller, reduction, n_items, want_grad)
-    sparse = [KINDS.index(teacher.kind), TAILS.index(teacher.tail)]
     loss, _ = torch.ops.fastdistill.sparse_response(student, idx.detach(), vals.detach(), lab, call, n_items_tensor,
-                                                    sparse)
+                                                    codes(teacher))
     return loss
 
 

@@ -13,7 +13,7 @@ import os
 import numba
 import numpy as np
 
-from .._spec import Variant
+from .._spec import TAILS, Variant
 from . import _kernels as K
 
 # Calls from several Python (or C) threads at once need a thread-safe threading layer (workqueue aborts
@@ -59,6 +59,14 @@ def as_kernel_input(a: np.ndarray) -> np.ndarray:
     if a.flags.writeable:
         return a
     return np.asarray(_Alias(a))
+
+
+def _grad_buffer(s: np.ndarray, want_grad: bool, grad_out: np.ndarray | None) -> np.ndarray:
+    """What a kernel writes the gradient into: the caller's buffer, a new one like ``s``, or for a loss-only
+    call a ``(1, 1)`` stand-in (never written: the kernels only write it when ``want_grad``)."""
+    if not want_grad:
+        return _no_grad(s.dtype)
+    return grad_out if grad_out is not None else np.empty_like(s)
 
 
 def _address(variant: Variant) -> int:
@@ -115,10 +123,7 @@ def response(
     """
     address = _address(variant)
     out_loss = np.empty(s.shape[0], dtype=np.float64)
-    if want_grad:
-        grad = grad_out if grad_out is not None else np.empty_like(s)
-    else:
-        grad = _no_grad(s.dtype)  # never written: the workers only write it when want_grad
+    grad = _grad_buffer(s, want_grad, grad_out)
     threads = _threads_for(s.size)
     _launch(
         K.drive,
@@ -168,12 +173,9 @@ def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labe
 
     v = call.variant
     out_loss = np.empty(s.shape[0], dtype=np.float64)
-    if call.want_grad:
-        grad = grad_out if grad_out is not None else np.empty_like(s)
-    else:
-        grad = _no_grad(s.dtype)
+    grad = _grad_buffer(s, call.want_grad, grad_out)
     _launch(S.sparse_response, _threads_for(s.size), as_kernel_input(s), idx, vals,
             as_kernel_input(labels) if labels is not None else _NO_LABELS, labels is not None,
-            np.int64(call.ignore_index), params, np.int64(v.div), np.int64(v.ce), np.int64(S.TAILS[tail]),
+            np.int64(call.ignore_index), params, np.int64(v.div), np.int64(v.ce), np.int64(TAILS.index(tail)),
             call.want_grad, float(scale), out_loss, grad)
     return out_loss, (grad if call.want_grad else None)

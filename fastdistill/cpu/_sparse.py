@@ -41,16 +41,12 @@ from .._spec import (
     P_LAM,
     P_SMOOTH,
     P_TAU,
+    TAIL_BUCKET,
+    TAIL_SUPPORT,
     TAU_FLOAT64_MATH,
 )
 from ._kernels import JIT, JIT_INNER, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
 from ._math import borrowed, fexp, inline_into_callers, wide_vectors
-
-# tails (what the divergence compares; see fastdistill.sparse.SparseTeacher)
-TAIL_RENORMALIZE = 0
-TAIL_SUPPORT = 1
-TAIL_BUCKET = 2
-TAILS = {"renormalize": TAIL_RENORMALIZE, "support": TAIL_SUPPORT, "bucket": TAIL_BUCKET}
 
 _logaddexp = njit(**JIT_INNER)(logaddexp)
 
@@ -121,7 +117,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
     of ``scale * sum(rows)`` into ``grad`` (``s``'s shape), for student logits ``s`` ``(rows, n)`` and a
     sparse teacher ``idx`` int64 ``(rows, k)`` (-1: an unused slot), ``vals`` float64 ``(rows, k)``
     (log-probabilities or logits; the tails use them as ``exp(v / tau)``), ``div``/``ce`` the variant's
-    divergence and cross-entropy mode (``_spec``), ``tail`` a ``TAIL_*``. Inputs are validated."""
+    divergence and cross-entropy mode (``_spec``), ``tail`` a ``_spec.TAIL_*``. Inputs are validated."""
     rows, n = s.shape
     k = idx.shape[1]
     tau = P[P_TAU]

@@ -60,6 +60,8 @@ from .._spec import (
     P_MSE_W,
     P_SMOOTH,
     P_TAU,
+    TAIL_BUCKET,
+    TAIL_SUPPORT,
 )
 
 SIM = bool(_config.ENABLE_CUDASIM)
@@ -929,9 +931,6 @@ def cast_kernel(src, dst):  # type: ignore[no-untyped-def]
 # thread, each from all of its terms, rounded once. Every thread of a block walks the same rows (the
 # block synchronises between the steps).
 
-TAIL_RENORMALIZE = 0
-TAIL_SUPPORT = 1
-TAIL_BUCKET = 2
 NC = 10  # coefficients per row handed from the first thread to its group
 # rows per block at most (the coefficients' shared memory: 64 x 10 float64, 5 KB; the launcher widens
 # the groups of a wider block, fastdistill.cuda.sparse_response)
