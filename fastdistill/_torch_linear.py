@@ -70,7 +70,13 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     if n_items is None:  # the mean over the whole batch's counted rows, not each chunk's
         n_items = float(rows if lab is None else int((lab != distiller.ignore_index).sum()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grad_input = torch.empty_like(x) if want_grad else x.new_empty(0)
+    # float16 cannot hold a large batch's per-element gradients of the mean (smallest normal 6e-5): its
+    # chunks' logit gradients are computed unscaled (num_items=1, values within [-1, 1] times the
+    # weights), the 1/num_items factor is applied in float32 afterwards, and the three gradients stay in
+    # float32 until backward has applied the upstream factor (a GradScaler's), as DistillationLoss does.
+    unscaled = x.dtype == torch.float16
+    grad_input = (torch.empty(x.shape, dtype=acc if unscaled else x.dtype, device=x.device) if want_grad
+                  else x.new_empty(0))
     grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grad else w.new_empty(0)
     grad_bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device) if (want_grad and b is not None)
                  else w.new_empty(0))
@@ -86,7 +92,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
         if n_items > 0:
-            kw: dict = dict(num_items=n_items)
+            kw: dict = dict(num_items=1.0 if unscaled else n_items)
         else:  # every row ignored: 0 and a zero gradient
             kw = dict(reduction="sum")
         if want_grad:
@@ -102,13 +108,19 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             loss = distiller.loss(_as_backend_input(s), _teacher_arg(t), y, **kw)
         total += float(loss) if n_items > 0 else 0.0
         del s, t  # (before the next chunk's are made: two chunks of logits at a time, not four)
+    if unscaled and n_items > 0:
+        total /= n_items
+        if want_grad:
+            for g in (grad_input, grad_weight, grad_bias):
+                g /= n_items
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss_t = torch.tensor(total, dtype=out_dtype, device=x.device)
     if want_grad:
         grad_input = grad_input.reshape(student_input.shape)
-        grad_weight = grad_weight.to(w.dtype)
-        if b is not None:
-            grad_bias = grad_bias.to(b.dtype)
+        if not unscaled:
+            grad_weight = grad_weight.to(w.dtype)
+            if b is not None:
+                grad_bias = grad_bias.to(b.dtype)
     return loss_t, grad_input, grad_weight, grad_bias
 
 
@@ -121,9 +133,11 @@ def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, la
     want = call[-1] != 0.0
     out_dtype = torch.float64 if student_input.dtype == torch.float64 else torch.float32
     loss = student_input.new_empty((), dtype=out_dtype)
-    gi = student_input.new_empty(student_input.shape if want else (0,))
-    gw = student_weight.new_empty(student_weight.shape if want else (0,))
-    gb = (student_bias.new_empty(student_bias.shape) if (want and student_bias is not None)
+    # (float16's gradients come in float32: see _fused_impl)
+    g_dtype = torch.float32 if student_input.dtype == torch.float16 else None
+    gi = student_input.new_empty(student_input.shape if want else (0,), dtype=g_dtype if want else None)
+    gw = student_weight.new_empty(student_weight.shape if want else (0,), dtype=g_dtype if want else None)
+    gb = (student_bias.new_empty(student_bias.shape, dtype=g_dtype) if (want and student_bias is not None)
           else student_weight.new_empty(0))
     return loss, gi, gw, gb
 
@@ -131,6 +145,7 @@ def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, la
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     ctx.want_grad = inputs[7][-1] != 0.0
     ctx.has_bias = inputs[5] is not None
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[5].dtype if ctx.has_bias else None)
     ctx.save_for_backward(output[1], output[2], output[3])
 
 
@@ -138,9 +153,11 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     if not ctx.want_grad:
         raise RuntimeError(f"{_OP} was called without a gradient")
     gi, gw, gb = ctx.saved_tensors
+    di, dw, db = ctx.dtypes
+    # scaled in the gradients' dtype, then rounded once to the inputs' (float16's came in float32)
     go = grad_loss.to(gi.dtype)
-    return (gi * go, gw * go.to(gw.dtype), None, None, None, (gb * go.to(gb.dtype)) if ctx.has_bias else None,
-            None, None, None, None, None)
+    return ((gi * go).to(di), (gw * go.to(gw.dtype)).to(dw), None, None, None,
+            (gb * go.to(gb.dtype)).to(db) if ctx.has_bias else None, None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup)

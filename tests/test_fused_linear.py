@@ -81,6 +81,27 @@ def test_bfloat16_and_compile():
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+def test_float16_gradients_survive_a_large_batch_and_a_grad_scaler():
+    # 4096 rows: each logit's gradient of the mean is ~1e-5 / classes, below float16's smallest normal;
+    # the fused head keeps them in float32 until backward has applied the scaler's factor
+    x, w, b, tx, tw, tb, y = _setup(rows=4096, classes=40, dtype=torch.float32, seed=3)
+    xh, wh, bh = (t.detach().to(torch.float16).requires_grad_(True) for t in (x, w, b))
+    fused = FusedLinearDistillationLoss(temperature=2.0, chunk_size=512)
+    loss = fused(xh, wh, tx.half(), tw.half(), y, bh, tb.half())
+    (loss * 65536.0).backward()
+    assert xh.grad.dtype == torch.float16 and wh.grad.dtype == torch.float16 and bh.grad.dtype == torch.float16
+    # the reference: float64 on the same float16 values
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (xh, wh, bh))
+    t_logits = (tx.half().double() @ tw.half().double().t() + tb.half().double())
+    ref = DistillationLoss(temperature=2.0)(xr @ wr.t() + br, t_logits, y)
+    (ref * 65536.0).backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=5e-3)
+    for got, want in ((xh.grad, xr.grad), (wh.grad, wr.grad), (bh.grad, br.grad)):
+        err = (got.double() - want).norm() / want.norm()
+        assert err < 5e-3, err
+    assert int((xh.grad[y != IGNORE] == 0).sum()) == 0  # no counted row's gradient flushed to zero
+
+
 def test_bad_shapes_and_parameters():
     x, w, b, tx, tw, tb, y = _setup()
     import fastdistill as fd
