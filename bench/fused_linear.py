@@ -6,7 +6,9 @@ warm-up call; Linux).
 
 Implementations: ``fused`` (chunk_size 1024), ``torch`` (logits = x @ W.T for both models, then
 DistillationLoss and ``.backward()``: the logits and their gradient exist in full), ``matmuls`` (the
-fused loss's chunk matmuls alone: student and teacher logits, grad_input, grad_weight, no loss), and,
+fused loss's chunk matmuls alone: student and teacher logits, grad_input, grad_weight, no loss),
+``kernel`` (fastdistill's loss-and-gradient kernel alone on ready logits, chunk by chunk: its time only;
+the ready logits' memory is the setup's), and,
 where PyTorch has it, ``F.linear_cross_entropy`` (the hard-label part only).
 """
 from __future__ import annotations
@@ -46,8 +48,18 @@ def run():
                 t = tx[lo:lo + 1024] @ tw.t()
                 gi = s @ w
                 gw.addmm_(s.t().float(), x[lo:lo + 1024].float())
+    elif impl == "kernel":  # fastdistill's loss-and-gradient kernel alone, chunk by chunk, on ready logits
+        for lo in range(0, rows, 1024):
+            s, t = ready[0][lo:lo + 1024], ready[1][lo:lo + 1024]
+            fused.distiller.loss_and_grad(_as_backend_input(s), _as_backend_input(t),
+                                          _as_backend_input(y[lo:lo + 1024]), grad_out=_as_backend_input(s),
+                                          num_items=rows)
     else:
         F.linear_cross_entropy(x, w, y).backward()
+if impl == "kernel":
+    from fastdistill.torch import _as_backend_input
+    with torch.no_grad():
+        ready = (x @ w.t(), tx @ tw.t())
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -76,12 +88,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--classes", type=int, default=32000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     shape = (args.rows, args.hidden, args.classes, args.dtype)
     logits_mb = args.rows * args.classes * (2 if args.dtype == "bfloat16" else 4) / 2**20
     print(f"{args.rows}x{args.hidden}x{args.classes} {args.dtype}: one model's logits {logits_mb:.0f} MiB")
     res = {}
-    for impl in ("fused", "matmuls", "torch", "linear_cross_entropy"):
+    for impl in ("fused", "matmuls", "kernel", "torch", "linear_cross_entropy"):
         m = measure(impl, *shape)
         if m is None:
             print(f"  {impl:22s} not available")
@@ -90,8 +103,15 @@ def main() -> None:
         print(f"  {impl:22s} {m['seconds'] * 1e3:9.1f} ms   extra peak memory {m['extra_kb'] / 1024:8.0f} MiB")
     if "fused" in res and "matmuls" in res:
         print(f"  fused / chunk matmuls: {res['fused']['seconds'] / res['matmuls']['seconds']:.2f}x")
+        if "kernel" in res:
+            both = res["matmuls"]["seconds"] + res["kernel"]["seconds"]
+            print(f"  fused / (chunk matmuls + loss kernel): {res['fused']['seconds'] / both:.2f}x")
     if "fused" in res and "torch" in res:
         print(f"  torch / fused extra peak memory: {res['torch']['extra_kb'] / max(1, res['fused']['extra_kb']):.1f}x")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"rows": args.rows, "hidden": args.hidden, "classes": args.classes,
+                                "dtype": args.dtype, "results": res}) + "\n")
 
 
 if __name__ == "__main__":

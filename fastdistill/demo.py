@@ -184,7 +184,7 @@ class Clock:
 
 
 class Progress:
-    """One line per epoch: rewritten in place on a terminal, every k-th epoch when piped."""
+    """One line per epoch (or step): rewritten in place on a terminal, every k-th one when piped."""
 
     def __init__(self, out: IO[str], quiet: bool) -> None:
         self.out = out
@@ -196,10 +196,10 @@ class Progress:
         if not self.quiet:
             print(text, file=self.out, flush=True)
 
-    def epoch(self, epoch: int, epochs: int, text: str) -> None:
+    def epoch(self, epoch: int, epochs: int, text: str, unit: str = "epoch") -> None:
         if self.quiet:
             return
-        line = f"  epoch {epoch:>{len(str(epochs))}}/{epochs}  {text}"
+        line = f"  {unit} {epoch:>{len(str(epochs))}}/{epochs}  {text}"
         if self.tty:
             self.out.write("\r" + line + ("\n" if epoch == epochs else ""))
             self.out.flush()
@@ -622,7 +622,12 @@ def parse_args(argv: Sequence[str]) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm"]:  # `fastdistill demo lm`: the language-model demo (PyTorch, tokenizers)
+        from . import demo_lm
+
+        return demo_lm.main(argv[1:])
+    cfg = parse_args(argv)
     try:
         import sklearn  # noqa: F401
     except ImportError:
