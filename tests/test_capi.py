@@ -59,7 +59,30 @@ int32_t h_load(const uint64_t *a)
     api.response_sparse_f64 = (fd_response_sparse_f64_fn)(uintptr_t)a[22];
     api.response_sparse_f16 = (fd_response_sparse_h16_fn)(uintptr_t)a[23];
     api.response_sparse_bf16 = (fd_response_sparse_h16_fn)(uintptr_t)a[24];
+    api.vocab_shard_f32 = (fd_vocab_shard_f32_fn)(uintptr_t)a[25];
+    api.vocab_shard_f64 = (fd_vocab_shard_f64_fn)(uintptr_t)a[26];
+    api.vocab_shard_f16 = (fd_vocab_shard_h16_fn)(uintptr_t)a[27];
+    api.vocab_shard_bf16 = (fd_vocab_shard_h16_fn)(uintptr_t)a[28];
     return api.abi_version();
+}
+
+int32_t h_vocab_shard(int prec, int32_t step, const void *s, const void *t, const int64_t *labels, int64_t rows,
+                      int64_t n, int64_t offset, int64_t classes, int32_t kind, double temperature, double hard_w,
+                      double soft_w, double param, double smoothing, int64_t ignore_index, int32_t reduction,
+                      double *work, int64_t *request, double *loss, void *grad, int32_t nthreads)
+{
+    if (prec == 2 || prec == 3)
+        return (prec == 2 ? api.vocab_shard_f16 : api.vocab_shard_bf16)(
+            step, (const uint16_t *)s, (const uint16_t *)t, labels, rows, n, offset, classes, kind, temperature,
+            hard_w, soft_w, param, smoothing, ignore_index, reduction, work, request, loss, (uint16_t *)grad,
+            nthreads);
+    if (prec == 1)
+        return api.vocab_shard_f64(step, (const double *)s, (const double *)t, labels, rows, n, offset, classes,
+                                   kind, temperature, hard_w, soft_w, param, smoothing, ignore_index, reduction,
+                                   work, request, loss, (double *)grad, nthreads);
+    return api.vocab_shard_f32(step, (const float *)s, (const float *)t, labels, rows, n, offset, classes, kind,
+                               temperature, hard_w, soft_w, param, smoothing, ignore_index, reduction, work,
+                               request, loss, (float *)grad, nthreads);
 }
 
 int32_t h_response_sparse(int prec, const void *s, const int64_t *idx, const float *vals, int64_t k,
@@ -243,6 +266,9 @@ def lib(cc, tmp_path_factory):
     h.h_response_sparse.argtypes = [ctypes.c_int, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64,
                                     i32, i32, vp, vp, i32]
     h.h_response_sparse.restype = i32
+    h.h_vocab_shard.argtypes = [ctypes.c_int, i32, vp, vp, vp, i64, i64, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64,
+                                i32, vp, vp, vp, vp, i32]
+    h.h_vocab_shard.restype = i32
     syms = capi.symbols()
     addrs = np.array([syms[name] for name in capi.SYMBOL_NAMES], dtype=np.uint64)
     assert h.h_load(addrs.ctypes.data) == capi.ABI_VERSION
@@ -812,3 +838,114 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     if tail == "renormalize":
         assert call(kind=capi.FD_REVERSE_KL)[0] == capi.FD_BAD_PARAM
         assert call(kind=capi.FD_JSD, param=1.0)[0] == capi.FD_BAD_PARAM
+
+
+def c_vocab_shards(lib, s, t, y, bounds, kind, T, hard_w, soft_w, param, eps=0.0, reduction="mean",
+                   ignore_index=IGNORE):
+    """fd_vocab_shard_* on the column ranges ``bounds`` of (s, t), combining each step's request across
+    the shards here (as an all-reduce would): (statuses, losses, gradients, rounds)."""
+    rows, classes = s.shape
+    parts = [(np.ascontiguousarray(s[:, a:b]), np.ascontiguousarray(t[:, a:b]), a) for a, b in zip(bounds, bounds[1:])]
+    works = [np.full(rows * capi.FD_SHARD_WORK, np.nan) for _ in parts]
+    reqs = [np.zeros(2, dtype=np.int64) for _ in parts]
+    losses = [np.full(rows if reduction == "none" else 1, -7.0) for _ in parts]
+    grads = [np.full_like(p[0], -7.0) for p in parts]
+    statuses, rounds = [], 0
+    for step in range(5):
+        statuses = [lib.h_vocab_shard(PREC[s.dtype.name], step, ptr(ps), ptr(pt), ptr(y), rows, ps.shape[1], a,
+                                      classes, kind, T, hard_w, soft_w, param, eps, ignore_index, RED[reduction],
+                                      ptr(w), ptr(q), ptr(lo), ptr(g), 0)
+                    for (ps, pt, a), w, q, lo, g in zip(parts, works, reqs, losses, grads)]
+        if any(st != capi.FD_OK for st in statuses):
+            break
+        count, op = reqs[0]
+        assert all(list(q) == [count, op] for q in reqs)  # every shard asks for the same exchange
+        if op == capi.FD_SHARD_DONE:
+            break
+        rounds += 1
+        assert count in (2 * rows, 12 * rows, 5 * rows)  # a few numbers per row, never rows x classes
+        combine = np.maximum.reduce if op == capi.FD_SHARD_MAX else np.add.reduce
+        both = combine([w[:count] for w in works])
+        for w in works:
+            w[:count] = both
+    return statuses, losses, grads, rounds
+
+
+@pytest.mark.parametrize("prec", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("name,param", [("kl_divergence", 0.0), ("jsd", 0.3), ("tvd", 0.0), ("reverse_kl", 0.0),
+                                        ("ce_only", 0.0)])
+def test_vocab_shard_entry_points_equal_the_whole_rows(lib, prec, name, param):
+    """fd_vocab_shard_* over 3 uneven shards: every shard's loss and the concatenated gradients equal
+    fd_response_* on the whole rows (float64 1e-10; 16-bit: the same float32 arithmetic); 2 exchanges,
+    3 for the mixtures and TVD."""
+    dt = pytest.importorskip("ml_dtypes").bfloat16 if prec == "bfloat16" else np.dtype(prec).type
+    s64, t64, y = make_batch(9, 50, np.float64, seed=41, mask=False)
+    y = y.astype(np.int64) % 40 + 10  # labels in the second and third shards ...
+    y[y == 20] = 21
+    y[1] = IGNORE
+    y[4] = 3  # ... and one in the first
+    s64[:, 20] = t64[:, 20] = -np.inf  # a masked class
+    s64[5, :7] = t64[5, :7] = -np.inf  # a row without mass in the first shard
+    s, t = s64.astype(dt), t64.astype(dt)
+    kind = capi.FD_CE_ONLY if name == "ce_only" else KINDS[name][0]
+    hard_w = 1.0 if name == "ce_only" else 0.4
+    for red in ("mean", "none"):
+        # (no label smoothing: it is infinite with masked classes)
+        sts, losses, grads, rounds = c_vocab_shards(lib, s, t, y, [0, 7, 31, 50], kind, 2.0, hard_w, 0.6, param,
+                                                   reduction=red)
+        assert sts == [capi.FD_OK] * 3, [capi.status_message(x) for x in sts]
+        assert rounds == (3 if name in ("jsd", "tvd") else 2)
+        st, want, gw = c_response(lib, s, t, y, kind, 2.0, hard_w, 0.6, param, 0.0, reduction=red)
+        assert st == capi.FD_OK
+        tol = 1e-10 if prec == "float64" else 1e-5
+        for lo in losses:
+            assert rel_err(lo if red == "none" else lo[0], want) < tol
+        got = np.concatenate(grads, axis=1)
+        if prec == "bfloat16":  # rounded once from float32 sums formed in another order: within 1 ulp
+            diff = np.abs(got.astype(np.float64) - gw.astype(np.float64))
+            assert np.all(diff <= np.abs(np.spacing(gw.astype(np.float32))) * 65536 + 1e-30)
+        else:
+            assert rel_err(got, gw) < tol
+
+
+def test_vocab_shard_statuses(lib):
+    s, t, y = make_batch(4, 12, np.float64, seed=42)
+    y = y.astype(np.int64)
+    y[0] = 11  # a global id beyond the shard's width: fine
+    a, b = np.ascontiguousarray(s[:, :6]), np.ascontiguousarray(t[:, :6])
+    work = np.zeros(4 * capi.FD_SHARD_WORK)
+    req = np.zeros(2, dtype=np.int64)
+    loss, g = np.zeros(1), np.zeros_like(a)
+
+    def call(step=0, offset=0, classes=12, labels=y, w=work, q=req, kind=capi.FD_KL, grad=g, T=2.0):
+        return lib.h_vocab_shard(1, step, ptr(a), ptr(b), ptr(labels), 4, 6, offset, classes, kind, T, 0.5, 0.5, 0.0,
+                                 0.0, IGNORE, RED["mean"], ptr(w), ptr(q), ptr(loss), ptr(grad), 0)
+
+    assert call() == capi.FD_OK and list(req) == [8, capi.FD_SHARD_MAX]
+    assert call(step=4) == capi.FD_BAD_PARAM
+    assert call(step=-1) == capi.FD_BAD_PARAM
+    assert call(step=3) == capi.FD_BAD_PARAM  # KL has 2 exchanges: step 3 is past the last
+    assert call(offset=7) == capi.FD_BAD_SHAPE  # columns [7, 13) are not in the 12 classes
+    assert call(offset=-1) == capi.FD_BAD_SHAPE
+    assert call(classes=5) == capi.FD_BAD_SHAPE
+    big = y.copy()
+    big[2] = 12
+    assert call(labels=big) == capi.FD_LABEL_OUT_OF_RANGE
+    assert call(w=None) == capi.FD_NULL_POINTER
+    assert call(q=None) == capi.FD_NULL_POINTER
+    assert call(labels=None) == capi.FD_MISSING_LABELS
+    assert call(kind=42) == capi.FD_BAD_KIND
+    assert call(T=0.0) == capi.FD_BAD_PARAM
+    overlap = np.zeros(4 * capi.FD_SHARD_WORK + 24)
+    assert lib.h_vocab_shard(1, 0, ptr(a), ptr(b), ptr(y), 4, 6, 0, 12, capi.FD_KL, 2.0, 0.5, 0.5, 0.0, 0.0, IGNORE,
+                             RED["mean"], ptr(overlap), ptr(req), ptr(loss), overlap[8:].ctypes.data, 0) == capi.FD_OVERLAP
+
+
+def test_vocab_shard_entry_points_with_label_smoothing(lib):
+    s, t, y = make_batch(6, 33, np.float64, seed=43, mask=False)
+    y = y.astype(np.int64)
+    sts, losses, grads, _ = c_vocab_shards(lib, s, t, y, [0, 16, 33], capi.FD_SKEW_KL, 1.5, 0.3, 0.7, 0.2, eps=0.1)
+    assert sts == [capi.FD_OK] * 2
+    st, want, gw = c_response(lib, s, t, y, capi.FD_SKEW_KL, 1.5, 0.3, 0.7, 0.2, 0.1)
+    assert st == capi.FD_OK and all(rel_err(lo[0], want) < 1e-10 for lo in losses)
+    assert rel_err(np.concatenate(grads, axis=1), gw) < 1e-10

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .._spec import LOSS_CODES
 
-ABI_VERSION = 2  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points
+ABI_VERSION = 3  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points; 3: vocab shards
 
 # status codes (fastdistill.h: enum fd_status)
 FD_OK = 0
@@ -40,6 +40,12 @@ FD_BAD_INDEX = 11
 FD_TAIL_RENORMALIZE = 0
 FD_TAIL_SUPPORT = 1
 FD_TAIL_BUCKET = 2
+
+# what a vocabulary shard's caller does after a step (enum fd_shard_op), and its work buffer's size
+FD_SHARD_MAX = 0  # combine request[0] doubles at the start of work with an element-wise max
+FD_SHARD_SUM = 1  # ... with an element-wise sum
+FD_SHARD_DONE = 2  # nothing: the loss and the shard's gradient are written
+FD_SHARD_WORK = 31  # doubles per row of the work buffer (12 exchanged + 19 row statistics)
 
 # loss kinds (enum fd_loss_kind)
 FD_KL = 0
@@ -102,6 +108,7 @@ SYMBOL_NAMES = (
     "fd_softmax_f16", "fd_log_softmax_f16", "fd_response_f16", "fd_mse_f16", "fd_cosine_f16",
     "fd_softmax_bf16", "fd_log_softmax_bf16", "fd_response_bf16", "fd_mse_bf16", "fd_cosine_bf16",
     "fd_response_sparse_f32", "fd_response_sparse_f64", "fd_response_sparse_f16", "fd_response_sparse_bf16",
+    "fd_vocab_shard_f32", "fd_vocab_shard_f64", "fd_vocab_shard_f16", "fd_vocab_shard_bf16",
 )
 
 PRECISIONS = ("f32", "f64", "f16", "bf16")

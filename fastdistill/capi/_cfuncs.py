@@ -76,6 +76,10 @@ from . import (
     FD_OK,
     FD_OVERLAP,
     FD_REVERSE_KL,
+    FD_SHARD_DONE,
+    FD_SHARD_MAX,
+    FD_SHARD_SUM,
+    FD_SHARD_WORK,
     FD_SKEW_KL,
     FD_SKEW_REVERSE_KL,
     FD_SUM,
@@ -334,6 +338,129 @@ def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, 
     return FD_OK
 
 
+@njit(**JIT)
+def _check_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, soft_w, param, smoothing,  # type: ignore[no-untyped-def]  # noqa: E501
+                 ignore_index, reduction, wp, qp, lossp, gp, nthreads):
+    """Every check of ``fd_vocab_shard_*``: the step, the shard's place in the row, the work and request
+    buffers (never overlapping an input or output), then the dense entry point's checks with labels
+    taken as global ids (range: ``classes``)."""
+    if step < 0 or step > 3:
+        return FD_BAD_PARAM
+    st = _check_shape(rows, n)
+    if st != FD_OK:
+        return st
+    if offset < 0 or classes < n or offset > classes - n:
+        return FD_BAD_SHAPE
+    if _addr(wp) == 0 or _addr(qp) == 0:
+        return FD_NULL_POINTER
+    has_labels = _addr(lp) != 0
+    wb = np.uint64(rows) * np.uint64(FD_SHARD_WORK * 8)
+    nb = np.uint64(rows) * np.uint64(n) * _itemsize(sp)
+    lb = np.uint64(rows) * np.uint64(8) if has_labels else np.uint64(0)
+    nloss = np.uint64(rows if reduction == FD_NONE else 1) * np.uint64(8)
+    w = _addr(wp)
+    if (_overlap(w, wb, _addr(sp), nb) or _overlap(w, wb, _addr(tp), nb) or _overlap(w, wb, _addr(gp), nb)
+            or _overlap(w, wb, _addr(lp), lb) or _overlap(w, wb, _addr(lossp), nloss)
+            or _overlap(_addr(qp), np.uint64(16), w, wb)):
+        return FD_OVERLAP
+    g = _addr(gp)
+    if _overlap(g, nb, _addr(lp), lb) or _overlap(_addr(lossp), nloss, _addr(lp), lb):
+        return FD_OVERLAP
+    # the dense checks without the labels (their range is the whole row's); a NULL label pointer with
+    # a hard term is still FD_MISSING_LABELS there
+    st = _check_response(sp, tp, _null_labels(), rows, n, kind, tau, 0.0 if has_labels else hard_w, soft_w,
+                         param, smoothing, ignore_index, reduction, lossp, gp, nthreads)
+    if st != FD_OK:
+        return st
+    if not math.isfinite(hard_w):
+        return FD_BAD_PARAM
+    if has_labels:
+        for r in range(rows):
+            lab = lp[r]
+            if (lab < 0 and lab != ignore_index) or lab >= classes:
+                return FD_LABEL_OUT_OF_RANGE
+    return FD_OK
+
+
+# a label the shard kernels never confuse with a column (as fastdistill.sharded's)
+_SHARD_IGNORED = np.int64(np.iinfo(np.int64).min)
+_N_SUM1 = K.S_KP - K.N_MAX  # the first round of sums
+_N_SUM2 = K.N_STATS - K.S_KP  # the mixtures' and TVD's second pass
+
+
+@njit(**JIT)
+def _shard_labels(lp, rows, has_labels, offset, n, ignore_index):  # type: ignore[no-untyped-def]
+    """Global labels as the shard kernels take them: a column of this shard, LABEL_ELSEWHERE, or the
+    ignored marker."""
+    out = np.empty(rows if has_labels else 0, dtype=np.int64)
+    if has_labels:
+        for r in range(rows):
+            lab = lp[r]
+            if lab == ignore_index:
+                out[r] = _SHARD_IGNORED
+            elif offset <= lab < offset + n:
+                out[r] = lab - offset
+            else:
+                out[r] = K.LABEL_ELSEWHERE
+    return out
+
+
+@njit(**JIT)
+def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has_labels, ignore_index, P,  # type: ignore[no-untyped-def]  # noqa: E501
+               reduction, want_grad, wp, qp, lossp):
+    """One step of ``fd_vocab_shard_*`` (every storage: the logits come as their addresses). ``work``:
+    the exchanged values (``rows x 12`` at most, at its start), then the ``rows x N_STATS`` statistics;
+    ``request``: what the caller combines next. Returns FD_BAD_PARAM for a step past the last."""
+    work = carray(wp, (rows * FD_SHARD_WORK,))
+    exch = work[: rows * _N_SUM1]
+    stats = work[rows * _N_SUM1:].reshape((rows, K.N_STATS))
+    labels = _shard_labels(lp, rows, has_labels, offset, n, ignore_index)
+    scale = _count_and_scale(lp, rows, ignore_index, reduction)
+    out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
+    last = 3 if two_pass else 2
+    if step > last:
+        return FD_BAD_PARAM
+    if step == 0:  # this shard's maxima (and its sums relative to them): the caller takes the max
+        local_max = exch[: rows * K.N_MAX].reshape((rows, K.N_MAX))
+        K.drive_shard(worker, K.SHARD_STATS, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
+                      stats, local_max, classes)
+        qp[0], qp[1] = rows * K.N_MAX, FD_SHARD_MAX
+        return FD_OK
+    if step == 1:  # the sums, moved to the combined maxima: the caller sums them
+        K.rescale_shard_sums(stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), P[P_TAU])
+        ex = exch.reshape((rows, _N_SUM1))
+        for r in range(rows):
+            for k in range(_N_SUM1):
+                ex[r, k] = stats[r, K.N_MAX + k]
+        qp[0], qp[1] = rows * _N_SUM1, FD_SHARD_SUM
+        return FD_OK
+    if step == 2:
+        ex = exch.reshape((rows, _N_SUM1))
+        for r in range(rows):
+            for k in range(_N_SUM1):
+                stats[r, K.N_MAX + k] = ex[r, k]
+        if two_pass:  # the second pass's sums
+            K.drive_shard(worker, K.SHARD_DIV2, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad,
+                          out, stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), classes)
+            ex2 = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
+            for r in range(rows):
+                for k in range(_N_SUM2):
+                    ex2[r, k] = stats[r, K.S_KP + k]
+            qp[0], qp[1] = rows * _N_SUM2, FD_SHARD_SUM
+            return FD_OK
+    if step == 3:
+        ex2 = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
+        for r in range(rows):
+            for k in range(_N_SUM2):
+                stats[r, K.S_KP + k] = ex2[r, k]
+    # the row losses (the same on every shard) and this shard's gradient
+    K.drive_shard(worker, K.SHARD_FINISH, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
+                  stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), classes)
+    _reduce(out, rows, reduction, scale, lossp)
+    qp[0], qp[1] = 0, FD_SHARD_DONE
+    return FD_OK
+
+
 @intrinsic
 def _itemsize(typingctx, ptr):  # type: ignore[no-untyped-def]
     """Size in bytes of the element type a pointer points to."""
@@ -474,6 +601,17 @@ def _sparse_sig(ft):  # type: ignore[no-untyped-def]
     )
 
 
+def _shard_sig(ft):  # type: ignore[no-untyped-def]
+    fp = types.CPointer(ft)
+    ip = types.CPointer(types.int64)
+    dp = types.CPointer(types.float64)
+    return types.int32(
+        types.int32, fp, fp, ip, types.int64, types.int64, types.int64, types.int64, types.int32, types.float64,
+        types.float64, types.float64, types.float64, types.float64, types.int64, types.int32, dp, ip, dp, fp,
+        types.int32,
+    )
+
+
 def _softmax_sig(ft):  # type: ignore[no-untyped-def]
     fp = types.CPointer(ft)
     return types.int32(fp, types.int64, types.int64, types.float64, fp, types.int32)
@@ -608,6 +746,41 @@ def _make(ft):  # type: ignore[no-untyped-def]
             _set_num_threads(old)
         return np.int32(status)
 
+    @cfunc(_shard_sig(ft), **CJIT)
+    def vocab_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, soft_w, param, smoothing,  # type: ignore[no-untyped-def]  # noqa: E501
+                    ignore_index, reduction, wp, qp, lossp, gp, nthreads):
+        status = FD_INTERNAL_ERROR
+        try:
+            status = _check_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, soft_w, param,
+                                  smoothing, ignore_index, reduction, wp, qp, lossp, gp, nthreads)
+        except Exception:  # noqa: BLE001
+            status = FD_INTERNAL_ERROR
+        if status != FD_OK:
+            return np.int32(status)
+        status = FD_INTERNAL_ERROR
+        old = _get_num_threads()
+        if nthreads > 0:
+            _set_num_threads(nthreads)
+        try:
+            P = _empty_f64(N_PARAMS)
+            div = loss_terms(kind, tau, hard_w, soft_w, param, smoothing, P)
+            has_labels = _addr(lp) != 0
+            want_grad = _addr(gp) != 0
+            s = carray(sp, (rows, n))
+            t = carray(tp, (rows, n))
+            g = carray(gp, (rows, n)) if want_grad else s  # never written without want_grad
+            idx, two_pass = kernel_variant(div, P, has_labels, STORAGE)
+            worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
+            if worker != 0:
+                status = _shard_run(worker, two_pass, np.int64(step), K.batch_layout(s, t, g), lp, rows, n, offset,
+                                    classes, has_labels, np.int64(ignore_index), P, reduction, want_grad, wp, qp,
+                                    lossp)
+        except Exception:  # noqa: BLE001
+            status = FD_INTERNAL_ERROR
+        if nthreads > 0:
+            _set_num_threads(old)
+        return np.int32(status)
+
     def softmax(log):  # type: ignore[no-untyped-def]
         kernel = _SOFTMAX_LOG if log else _SOFTMAX
 
@@ -642,6 +815,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
         "softmax": softmax(False),
         "log_softmax": softmax(True),
         "response_sparse": response_sparse,
+        "vocab_shard": vocab_shard,
     }
 
 

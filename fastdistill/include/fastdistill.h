@@ -34,7 +34,7 @@
 extern "C" {
 #endif
 
-#define FD_ABI_VERSION 2
+#define FD_ABI_VERSION 3
 
 /* Status codes returned by every entry point. */
 enum fd_status {
@@ -59,6 +59,18 @@ enum fd_tail {
     FD_TAIL_SUPPORT = 1,     /* p and q both renormalised over the support */
     FD_TAIL_BUCKET = 2       /* k + 1 bins: exp(v) and the rest; needs temperature 1 */
 };
+
+/* What the caller of fd_vocab_shard_* does after a step: combine request[0] doubles at the start of
+ * `work` across the shards, in place, element-wise (FD_SHARD_MAX: maximum, FD_SHARD_SUM: sum), then call
+ * the next step; FD_SHARD_DONE: the loss and this shard's gradient are written. */
+enum fd_shard_op {
+    FD_SHARD_MAX = 0,
+    FD_SHARD_SUM = 1,
+    FD_SHARD_DONE = 2
+};
+
+/* doubles per row of fd_vocab_shard_*'s work buffer */
+#define FD_SHARD_WORK 31
 
 /* Soft (teacher-matching) loss of fd_response_*: p = softmax(teacher / T), q = softmax(student / T). */
 enum fd_loss_kind {
@@ -166,6 +178,45 @@ typedef int32_t (*fd_response_sparse_h16_fn)(const uint16_t *student, const int6
                                              int64_t ignore_index, int32_t tail, int32_t reduction,
                                              double *loss_out, uint16_t *grad, int32_t nthreads);
 
+/* Response loss over a vocabulary split across processes (tensor parallelism): this process holds the
+ * columns [class_offset, class_offset + n) of rows x classes logits of the student and the teacher (the
+ * same rows in every shard), `labels` are global class ids. The loss is computed in steps; between two
+ * steps every shard combines the numbers the step asked for with its own communication (MPI_Allreduce,
+ * NCCL, ...), in the same order on every shard:
+ *
+ *     int64_t req[2];                         // req[0]: how many doubles, req[1]: enum fd_shard_op
+ *     for (int32_t step = 0;; ++step) {
+ *         st = fd_vocab_shard_f32(step, s, t, labels, rows, n, class_offset, classes, ..., work, req, loss, grad, 0);
+ *         if (st != FD_OK || req[1] == FD_SHARD_DONE) break;
+ *         MPI_Allreduce(MPI_IN_PLACE, work, req[0], MPI_DOUBLE, req[1] == FD_SHARD_MAX ? MPI_MAX : MPI_SUM, comm);
+ *     }
+ *
+ * Two exchanges (3 for FD_JSD, FD_SKEW_KL, FD_SKEW_REVERSE_KL and FD_TVD with soft_weight != 0): 2
+ * doubles per row (max), 12 (sum), then 5 (sum); never rows x classes. Then every shard holds the same
+ * loss (loss_out as in fd_response_*) and the gradient of its own columns (grad: rows x n, or NULL), equal
+ * to fd_response_* on the whole rows. `work`: rows * FD_SHARD_WORK doubles owned by the caller, kept
+ * between the steps of one loss (the row statistics live there). The other arguments as fd_response_*;
+ * FD_LABEL_OUT_OF_RANGE against `classes`; FD_BAD_SHAPE also when the columns do not lie in [0, classes);
+ * FD_BAD_PARAM also for a step outside [0, 3] or past the last. */
+typedef int32_t (*fd_vocab_shard_f32_fn)(int32_t step, const float *student, const float *teacher,
+                                         const int64_t *labels, int64_t rows, int64_t n, int64_t class_offset,
+                                         int64_t classes, int32_t loss_kind, double temperature, double hard_weight,
+                                         double soft_weight, double param, double label_smoothing,
+                                         int64_t ignore_index, int32_t reduction, double *work, int64_t *request,
+                                         double *loss_out, float *grad, int32_t nthreads);
+typedef int32_t (*fd_vocab_shard_f64_fn)(int32_t step, const double *student, const double *teacher,
+                                         const int64_t *labels, int64_t rows, int64_t n, int64_t class_offset,
+                                         int64_t classes, int32_t loss_kind, double temperature, double hard_weight,
+                                         double soft_weight, double param, double label_smoothing,
+                                         int64_t ignore_index, int32_t reduction, double *work, int64_t *request,
+                                         double *loss_out, double *grad, int32_t nthreads);
+typedef int32_t (*fd_vocab_shard_h16_fn)(int32_t step, const uint16_t *student, const uint16_t *teacher,
+                                         const int64_t *labels, int64_t rows, int64_t n, int64_t class_offset,
+                                         int64_t classes, int32_t loss_kind, double temperature, double hard_weight,
+                                         double soft_weight, double param, double label_smoothing,
+                                         int64_t ignore_index, int32_t reduction, double *work, int64_t *request,
+                                         double *loss_out, uint16_t *grad, int32_t nthreads);
+
 /* Returns FD_ABI_VERSION of the library that compiled the entry points. */
 typedef int32_t (*fd_abi_version_fn)(void);
 
@@ -196,6 +247,10 @@ typedef struct fd_api {
     fd_response_sparse_f64_fn response_sparse_f64;  /* "fd_response_sparse_f64" */
     fd_response_sparse_h16_fn response_sparse_f16;  /* "fd_response_sparse_f16" */
     fd_response_sparse_h16_fn response_sparse_bf16; /* "fd_response_sparse_bf16" */
+    fd_vocab_shard_f32_fn vocab_shard_f32;  /* "fd_vocab_shard_f32" */
+    fd_vocab_shard_f64_fn vocab_shard_f64;  /* "fd_vocab_shard_f64" */
+    fd_vocab_shard_h16_fn vocab_shard_f16;  /* "fd_vocab_shard_f16" */
+    fd_vocab_shard_h16_fn vocab_shard_bf16; /* "fd_vocab_shard_bf16" */
 } fd_api;
 
 /* A short text for a status code. */
