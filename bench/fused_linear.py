@@ -24,6 +24,7 @@ import json, resource, sys, time
 import torch
 import torch.nn.functional as F
 from fastdistill.torch import DistillationLoss, FusedLinearDistillationLoss
+from fastdistill._torch_linear import _accumulate
 impl, rows, hidden, classes, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 dt = getattr(torch, dtype)
 torch.manual_seed(0)
@@ -47,7 +48,7 @@ def run():
                 s = x[lo:lo + 1024] @ w.t()
                 t = tx[lo:lo + 1024] @ tw.t()
                 gi = s @ w
-                gw.addmm_(s.t().float(), x[lo:lo + 1024].float())
+                _accumulate(gw, s, x[lo:lo + 1024])  # (the fused head's own accumulation)
     elif impl == "kernel":  # fastdistill's loss-and-gradient kernel alone, chunk by chunk, on ready logits
         for lo in range(0, rows, 1024):
             s, t = ready[0][lo:lo + 1024], ready[1][lo:lo + 1024]
@@ -74,6 +75,9 @@ print(json.dumps({"impl": impl, "seconds": t, "extra_kb": status("VmHWM:") - bas
 """
 
 
+IMPLS = ("fused", "matmuls", "kernel", "torch", "linear_cross_entropy")
+
+
 def measure(impl: str, rows: int, hidden: int, classes: int, dtype: str) -> dict | None:
     r = subprocess.run([sys.executable, "-c", CODE, impl, str(rows), str(hidden), str(classes), dtype],
                        capture_output=True, text=True)
@@ -89,12 +93,13 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=32000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", help="append the results as one JSON line to this file")
+    ap.add_argument("--impl", action="append", choices=IMPLS, help="only these implementations (repeatable)")
     args = ap.parse_args()
     shape = (args.rows, args.hidden, args.classes, args.dtype)
     logits_mb = args.rows * args.classes * (2 if args.dtype == "bfloat16" else 4) / 2**20
     print(f"{args.rows}x{args.hidden}x{args.classes} {args.dtype}: one model's logits {logits_mb:.0f} MiB")
     res = {}
-    for impl in ("fused", "matmuls", "kernel", "torch", "linear_cross_entropy"):
+    for impl in args.impl or IMPLS:
         m = measure(impl, *shape)
         if m is None:
             print(f"  {impl:22s} not available")

@@ -72,6 +72,11 @@ def test_bfloat16_and_compile():
     ref = DistillationLoss(temperature=2.0)((xb.detach().float() @ wb.detach().float().t() + bb.detach().float()),
                                             tx @ tw.t() + tb, y)
     assert float(loss.detach()) == pytest.approx(float(ref), rel=2e-2)
+    # the gradients: float64 on the same bfloat16 values, within bfloat16's precision
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (xb, wb, bb))
+    DistillationLoss(temperature=2.0)(xr @ wr.t() + br, (tx @ tw.t() + tb).double(), y).backward()
+    for got, want in ((xb.grad, xr.grad), (wb.grad, wr.grad), (bb.grad, br.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 2e-2
     compiled = torch.compile(lambda *a: fused(*a), fullgraph=True)
     x.grad = None
     out = compiled(x, w, tx, tw, y, b, tb)
