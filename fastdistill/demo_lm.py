@@ -49,10 +49,10 @@ class LMConfig:
     batch: int = 16
     teacher_width: int = 128
     teacher_layers: int = 4
-    teacher_steps: int = 800
+    teacher_steps: int = 1500
     student_width: int = 64
     student_layers: int = 1
-    student_steps: int = 400
+    student_steps: int = 800
     heads: int = 4
     lr: float = 3e-3
     temperature: float = 1.0
