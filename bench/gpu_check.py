@@ -182,6 +182,45 @@ def check(torch, fd, shapes, quick, lines, only=None, cpu=True):
     return worst
 
 
+def shards(torch, fd, lines, quick):
+    """(a'): vocabulary shards on the GPU: three uneven shards of CUDA tensors, their rounds combined
+    in-process with torch (what an NCCL all-reduce does; one GPU cannot host two NCCL ranks), against
+    the unsharded GPU call. Returns the worst error."""
+    dev = "cuda"
+    rows, n = (256, 32000) if quick else (1024, 128256)
+    g = torch.Generator(device=dev).manual_seed(1)
+    s = torch.randn(rows, n, device=dev, generator=g) * 2
+    t = torch.randn(rows, n, device=dev, generator=g) * 2
+    y = torch.randint(0, n, (rows,), device=dev, generator=g)
+    y[::7] = IGNORE
+    cuts = [0, n // 5, n // 2 + 3, n]
+    lines.append("| shards (3, uneven) | shape | loss vs unsharded | grad vs unsharded | rounds (numbers per row) |")
+    lines.append("|---|---|---|---|---|")
+    worst = 0.0
+    for name, make in (("kl", lambda: fd.DistilLoss.kl_divergence(TAU)), ("jsd.5", lambda: fd.DistilLoss.jsd(0.5, TAU)),
+                       ("tvd", lambda: fd.DistilLoss.tvd(TAU))):
+        d = fd.ResponseDistiller(make(), 0.5, 0.5)
+        want, gw = d.loss_and_grad(s, t, y)
+        parts = [d.vocab_shard(s[:, a:b].contiguous(), t[:, a:b].contiguous(), y, class_offset=a, classes=n)
+                 for a, b in zip(cuts, cuts[1:])]
+        widths = []
+        for items in zip(*[p.exchanges() for p in parts]):
+            bufs = [b for b, _ in items]
+            widths.append(bufs[0].shape[1])
+            stack = torch.stack(bufs)
+            combined = stack.amax(0) if items[0][1] == "max" else stack.sum(0)
+            for b in bufs:
+                b.copy_(combined)
+        res = [p.result() for p in parts]
+        e_loss = max(abs(lo - want) / abs(want) for lo, _ in res)
+        e_grad = _rel(torch.cat([gr for _, gr in res], dim=1), gw)
+        worst = max(worst, e_loss, e_grad)
+        lines.append(f"| {name} | {rows}x{n} | {e_loss:.1e} | {e_grad:.1e} | {widths} |")
+    del s, t, y
+    torch.cuda.empty_cache()
+    return worst
+
+
 def speed(torch, fd, shapes, quick, use_compile, lines):
     """(b): the distillation loss against PyTorch eager / torch.compile / Liger / roofline."""
     F = torch.nn.functional
@@ -371,6 +410,8 @@ def main(argv=None) -> int:
         only = {x.strip() for x in args.losses.split(",") if x.strip()}
         worst = check(torch, fd, QUICK_SHAPES if args.check_quick else shapes, args.quick, lines, only,
                       not args.no_cpu)
+        lines.append("")
+        worst = max(worst, shards(torch, fd, lines, args.quick))
         lines.append("")
         lines.append(f"worst relative error of float32 results against the references: {worst:.2e} "
                      f"({'OK' if worst < 1e-5 else 'ABOVE 1e-5'}); check took {time.time() - t0:.0f} s")

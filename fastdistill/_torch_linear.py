@@ -41,23 +41,37 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     return out.contiguous()
 
 
+# classes of the weight's gradient accumulated at a time from a 16-bit chunk: the partial product (and
+# its float32 conversion) is this many rows of the weight, not all of them (a 128256 x 2048 bfloat16
+# partial is 500 MiB, its float32 copy 1 GiB)
+ACC_BLOCK = 8192
+
+
 def _accumulate(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += g.T @ x`` with ``acc`` float32 (float64 for float64 inputs). bfloat16 chunks multiply in
     bfloat16 (float32 products and sums inside the matmul; on CPUs 2-3x faster than converting them):
-    each chunk's partial is rounded once, to float32 where the device's matmul can write it, and the
-    chunks are summed in float32. float16 chunks are converted first (no fast float16 matmul on CPUs)."""
+    each partial is rounded once, to float32 where the device's matmul can write it, and the chunks are
+    summed in float32. float16 chunks are converted first (no fast float16 matmul on CPUs). 16-bit
+    partials are formed ``ACC_BLOCK`` classes at a time."""
     if g.dtype == acc.dtype:
         acc.addmm_(g.t(), x)
-    elif g.dtype == torch.bfloat16:
-        if g.is_cuda:
+        return
+    bf16 = g.dtype == torch.bfloat16
+    xa = x if bf16 else x.to(acc.dtype)
+    out_dtype = bf16 and g.is_cuda
+    for c in range(0, acc.shape[0], ACC_BLOCK):
+        part = g[:, c:c + ACC_BLOCK].t()
+        dst = acc[c:c + ACC_BLOCK]
+        if not bf16:
+            dst.addmm_(part.to(acc.dtype), xa)
+            continue
+        if out_dtype:
             try:
-                acc.add_(torch.mm(g.t(), x, out_dtype=acc.dtype))
-                return
+                dst.add_(torch.mm(part, xa, out_dtype=acc.dtype))
+                continue
             except (TypeError, RuntimeError, NotImplementedError):  # an older PyTorch: no out_dtype
-                pass
-        acc.add_(g.t() @ x)
-    else:
-        acc.addmm_(g.t().to(acc.dtype), x.to(acc.dtype))
+                out_dtype = False
+        dst.add_(part @ xa)
 
 
 def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,

@@ -75,16 +75,18 @@ class ResponseDistiller:
 
     def vocab_shard(self, student: Any, teacher: Any, labels: Any = None, *, class_offset: int, classes: int,
                     reduction: str = "mean", num_items: Any = None, want_grad: bool = True,
-                    grad_out: Any = None) -> Any:
+                    grad_out: Any = None, backend: str = "auto") -> Any:
         """This loss on one shard of a vocabulary split across processes: ``student``/``teacher`` are
         the columns ``[class_offset, class_offset + width)`` of rows of ``classes`` classes, ``labels``
         global class ids. Returns a :class:`~fastdistill.sharded.VocabShard`: combine its
         ``exchanges()`` across the shards (max or sum, in place), then ``result()`` is ``(loss, grad of
-        this shard)``, equal to the unsharded loss and the shard's columns of its gradient."""
+        this shard)``, equal to the unsharded loss and the shard's columns of its gradient. ``backend``
+        as in :meth:`loss_and_grad` (on a GPU the rounds' buffers are device arrays)."""
         from .sharded import VocabShard
 
         return VocabShard(self, student, teacher, labels, class_offset=class_offset, classes=classes,
-                          reduction=reduction, num_items=num_items, want_grad=want_grad, grad_out=grad_out)
+                          reduction=reduction, num_items=num_items, want_grad=want_grad, grad_out=grad_out,
+                          backend=backend)
 
     def compute_loss(self, student: Any, teacher: Any, hard_label: Any) -> float:
         """The loss of one 1-D row; ``hard_label`` may be None only when ``hard_label_weight == 0``."""

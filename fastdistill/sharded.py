@@ -17,7 +17,13 @@ Per row a round exchanges 2 (max), 12 (sum) and, for mixtures and TVD, 5 (sum) f
 of size ``rows x classes``. A shard forms its sums relative to its own maxima in the same pass that
 finds them (one pass over its logits before the first exchange) and moves them to the combined maxima
 after it. Any communication library works (``torch.distributed.all_reduce`` on
-``torch.from_numpy(buf)``, mpi4py's ``Allreduce(MPI.IN_PLACE, buf, op)``). CPU arrays only.
+``torch.from_numpy(buf)``, mpi4py's ``Allreduce(MPI.IN_PLACE, buf, op)``).
+
+On a GPU (``backend="cuda"``, or ``"auto"`` with device arrays: CuPy, numba, PyTorch CUDA tensors) the
+rounds' buffers are device arrays of the caller's kind (host copies for host inputs), of 2 (max), 11
+(sum) and, for mixtures and TVD, 3 (sum) float64 numbers per row: 104 or 128 bytes per row; combine
+them in place (``torch.distributed.all_reduce`` over NCCL on the tensors themselves) on the stream the
+logits were produced on. All shards of one loss use the same backend.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ class VocabShard:
 
     def __init__(self, distiller: Any, student: Any, teacher: Any, labels: Any, *, class_offset: int,
                  classes: int, reduction: str = "mean", num_items: Any = None, want_grad: bool = True,
-                 grad_out: Any = None) -> None:
+                 grad_out: Any = None, backend: str = "auto") -> None:
         s_shape, s_dtype = V.shape_dtype(student)
         t_shape, t_dtype = V.shape_dtype(teacher)
         V.check_pair(s_shape, s_dtype, t_shape, t_dtype)
@@ -63,7 +69,7 @@ class VocabShard:
         if labels is not None:
             l_shape, l_dtype = V.shape_dtype(labels)
             V.check_labels_meta(l_shape, l_dtype, s_shape)
-            glob, n_counted = V.host_labels(labels, total, distiller.ignore_index)  # global ids, range checked
+            glob, n_counted = V.host_labels(_host(labels), total, distiller.ignore_index)  # global ids, checked
             local = glob - offset
             ignored = glob == distiller.ignore_index
             lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
@@ -72,18 +78,24 @@ class VocabShard:
                                   labels is not None, _IGNORED, reduction, num_items, want_grad,
                                   distiller.hard_label_weight != 0.0)
         self._call = call
-        self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
-        self._lab = lab
         self._classes = total
         self._grad_out = grad_out
         self._student = student
+        self._next = 0  # rounds handed out
+        self._pending: tuple | None = None  # the last round's buffer, until it is read back
+        self._done = False
+        self._gpu: Any = None
+        if _dispatch.use_cuda(V.backend(backend), student, teacher, labels, grad_out):
+            # (the labels as the CPU kernels take them: _IGNORED and LABEL_ELSEWHERE are the GPU kernel's too)
+            self._gpu = _dispatch.cuda_backend().ShardRun(call, student, teacher, lab,
+                                                          _dispatch._scale(call, glob, n_counted), total, grad_out)
+            return
+        self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
+        self._lab = lab
         self._grad = (g if g is not None else np.empty_like(self._s)) if call.want_grad else None
         self._out = np.empty(call.rows, dtype=np.float64)
         self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
         self._local_max = np.empty((call.rows, _K().N_MAX), dtype=np.float64)
-        self._next = 0  # rounds handed out
-        self._pending: tuple | None = None  # the last round's buffer, until it is read back
-        self._done = False
 
     @property
     def rounds(self) -> int:
@@ -103,6 +115,9 @@ class VocabShard:
         round's buffer is read back when the next is asked for, or by :meth:`result`)."""
         if self._next:
             raise InvalidParameterError("a VocabShard's exchanges() can be taken once")
+        if self._gpu is not None:
+            yield from self._gpu_exchanges()
+            return
         K = _K()
         # 1: the maxima (the sums were formed relative to this shard's own: moved to the combined ones)
         self._run(K.SHARD_STATS)
@@ -115,6 +130,26 @@ class VocabShard:
             self._run(K.SHARD_DIV2)
             yield self._hand_out(np.ascontiguousarray(self._stats[:, K.S_KP:]), "sum",
                                  self._sums_back(K.S_KP, K.N_STATS))
+
+    def _gpu_exchanges(self) -> Iterator[tuple[Any, str]]:
+        from .cuda import _kernels as CK
+
+        run = self._gpu
+        run.step(CK.SHARD_STATS)
+        yield self._hand_out(run.exchanged("max"), "max", self._gpu_back("max", rescale=True))
+        self._take_back()
+        yield self._hand_out(run.exchanged("sum"), "sum", self._gpu_back("sum"))
+        if self._call.variant.two_pass:
+            self._take_back()
+            run.step(CK.SHARD_DIV2)
+            yield self._hand_out(run.exchanged("mix"), "sum", self._gpu_back("mix"))
+
+    def _gpu_back(self, name: str, rescale: bool = False) -> Any:
+        def back(combined: Any) -> None:
+            self._gpu.take_back(name, combined)
+            if rescale:
+                self._gpu.rescale()
+        return back
 
     def _hand_out(self, buf: np.ndarray, op: str, back: Any) -> tuple[np.ndarray, str]:
         self._pending = (buf, back)
@@ -144,12 +179,33 @@ class VocabShard:
                     f"VocabShard.result() needs all {self.rounds} exchanges combined first ({self._next} taken)"
                 )
             self._take_back()
-            self._run(_K().SHARD_FINISH)
             self._done = True
+            c = self._call
+            if self._gpu is not None:
+                from .cuda import _kernels as CK
+
+                self._gpu.step(CK.SHARD_FINISH)
+                self._gpu_result = self._gpu.result(
+                    lambda rows: _dispatch.reduce_rows(rows, c.reduction, self._gpu.scale, c.shape, c.variant.dtype))
+            else:
+                self._run(_K().SHARD_FINISH)
+        if self._gpu is not None:
+            return self._gpu_result
         c = self._call
         loss = _dispatch.reduce_rows(self._out, c.reduction, self._scale, c.shape, c.variant.dtype)
         grad = _dispatch.caller_grad(c, self._grad, self._student, self._grad_out) if c.want_grad else None
         return loss, grad
+
+
+def _host(labels: Any) -> Any:
+    """Labels on the host (a copy of device labels: O(rows), their range is checked there)."""
+    if V.is_torch(labels):
+        return labels.detach().cpu()
+    if hasattr(labels, "copy_to_host"):
+        return labels.copy_to_host()
+    if type(labels).__module__.split(".")[0] == "cupy":
+        return labels.get()
+    return labels
 
 
 def _K():  # type: ignore[no-untyped-def]

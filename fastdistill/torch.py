@@ -185,28 +185,27 @@ def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, tea
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     group = _resolve_process_group(group_name)
-    if student.device.type != "cpu":
-        raise NotImplementedError(
-            "vocab_parallel_group needs CPU tensors (a gloo group): the sharded kernels run on the CPU only "
-            f"so far, got a student on {student.device}"
-        )
     cdtype = _checked_pair(student, teacher)
+    dev = student.device
     s = _prepare(student)
     t = _prepare(teacher)
-    width = torch.tensor([s.shape[-1]], dtype=torch.int64)
+    # (on the logits' device: NCCL groups communicate CUDA tensors, gloo CPU ones)
+    width = torch.tensor([s.shape[-1]], dtype=torch.int64, device=dev)
     widths = [torch.zeros_like(width) for _ in range(dist.get_world_size(group))]
     dist.all_gather(widths, width, group=group)
+    widths_h = [int(w) for w in torch.cat(widths).cpu()]
     rank = dist.get_rank(group)
-    offset = int(sum(int(w) for w in widths[:rank]))
-    classes = int(sum(int(w) for w in widths))
-    lab = None if labels is None else _labels(labels, student.device).numpy()
+    offset = sum(widths_h[:rank])
+    classes = sum(widths_h)
+    lab = None if labels is None else _as_backend_input(_labels(labels, dev))
     gdtype = _grad_dtype(student.dtype)
-    g_out = _as_backend_input(torch.empty(s.shape, dtype=gdtype)) if (want_grad and gdtype != s.dtype) else None
+    g_out = (_as_backend_input(torch.empty(s.shape, dtype=gdtype, device=dev)) if (want_grad and gdtype != s.dtype)
+             else None)
     shard = distiller.vocab_shard(_as_backend_input(s), _as_backend_input(t), lab, class_offset=offset, classes=classes,
                                   reduction=reduction, num_items=num_items, want_grad=want_grad, grad_out=g_out)
-    for buf, op in shard.exchanges():
-        dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                        group=group)
+    for buf, op in shard.exchanges():  # CPU: NumPy buffers; CUDA: tensors on the logits' device and stream
+        dist.all_reduce(buf if isinstance(buf, torch.Tensor) else torch.from_numpy(buf),
+                        op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     loss, grad = shard.result()
     return _to_tensor(loss, cdtype, student.device), (None if grad is None else _to_tensor(grad, gdtype,
                                                                                           student.device))

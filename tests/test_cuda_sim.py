@@ -620,3 +620,93 @@ def test_sparse_teacher_gradient_in_place():
     got, g = d.loss_and_grad(ds, teacher, cuda.to_device(y), grad_out=ds, backend="cuda")
     assert got == pytest.approx(want, rel=1e-10)
     assert rel_err(ds.copy_to_host(), gw) < 1e-10
+
+
+# ------------------------------------------------------------------ vocabulary shards on the GPU
+
+SHARD_LOSSES = [
+    ("kl", lambda: fd.DistilLoss.kl_divergence(2.0)),
+    ("kl_t1", lambda: fd.DistilLoss.kl_divergence(1.0)),  # CE sharing the normaliser
+    ("reverse_kl", lambda: fd.DistilLoss.reverse_kl(3.0)),
+    ("jsd", lambda: fd.DistilLoss.jsd(0.3, 2.0)),
+    ("skew_reverse_kl", lambda: fd.DistilLoss.skew_reverse_kl(0.2, 2.0)),
+    ("tvd", lambda: fd.DistilLoss.tvd(2.0)),
+    ("mse", lambda: fd.DistilLoss.mse()),
+    ("cosine", lambda: fd.DistilLoss.cosine()),
+]
+
+
+def _combine_shards(shards):
+    """The shards' rounds side by side, combined with NumPy (what an all-reduce does); the rounds'
+    widths per row."""
+    widths = []
+    for items in zip(*[sh.exchanges() for sh in shards]):
+        ops = {op for _, op in items}
+        assert len(ops) == 1
+        bufs = [np.asarray(b) for b, _ in items]
+        widths.append(bufs[0].shape[1])
+        combined = np.max(bufs, axis=0) if ops == {"max"} else np.sum(bufs, axis=0)
+        for b in (b for b, _ in items):
+            b[...] = combined
+    return [sh.result() for sh in shards], widths
+
+
+@sim
+@pytest.mark.parametrize("name,make", SHARD_LOSSES)
+@pytest.mark.parametrize("cuts,rows", [((0, 9, 23, 40), 5), ((0, 1, 90), 3)])
+def test_vocab_shards_on_the_gpu_equal_the_whole_rows(name, make, cuts, rows):
+    """Shards run by the GPU kernels (host arrays copied over): every shard's loss and the concatenated
+    gradients equal the CPU backend on the whole rows (float64 1e-10), with a masked class, a row
+    without mass in the first shard and an ignored row; 2 or 3 rounds of 2, 11 (and 3) numbers."""
+    classes = cuts[-1]
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(rows, classes)) * 2
+    t = rng.normal(size=(rows, classes)) * 2
+    y = rng.integers(cuts[1], classes, rows)
+    y[1] = IGNORE
+    s[:, cuts[1] + 1] = t[:, cuts[1] + 1] = -np.inf
+    y[y == cuts[1] + 1] = cuts[1] + 2
+    s[2, :cuts[1]] = t[2, :cuts[1]] = -np.inf
+    y[0] = 0  # a label in the first shard
+    linear = name in ("mse", "cosine")
+    if linear:
+        s[np.isinf(s)] = 0.5
+        t[np.isinf(t)] = -0.5
+    d = fd.ResponseDistiller(make(), 0.0 if linear else 0.4, 1.0 if linear else 0.6,
+                             label_smoothing=0.0)
+    for red in ("mean", "none"):
+        want, gw = d.loss_and_grad(s, t, None if linear else y, backend="cpu", reduction=red)
+        shards = [d.vocab_shard(np.ascontiguousarray(s[:, a:b]), np.ascontiguousarray(t[:, a:b]),
+                                None if linear else y, class_offset=a, classes=classes, backend="cuda", reduction=red)
+                  for a, b in zip(cuts, cuts[1:])]
+        results, widths = _combine_shards(shards)
+        assert widths == ([2, 11, 3] if name in ("jsd", "skew_reverse_kl", "tvd") else [2, 11])
+        for loss, _ in results:
+            np.testing.assert_allclose(loss, want, rtol=1e-10, atol=1e-13)
+        got = np.concatenate([g for _, g in results], axis=1)
+        assert rel_err(got, gw) < 1e-10
+
+
+@sim
+def test_vocab_shards_on_the_gpu_float32_label_smoothing_and_device_arrays():
+    from numba import cuda
+
+    rng = np.random.default_rng(8)
+    s = (rng.normal(size=(6, 30)) * 2).astype(np.float32)
+    t = (rng.normal(size=(6, 30)) * 2).astype(np.float32)
+    y = rng.integers(0, 30, 6)
+    d = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.5, 0.5, label_smoothing=0.1)
+    want, gw = d.loss_and_grad(s, t, y, backend="cpu")
+    shards = [d.vocab_shard(cuda.to_device(np.ascontiguousarray(s[:, a:b])), cuda.to_device(np.ascontiguousarray(t[:, a:b])),
+                            cuda.to_device(y), class_offset=a, classes=30, backend="cuda")
+              for a, b in ((0, 17), (17, 30))]
+    for items in zip(*[sh.exchanges() for sh in shards]):  # device buffers: combined on the device's copies
+        bufs = [b.copy_to_host() for b, _ in items]
+        combined = np.max(bufs, axis=0) if items[0][1] == "max" else np.sum(bufs, axis=0)
+        for b, _ in items:
+            b.copy_to_device(combined)
+    results = [sh.result() for sh in shards]
+    for loss, _ in results:
+        assert loss == pytest.approx(want, rel=1e-6)
+    got = np.concatenate([g.copy_to_host() for _, g in results], axis=1)
+    assert rel_err(got, gw) < 1e-5

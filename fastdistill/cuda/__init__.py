@@ -21,7 +21,7 @@ from . import _device as D
 from . import _launch as L
 from ._device import launch_path, status
 
-__all__ = ["status", "response", "softmax", "check_label_range", "launch_path"]
+__all__ = ["status", "response", "softmax", "check_label_range", "launch_path", "ShardRun"]
 
 
 def _K():  # type: ignore[no-untyped-def]
@@ -213,6 +213,83 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     if has_labels and h[1] > 0:
         _raise_bad_labels(lab, n, call.ignore_index, stream)
     return _results(call, kind, stream, student, grad_out, float(h[2]), rows_native, (g_native, g, g_host))
+
+
+class ShardRun:
+    """One vocabulary shard's steps on the GPU (:class:`fastdistill.sharded.VocabShard`): its logits
+    as the kernels read them, this shard's labels on the device (a column of the shard,
+    ``SHARD_LABEL_ELSEWHERE`` or ``SHARD_IGNORED``), and float64 buffers in the caller's array kind:
+    ``xmax`` (2 per row), ``xsum`` (11), ``xmix`` (3), the ones the caller combines across the shards."""
+
+    def __init__(self, call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, scale: float,
+                 classes: int, grad_out: Any) -> None:
+        K = _K()
+        v = call.variant
+        rows, n = call.rows, call.n
+        s_store, t_store, _ = v.storage()
+        self.call = call
+        self.kind = kind = D.kind_of(student)
+        self.stream = stream = D.stream_for(kind, student)
+        dev = D.device_id(kind, student)
+        self.s = D.view_logits(student, kind, stream, "student", (rows, n), s_store)
+        self.t = D.view_logits(teacher, D.kind_of(teacher), stream, "teacher", (rows, n), t_store)
+        self.has_labels = lab is not None
+        self.lab = D.numba_cuda().to_device(lab, stream=stream) if lab is not None else D.dummy(np.int64, dev)
+        self.grads: tuple[Any, Any, Any] = (None, self.s, None)  # s: never written unless want_grad
+        if call.want_grad:
+            self.grads = _grad_buffer(call, student, teacher, None, grad_out, kind, self.t, self.lab, stream)
+        self.student, self.grad_out = student, grad_out
+        self.rows_native, self.row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
+        self.own = D.alloc(kind, student, (rows, K.N_SHARD_MAX), np.float64, stream)[1]
+        self.buffers = {name: D.alloc(kind, student, (rows, width), np.float64, stream)
+                        for name, width in (("max", K.N_SHARD_MAX), ("sum", K.N_SHARD_SUM), ("mix", K.N_SHARD_MIX))}
+        self.params = D.device_params(call.terms, stream, dev)
+        self.scale = float(scale)
+        self.classes = int(classes)
+        self.kernel = K.shard_kernel(v.div, v.ce, v.lin, v.math == FLOAT32)
+
+    def step(self, step: int) -> None:
+        """Launch one step (``SHARD_STATS``, ``SHARD_DIV2``, ``SHARD_FINISH`` of ``_kernels``)."""
+        c = self.call
+        grid, block, G = L.geometry(c.rows, c.n)
+        b = self.buffers
+        L.launch(self.kernel, grid, block, self.stream,
+                 (self.s, self.t, self.lab, self.has_labels, self.params, int(step), self.scale, self.classes,
+                  c.want_grad, b["max"][1], self.own, b["sum"][1], b["mix"][1], self.row_buf, self.grads[1], G))
+
+    def rescale(self) -> None:
+        """The sums moved from this shard's maxima to the combined ones (after the max exchange)."""
+        K = _K()
+        v = self.call.variant
+        grid = max(1, min((self.call.rows + 127) // 128, 1024))
+        L.launch(K.shard_rescale_kernel, grid, 128 if not D.simulated() else 8, self.stream,
+                 (self.own, self.buffers["max"][1], self.buffers["sum"][1], v.div, v.ce,
+                  float(1.0 / self.call.terms.tau)))
+
+    def exchanged(self, name: str) -> Any:
+        """A buffer the caller combines: itself for device callers, a host copy for host ones."""
+        native, view = self.buffers[name]
+        if self.kind == "host":
+            h = view.copy_to_host(stream=self.stream)
+            D.synchronize(self.stream)
+            return h
+        return native
+
+    def take_back(self, name: str, host: Any) -> None:
+        """A host caller's combined copy, back on the device."""
+        if self.kind == "host":
+            self.buffers[name][1].copy_to_device(np.ascontiguousarray(host), stream=self.stream)
+
+    def result(self, reduce: Any) -> tuple[Any, Any]:
+        """(loss, gradient) as the caller gets them: ``reduce`` (the façade's) of the row losses, or the
+        row losses themselves for ``reduction="none"``, in the caller's array kind."""
+        loss = None
+        if self.call.reduction != "none":
+            rows = self.row_buf.copy_to_host(stream=self.stream)
+            D.synchronize(self.stream)
+            loss = reduce(np.asarray(rows, dtype=np.float64).reshape(-1))
+        return _results(self.call, self.kind, self.stream, self.student, self.grad_out, loss, self.rows_native,
+                        self.grads)
 
 
 def top_k(x: Any, k: int, tau: float, storage: str) -> tuple[Any, Any]:

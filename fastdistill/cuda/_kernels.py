@@ -585,15 +585,148 @@ def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
     return constants
 
 
+def _make_pass1(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
+    """``pass1(s, t, r, n, lane, G, invt, invt64, counted, v, sh)``: pass 1 of row ``r`` by its group
+    (every thread of the block reaches the group reductions): this thread's partial statistics
+    (:func:`_make_row_sums`; none when not ``counted``), the group's maxima, the sums rescaled to them
+    and summed. Returns ``(MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN)``."""
+    HAS_DIV = DIV != DIV_NONE
+    row_sums = _make_row_sums(DIV, CE, LIN, ft)
+
+    @cuda.jit(device=True, inline=True)
+    def pass1(s, t, r, n, lane, G, invt, invt64, counted, v, sh):  # type: ignore[no-untyped-def]
+        if counted:
+            mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan = row_sums(s, t, r, n, lane, G, invt, invt64)
+        else:
+            mt = ft(NEG_INF)
+            ms = ft(NEG_INF)
+            sa = sb = sx = s1 = ssum = d2 = dst = dss = dtt = nan = 0.0
+        v[0] = mt
+        v[1] = ms
+        _group_reduce(v, 2, True, sh, G)
+        MT = v[0]
+        MS = v[1]
+        if HAS_DIV:
+            fa = _rescale(float64(mt), MT, invt64)
+            fb = _rescale(float64(ms), MS, invt64)
+            sa *= fa
+            sb *= fb
+            if DIV == DIV_FORWARD_KL:
+                sx *= fa
+            elif DIV == DIV_REVERSE_KL:
+                sx *= fb
+        if CE == CE_OWN:
+            s1 *= _rescale(float64(ms), MS, 1.0)
+        v[0] = sa
+        v[1] = sb
+        v[2] = sx
+        v[3] = s1
+        v[4] = ssum
+        v[5] = d2
+        v[6] = dst
+        v[7] = dss
+        v[8] = dtt
+        v[9] = nan
+        _group_reduce(v, NK, False, sh, G)
+        return MT, MS, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]
+
+    return pass1
+
+
+def _make_pass2(DIV):  # type: ignore[no-untyped-def]
+    """``pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq, v, sh)``:
+    the mixture / TVD terms of row ``r`` summed over its group (:func:`_make_mixture_terms`):
+    ``(KP, KQ, R)``."""
+    mixture_terms = _make_mixture_terms(DIV)
+
+    @cuda.jit(device=True, inline=True)
+    def pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq, v, sh):  # type: ignore[no-untyped-def]  # noqa: E501
+        kp = 0.0
+        kq = 0.0
+        rr = 0.0
+        if counted:
+            kp, kq, rr = mixture_terms(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq)
+        v[0] = kp
+        v[1] = kq
+        v[2] = rr
+        _group_reduce(v, 3, False, sh, G)
+        return v[0], v[1], v[2]
+
+    return pass2
+
+
+def _make_row_loss(DIV, CE, LIN):  # type: ignore[no-untyped-def]
+    """``row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN,
+    KP, KQ)``: a counted row's loss (float64) from its totals, and the cosine terms ``(cos, den)`` the
+    gradient needs; ``lab_logit`` is the student's logit at the label (read only when ``hard``)."""
+
+    @cuda.jit(device=True, inline=True)
+    def row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN, KP, KQ):  # type: ignore[no-untyped-def]  # noqa: E501
+        loss = 0.0
+        dw = P[P_DIV_W]
+        if DIV == DIV_FORWARD_KL:
+            loss += dw * _non_negative(invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
+        elif DIV == DIV_REVERSE_KL:
+            loss += dw * _non_negative(invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
+        elif DIV == DIV_MIXTURE:
+            loss += dw * (P[P_CP] * _non_negative(KP) + P[P_CQ] * _non_negative(KQ))
+        elif DIV == DIV_TVD:
+            loss += dw * 0.5 * KP
+        if CE != CE_NONE and hard:
+            lse1 = MS + math.log(S1)
+            h = (1.0 - eps) * (lse1 - lab_logit)
+            if eps != 0.0:
+                h += eps * (lse1 - SSUM / nf)
+            loss += P[P_HARD_W] * h
+        cos = 0.0
+        den = 0.0
+        if LIN:
+            den = math.sqrt(DSS) * math.sqrt(DTT)
+            cos = DST / den if den > 0.0 else 0.0
+            loss += P[P_MSE_W] * D2 / nf + P[P_COS_W] * (1.0 - cos)
+        if NAN != 0.0:
+            loss = np.nan
+        return loss, cos, den
+
+    return row_loss
+
+
+def _make_grad_pass(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
+    """``grad_pass(s, t, grad, r, n, lane, G, lab, k, k64)``: pass 3, this thread's elements of row
+    ``r``'s gradient, four per step with all loads before the stores (so ``grad`` may be ``s``)."""
+    grad_element = _make_grad_element(DIV, CE, LIN, ft)
+    loads = _make_step_loads(ft)
+
+    @cuda.jit(device=True, inline=True)
+    def grad_pass(s, t, grad, r, n, lane, G, lab, k, k64):  # type: ignore[no-untyped-def]
+        j = lane
+        while j < n:
+            s0, s1_, s2, s3, t0, t1, t2, t3, m = loads(s, t, r, j, G, n)
+            grad[r, j] = stored(grad, grad_element(s0, t0, j, lab, k, k64))
+            if m == 4:
+                grad[r, j + G] = stored(grad, grad_element(s1_, t1, j + G, lab, k, k64))
+                grad[r, j + 2 * G] = stored(grad, grad_element(s2, t2, j + 2 * G, lab, k, k64))
+                grad[r, j + 3 * G] = stored(grad, grad_element(s3, t3, j + 3 * G, lab, k, k64))
+            j += m * G
+
+    return grad_pass
+
+
+@cuda.jit(device=True, inline=True)
+def _log_weights(lam):  # type: ignore[no-untyped-def]
+    """(log lam, log(1 - lam)), -inf at the ends."""
+    return (math.log(lam) if lam > 0.0 else NEG_INF), (math.log(1.0 - lam) if lam < 1.0 else NEG_INF)
+
+
 def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
-    row_sums = _make_row_sums(DIV, CE, LIN, ft)
-    mixture_terms = _make_mixture_terms(DIV)
+    pass1 = _make_pass1(DIV, CE, LIN, ft)
+    pass2 = _make_pass2(DIV)
+    row_loss = _make_row_loss(DIV, CE, LIN)
     grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
-    grad_element = _make_grad_element(DIV, CE, LIN, ft)
-    loads = _make_step_loads(ft)
+    grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
 
     @cuda.jit(**response_options(DIV, F32))
     def kernel(s, t, labels, has_labels, ignore_index, P, info, red_mean, n_items, want_grad, out_loss, grad, G,  # type: ignore[no-untyped-def]  # noqa: E501
@@ -633,51 +766,9 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
                 lab = int64(labels[r])
                 counted = lab != ignore_index
             hard = counted and lab >= 0 and lab < n and CE != CE_NONE
-            # ---- pass 1: this thread's partial statistics, then the row's (every thread of the block
-            # reaches the group reductions)
-            if counted:
-                mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan = row_sums(s, t, r, n, lane, G, invt, invt64)
-            else:
-                mt = ft(NEG_INF)
-                ms = ft(NEG_INF)
-                sa = sb = sx = s1 = ssum = d2 = dst = dss = dtt = nan = 0.0
-            v[0] = mt
-            v[1] = ms
-            _group_reduce(v, 2, True, sh, G)
-            MT = v[0]
-            MS = v[1]
-            if HAS_DIV:
-                fa = _rescale(float64(mt), MT, invt64)
-                fb = _rescale(float64(ms), MS, invt64)
-                sa *= fa
-                sb *= fb
-                if DIV == DIV_FORWARD_KL:
-                    sx *= fa
-                elif DIV == DIV_REVERSE_KL:
-                    sx *= fb
-            if CE == CE_OWN:
-                s1 *= _rescale(float64(ms), MS, 1.0)
-            v[0] = sa
-            v[1] = sb
-            v[2] = sx
-            v[3] = s1
-            v[4] = ssum
-            v[5] = d2
-            v[6] = dst
-            v[7] = dss
-            v[8] = dtt
-            v[9] = nan
-            _group_reduce(v, NK, False, sh, G)
-            SA = v[0]
-            SB = v[1]
-            SX = v[2]
-            S1 = v[3]
-            SSUM = v[4]
-            D2 = v[5]
-            DST = v[6]
-            DSS = v[7]
-            DTT = v[8]
-            NAN = v[9]
+            # ---- pass 1: the row's statistics (every thread of the block reaches the group reductions)
+            MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN = pass1(s, t, r, n, lane, G, invt, invt64, counted,
+                                                                         v, sh)
             # a row masked entirely (-inf everywhere) has no distribution: NaN, as on the CPU
             if MT == NEG_INF:
                 SA = np.nan
@@ -692,66 +783,25 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
             cp = P[P_CP]
             cq = P[P_CQ]
             lam = P[P_LAM]
-            loglam = math.log(lam) if lam > 0.0 else NEG_INF
-            log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
+            loglam, log1mlam = _log_weights(lam)
             KP = 0.0
             KQ = 0.0
             R = 0.0
             if TWO_PASS:
-                kp = 0.0
-                kq = 0.0
-                rr = 0.0
-                if counted:
-                    kp, kq, rr = mixture_terms(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp,
-                                               cq)
-                v[0] = kp
-                v[1] = kq
-                v[2] = rr
-                _group_reduce(v, 3, False, sh, G)
-                KP = v[0]
-                KQ = v[1]
-                R = v[2]
+                KP, KQ, R = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq,
+                                  v, sh)
             # ---- row loss (float64)
             if counted:
-                loss = 0.0
-                dw = P[P_DIV_W]
-                if DIV == DIV_FORWARD_KL:
-                    loss += dw * _non_negative(invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
-                elif DIV == DIV_REVERSE_KL:
-                    loss += dw * _non_negative(invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
-                elif DIV == DIV_MIXTURE:
-                    loss += dw * (cp * _non_negative(KP) + cq * _non_negative(KQ))
-                elif DIV == DIV_TVD:
-                    loss += dw * 0.5 * KP
-                if CE != CE_NONE and hard:
-                    lse1 = MS + math.log(S1)
-                    h = (1.0 - eps) * (lse1 - float64(load(s[r, lab])))
-                    if eps != 0.0:
-                        h += eps * (lse1 - SSUM / nf)
-                    loss += P[P_HARD_W] * h
-                cos = 0.0
-                den = 0.0
-                if LIN:
-                    den = math.sqrt(DSS) * math.sqrt(DTT)
-                    cos = DST / den if den > 0.0 else 0.0
-                    loss += P[P_MSE_W] * D2 / nf + P[P_COS_W] * (1.0 - cos)
-                if NAN != 0.0:
-                    loss = np.nan
+                lab_logit = float64(load(s[r, lab])) if hard else 0.0
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST,
+                                          DSS, DTT, NAN, KP, KQ)
                 if lane == 0:
                     out_loss[r] = loss
                 # ---- pass 3: gradient, U elements per thread and step: all loads before the stores
                 if want_grad:
                     k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1,
                                             KQ, R, DSS, cos, den, lsa, lsb, loglam, log1mlam)
-                    j = lane
-                    while j < n:
-                        s0, s1_, s2, s3, t0, t1, t2, t3, m = loads(s, t, r, j, G, n)
-                        grad[r, j] = stored(grad, grad_element(s0, t0, j, lab, k, k64))
-                        if m == 4:
-                            grad[r, j + G] = stored(grad, grad_element(s1_, t1, j + G, lab, k, k64))
-                            grad[r, j + 2 * G] = stored(grad, grad_element(s2, t2, j + 2 * G, lab, k, k64))
-                            grad[r, j + 3 * G] = stored(grad, grad_element(s3, t3, j + 3 * G, lab, k, k64))
-                        j += m * G
+                    grad_pass(s, t, grad, r, n, lane, G, lab, k, k64)
             elif r < rows:
                 if lane == 0:
                     out_loss[r] = 0.0
@@ -763,6 +813,176 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
             _sum_in_last_block(out_loss, rows, info, scale, v, sh, tid, nthr)
 
     return kernel
+
+
+# ---------------------------------------------------------------- vocabulary shards
+#
+# A row whose classes are split across processes (``fastdistill.sharded``): one launch per step of a
+# shard, the caller combining the shards' numbers between the steps. SHARD_STATS: pass 1 over the
+# shard's columns, its maxima into ``xmax`` and its sums relative to them into ``xsum``; the caller
+# takes the maxima's max, :func:`shard_rescale_kernel` moves the sums to the combined maxima, the caller
+# sums them; SHARD_DIV2 (mixtures and TVD): pass 2's sums into ``xmix``, summed by the caller;
+# SHARD_FINISH: the row losses (the same on every shard) and this shard's gradient.
+
+SHARD_STATS = 0
+SHARD_DIV2 = 1
+SHARD_FINISH = 2
+N_SHARD_MAX = 2  # MT, MS: combined with max
+N_SHARD_SUM = 11  # SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN, the label's logit: summed
+N_SHARD_MIX = 3  # KP, KQ, R: summed
+SHARD_LABEL_ELSEWHERE = -2  # a label in another shard (as the CPU kernels')
+SHARD_IGNORED = np.iinfo(np.int64).min  # an ignored row's label (ignore_index may be a column)
+
+_SHARD: dict = {}
+
+
+def shard_kernel(div: int, ce: int, lin: bool, f32: bool):  # type: ignore[no-untyped-def]
+    """The shard-step kernel of one variant: ``kernel[grid, block, stream](s, t, labels, has_labels, P,
+    step, scale, classes, want_grad, xmax, own_max, xsum, xmix, out_loss, grad, G)``; ``labels``: a column of the
+    shard, SHARD_LABEL_ELSEWHERE or SHARD_IGNORED; ``classes`` the whole row's width; ``scale`` the
+    reduction's factor; ``xmax``/``xsum``/``xmix`` float64 ``(rows, N_SHARD_*)``, ``own_max`` a copy of
+    this shard's maxima for :func:`shard_rescale_kernel`."""
+    key = (div, ce, lin, f32)
+    k = _SHARD.get(key)
+    if k is None:
+        k = _SHARD[key] = _make_shard(div, ce, lin, f32)
+    return k
+
+
+def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
+    ft = float32 if F32 else float64
+    HAS_DIV = DIV != DIV_NONE
+    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    pass1 = _make_pass1(DIV, CE, LIN, ft)
+    pass2 = _make_pass2(DIV)
+    row_loss = _make_row_loss(DIV, CE, LIN)
+    grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
+    grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
+
+    @cuda.jit(device=True, inline=True)
+    def totals(xmax, xsum, r):  # type: ignore[no-untyped-def]
+        """A row's combined statistics, a fully masked row's normalisers NaN (as :func:`_make_response`)."""
+        MT = xmax[r, 0]
+        MS = xmax[r, 1]
+        SA = xsum[r, 0]
+        SB = xsum[r, 1]
+        S1 = xsum[r, 3]
+        if MT == NEG_INF:
+            SA = np.nan
+        if MS == NEG_INF:
+            SB = np.nan
+            S1 = np.nan
+        if CE == CE_SHARED:
+            S1 = SB
+        lsa = math.log(SA) if HAS_DIV else 0.0
+        lsb = math.log(SB) if HAS_DIV else 0.0
+        return MT, MS, SA, SB, S1, lsa, lsb
+
+    @cuda.jit(**response_options(DIV, F32))
+    def kernel(s, t, labels, has_labels, P, step, scale, classes, want_grad, xmax, own_max, xsum, xmix, out_loss, grad,  # type: ignore[no-untyped-def]  # noqa: E501
+               G):
+        rows = int64(s.shape[0])
+        n = int64(s.shape[1])
+        tid = int64(cuda.threadIdx.x)
+        nthr = int64(cuda.blockDim.x)
+        gpb = nthr // G
+        lane = tid % G
+        sh = cuda.shared.array((NK, SH), float64)
+        v = cuda.local.array(NK, float64)
+        invt64 = 1.0 / P[P_TAU]
+        invt = ft(invt64)
+        eps = P[P_SMOOTH]
+        nf = float64(classes)
+        cp = P[P_CP]
+        cq = P[P_CQ]
+        lam = P[P_LAM]
+        loglam, log1mlam = _log_weights(lam)
+        stride = int64(cuda.gridDim.x) * gpb
+        for base in range(int64(cuda.blockIdx.x) * gpb, rows, stride):  # uniform across the block
+            r = base + tid // G
+            counted = r < rows
+            lab = int64(-1)
+            if counted and has_labels:
+                lab = int64(labels[r])
+                counted = lab != SHARD_IGNORED
+            if step == SHARD_STATS:
+                MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN = pass1(s, t, r, n, lane, G, invt, invt64,
+                                                                             counted, v, sh)
+                if lane == 0 and r < rows:
+                    if not counted:  # (finite: combined with the other shards', never read)
+                        MT = MS = SA = SB = SX = S1 = SSUM = D2 = DST = DSS = DTT = NAN = 0.0
+                    xmax[r, 0] = MT
+                    xmax[r, 1] = MS
+                    own_max[r, 0] = MT  # (kept: xmax is combined in place)
+                    own_max[r, 1] = MS
+                    xsum[r, 0] = SA
+                    xsum[r, 1] = SB
+                    xsum[r, 2] = SX
+                    xsum[r, 3] = S1
+                    xsum[r, 4] = SSUM
+                    xsum[r, 5] = D2
+                    xsum[r, 6] = DST
+                    xsum[r, 7] = DSS
+                    xsum[r, 8] = DTT
+                    xsum[r, 9] = NAN
+                    xsum[r, 10] = float64(load(s[r, lab])) if (counted and CE != CE_NONE and lab >= 0) else 0.0
+            elif step == SHARD_DIV2:
+                if TWO_PASS:
+                    MT = MS = lsa = lsb = 0.0
+                    if counted:
+                        MT, MS, SA, SB, S1, lsa, lsb = totals(xmax, xsum, r)
+                    KP, KQ, R = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp,
+                                      cq, v, sh)
+                    if lane == 0 and r < rows:
+                        xmix[r, 0] = KP
+                        xmix[r, 1] = KQ
+                        xmix[r, 2] = R
+            elif counted:  # SHARD_FINISH
+                MT, MS, SA, SB, S1, lsa, lsb = totals(xmax, xsum, r)
+                KP = 0.0
+                KQ = 0.0
+                R = 0.0
+                if TWO_PASS:
+                    KP = xmix[r, 0]
+                    KQ = xmix[r, 1]
+                    R = xmix[r, 2]
+                hard = has_labels and CE != CE_NONE
+                SX = xsum[r, 2]
+                DSS = xsum[r, 7]
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, xsum[r, 10], MT, MS, SA, SB, SX, S1, xsum[r, 4],
+                                          xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], xsum[r, 9], KP, KQ)
+                if lane == 0:
+                    out_loss[r] = loss
+                if want_grad:
+                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1,
+                                            KQ, R, DSS, cos, den, lsa, lsb, loglam, log1mlam)
+                    grad_pass(s, t, grad, r, n, lane, G, lab, k, k64)
+            elif r < rows:
+                if lane == 0:
+                    out_loss[r] = 0.0
+                if want_grad:
+                    for j in range(lane, n, G):
+                        grad[r, j] = stored(grad, ft(0.0))
+
+    return kernel
+
+
+@cuda.jit(**_JIT)
+def shard_rescale_kernel(own_max, xmax, xsum, div, ce, invt64):  # type: ignore[no-untyped-def]
+    """A shard's sums (``xsum``, relative to its own maxima ``own_max``) moved to the combined maxima
+    ``xmax``: the exponential sums and the KL cross term by ``exp((own - combined) / T)`` (the
+    cross-entropy's at temperature 1); the other sums do not depend on a reference."""
+    for r in range(cuda.grid(1), xsum.shape[0], cuda.gridsize(1)):
+        fa = _rescale(own_max[r, 0], xmax[r, 0], invt64)
+        fb = _rescale(own_max[r, 1], xmax[r, 1], invt64)
+        xsum[r, 0] *= fa
+        xsum[r, 1] *= fb
+        if div == DIV_FORWARD_KL:
+            xsum[r, 2] *= fa
+        elif div == DIV_REVERSE_KL:
+            xsum[r, 2] *= fb
+        if ce == CE_OWN:
+            xsum[r, 3] *= _rescale(own_max[r, 1], xmax[r, 1], 1.0)
 
 
 @cuda.jit(device=True)

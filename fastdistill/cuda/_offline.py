@@ -16,7 +16,18 @@ import contextlib
 import re
 from typing import Any, Iterator, NamedTuple
 
-from .._spec import CE_NAMES, CE_OWN, DIV_FORWARD_KL, DIV_NAMES, FLOAT32, FLOAT64, STORAGES, reachable
+from .._spec import (
+    BFLOAT16,
+    CE_NAMES,
+    CE_OWN,
+    DIV_FORWARD_KL,
+    DIV_MIXTURE,
+    DIV_NAMES,
+    FLOAT32,
+    FLOAT64,
+    STORAGES,
+    reachable,
+)
 
 
 class Variant(NamedTuple):
@@ -112,6 +123,18 @@ def variants(fused_all: bool = False) -> list[Variant]:
         out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
         out.append(Variant(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
                            (arr(st, 2), T.int64, T.float64, arr(T.int64, 2), arr(T.float64, 2), T.int64), None))
+    # vocabulary shards: the variants a tensor-parallel LLM run uses most (the others compile on a GPU's
+    # first call; they share every device function with the response kernels compiled above)
+    for div, ce, storage in ((DIV_FORWARD_KL, CE_OWN, FLOAT32), (DIV_FORWARD_KL, CE_OWN, BFLOAT16),
+                             (DIV_MIXTURE, CE_OWN, FLOAT32)):
+        st = from_dtype(DEVICE_DTYPES[storage])
+        f64 = arr(T.float64, 2)
+        sig = (arr(st, 2), arr(st, 2), arr(T.int64), T.boolean, arr(T.float64), T.int64, T.float64, T.int64,
+               T.boolean, f64, f64, f64, f64, arr(T.float64), arr(st, 2), T.int64)
+        out.append(Variant(f"vocab shard {DIV_NAMES[div]}, {CE_NAMES[ce]}, {storage}",
+                           K.shard_kernel(div, ce, False, True), sig, K.response_options(div, True).get("max_registers")))
+    out.append(Variant("vocab shard rescale", K.shard_rescale_kernel,
+                       (arr(T.float64, 2), arr(T.float64, 2), arr(T.float64, 2), T.int64, T.int64, T.float64), None))
     out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
     out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
                        None))
