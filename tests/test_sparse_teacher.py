@@ -138,6 +138,36 @@ def test_every_tail_and_divergence_against_float64(kind, tail, tau, dtype):
     assert float(rows.astype(np.float64).sum()) / 8 == pytest.approx(loss, rel=1e-6 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("tau", [2.0, 4.0, 3.0])
+@pytest.mark.parametrize("tail", ["renormalize", "support"])
+def test_long_rows_in_spans_and_the_power_trick(tau, tail):
+    """Rows wider than the statistics pass's span (several spans, the maximum in a later one, a first
+    span masked whole), label smoothing, float32 at T = 2 and 4 (the cross-entropy's normaliser from the
+    divergence's exponentials) and 3 (two exponentials): within 1e-5 of the float64 reference."""
+    from fastdistill.cpu._sparse import SPAN
+
+    n = 2 * SPAN + 37
+    s, idx, vals, y = batch(4, n, 9, seed=int(tau * 7), pad=True)
+    s[2, :SPAN] = -np.inf  # the first span of a row masked
+    s[3, -5] = 12.0  # the maximum in the last span
+    y[2] = SPAN + 3
+    idx[2] = np.argsort(-s[2])[:9]  # (the support among its finite columns)
+    d = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.4, 0.6, label_smoothing=0.0)
+    teacher = SparseTeacher(idx, vals.astype(np.float32), tail=tail)
+    loss, grad = d.loss_and_grad(s.astype(np.float32), teacher, y)
+    ref_loss, ref_grad = reference("kl_divergence", tail, s.astype(np.float32).astype(np.float64), idx,
+                                   vals.astype(np.float32).astype(np.float64), y, tau, 0.4, 0.6)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert rel_err(grad, ref_grad) < 1e-5
+    # label smoothing's logit sum over the spans (no masked class: it would be infinite)
+    s2 = np.where(np.isinf(s), -30.0, s).astype(np.float32)
+    ds = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.4, 0.6, label_smoothing=0.1)
+    got = ds.loss(s2, teacher, y)
+    dense_ce = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.4, 0.0, label_smoothing=0.1).loss(s2, s2, y)
+    no_ce = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.0, 0.6).loss(s2, teacher, y)
+    assert got == pytest.approx(dense_ce + no_ce, rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", list(SOFT))
 def test_every_class_with_renormalize_equals_the_dense_teacher(kind):
     if kind == "reverse_kl":

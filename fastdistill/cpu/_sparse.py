@@ -5,8 +5,9 @@ or logits). Its loss touches the full student row only through three row sums --
 normaliser of ``softmax(s / tau)`` and, for the cross-entropy at another temperature, that of
 ``softmax(s)`` -- and the k student logits at the teacher's ids. So per row:
 
-1. two streaming passes over the student row (maximum; exponential sums), vectorized, as the dense
-   kernels' ``_max_nan`` and ``_expsum``;
+1. one streaming pass over the student row for its statistics: spans of ``SPAN`` columns, each span's
+   maximum and then its exponential sums (read from cache) with an online rescale, vectorized as the
+   dense kernels' ``_max_nan`` and ``_expsum``;
 2. the divergence over k (or k + 1) *bins* in float64, from k gathers: the teacher's bins, and for the
    ``"renormalize"`` and ``"bucket"`` tails one bin for the mass outside the support;
 3. (gradient) one dense write ``g_j = a * q_j + b * q1_j + c`` -- every class outside the support has
@@ -45,7 +46,7 @@ from .._spec import (
     TAIL_SUPPORT,
     TAU_FLOAT64_MATH,
 )
-from ._kernels import JIT, JIT_INNER, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
+from ._kernels import JIT, JIT_INNER, _count_eq, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
 from ._math import borrowed, fexp, inline_into_callers, wide_vectors
 
 _logaddexp = njit(**JIT_INNER)(logaddexp)
@@ -73,25 +74,91 @@ def _bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-u
     return _sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
 
 
+# columns of a row read at a time by the statistics pass: a span's maximum and then its exponential
+# sums read it from L1 (16 KB of float32), so the row streams from memory once for all its statistics
+SPAN = 4096
+
+
 @njit(**JIT_INNER)
-def _dense_coefficients(s_row, ms, invt, ce, tau, f64_math):  # type: ignore[no-untyped-def]
-    """(Z, Z1): the normalisers of ``softmax(s / tau)`` and (cross-entropy at another temperature)
-    ``softmax(s)`` relative to the row maximum ``ms``."""
+def _power(e, pw):  # type: ignore[no-untyped-def]
+    """``e ** pw`` for pw 2 or 4 (``exp(d) = exp(d / tau) ** tau``: one exponential for both softmaxes)."""
+    inline_into_callers()
+    e2 = e * e
+    return e2 if pw == 2 else e2 * e2
+
+
+@njit(**JIT_INNER)
+def _expsum_pow(x, m, it, pw):  # type: ignore[no-untyped-def]
+    """(sum exp((x - m) * it), sum of its ``pw``-th powers): both normalisers from one exponential per
+    column, summed in the input's precision per span (float64 totals), the columns at ``m`` counted
+    exactly as in ``_expsum``."""
+    wide_vectors()
+    inline_into_callers()
+    zero = as_type_of(m, 0.0)
+    one = as_type_of(m, 1.0)
+    a = zero
+    b = zero
+    for j in range(x.shape[0]):
+        d = as_type_of(m, x[j]) - m
+        e = fexp(d * it) * (zero if d == zero else one)
+        a += e
+        b += _power(e, pw)
+    k = np.float64(_count_eq(x, m))
+    return k + np.float64(a), k + np.float64(b)
+
+
+@njit(**JIT_INNER)
+def _span_sums(x, m, invt, two, pw, f64_math):  # type: ignore[no-untyped-def]
+    """(sum exp((x - m) / tau), sum exp(x - m) when ``two``) over one span, in the row's arithmetic."""
     inline_into_callers()
     if f64_math:
-        z = _expsum(s_row, ms, invt, 0)
+        z = _expsum(x, m, invt, 0)
+        z1 = _expsum(x, m, 1.0, 0) if two else 0.0
+    elif pw != 0:
+        z, z1 = _expsum_pow(x, np.float32(m), np.float32(invt), pw)
     else:
-        z = _expsum(s_row, np.float32(ms), np.float32(invt), 0)
-    z1 = z
-    if ce != CE_NONE and ce != CE_SHARED:
-        z1 = _expsum(s_row, np.float32(ms), np.float32(1.0), 0) if not f64_math else _expsum(s_row, ms, 1.0, 0)
+        z = _expsum(x, np.float32(m), np.float32(invt), 0)
+        z1 = _expsum(x, np.float32(m), np.float32(1.0), 0) if two else 0.0
     return z, z1
 
 
 @njit(**JIT_INNER)
-def _write_dense(g_row, s_row, ms, invt, a, b, c, two):  # type: ignore[no-untyped-def]
-    """``g_j = a * exp((s_j - ms) * invt) + b * exp(s_j - ms) + c`` (``b`` only when ``two``), in the
-    arithmetic precision of the row, rounded once into ``g``'s storage."""
+def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum):  # type: ignore[no-untyped-def]
+    """(max, NaN seen, Z, Z1, sum of the logits): the row maximum and the normalisers of ``softmax(s /
+    tau)`` and (cross-entropy at another temperature) ``softmax(s)`` relative to it, in one streaming
+    pass of spans with an online rescale (a span's maximum, then its sums from cache). ``pw`` (2 or 4,
+    float32 arithmetic, tau = pw): both normalisers from one exponential per column."""
+    n = s_row.shape[0]
+    two = ce != CE_NONE and ce != CE_SHARED
+    ms = -np.inf
+    nan = False
+    z = 0.0
+    z1 = 0.0
+    ssum = 0.0
+    for c0 in range(0, n, SPAN):
+        x = s_row[c0:min(n, c0 + SPAN)]
+        m, nan_x = _max_nan(x, arithmetic_zero(x))
+        nan = nan or nan_x
+        if m > ms:
+            if ms != -np.inf:
+                z *= math.exp((ms - m) * invt)
+                z1 *= math.exp(ms - m)
+            ms = m
+        if ms != -np.inf:
+            zx, z1x = _span_sums(x, ms, invt, two, pw, f64_math)
+            z += zx
+            z1 += z1x
+        if with_sum:
+            for j in range(x.shape[0]):
+                ssum += as_type_of(0.0, x[j])
+    return ms, nan, z, (z1 if two else z), ssum
+
+
+@njit(**JIT_INNER)
+def _write_dense(g_row, s_row, ms, invt, a, b, c, two, pw):  # type: ignore[no-untyped-def]
+    """``g_j = a * exp((s_j - ms) * invt) + b * exp(s_j - ms) + c`` (``b`` only when ``two``; its
+    exponential the first's ``pw``-th power when ``pw``), in the arithmetic precision of the row,
+    rounded once into ``g``'s storage."""
     inline_into_callers()
     wide_vectors()
     ct = arithmetic_zero(s_row)
@@ -100,7 +167,11 @@ def _write_dense(g_row, s_row, ms, invt, a, b, c, two):  # type: ignore[no-untyp
     cf = as_type_of(ct, c)
     mf = as_type_of(ct, ms)
     it = as_type_of(ct, invt)
-    if two:
+    if two and pw != 0:
+        for j in range(s_row.shape[0]):
+            e = fexp((as_type_of(ct, s_row[j]) - mf) * it)
+            g_row[j] = stored(g_row, af * e + bf * _power(e, pw) + cf)
+    elif two:
         for j in range(s_row.shape[0]):
             d = as_type_of(ct, s_row[j]) - mf
             g_row[j] = stored(g_row, af * fexp(d * it) + bf * fexp(d) + cf)
@@ -131,6 +202,11 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
     loglam = math.log(lam) if lam > 0.0 else -np.inf
     log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
     f64_math = _is_float64(s) or tau > TAU_FLOAT64_MATH
+    # the power trick (as the dense kernels' pw variants): the cross-entropy's exp(s - max) is the
+    # divergence's exp((s - max) / tau) to the power tau, for tau 2 and 4 in float32 arithmetic
+    pw = 0
+    if ce != CE_NONE and ce != CE_SHARED and not f64_math:
+        pw = 4 if tau == 4.0 else (2 if tau == 2.0 else 0)
     for r in prange(rows):
         ri = np.int64(r)
         lab = labels[r] if has_labels else np.int64(-1)
@@ -142,12 +218,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
                     g_row[j] = stored(g_row, 0.0)
             continue
         s_row = borrowed(s, ri, 0, n)
-        ms, nan = _max_nan(s_row, arithmetic_zero(s_row))
-        z, z1 = _dense_coefficients(s_row, ms, invt, ce, tau, f64_math)
-        ssum = 0.0
-        if ce != CE_NONE and eps != 0.0:
-            for j in range(n):
-                ssum += as_type_of(0.0, s_row[j])
+        ms, nan, z, z1, ssum = _row_statistics(s_row, invt, ce, pw, f64_math, ce != CE_NONE and eps != 0.0)
         lz = math.log(z)
         # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
         ids = idx[r]
@@ -234,7 +305,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         sup = np.empty(k + 1, np.float64)
         _support_values(sup, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
                         lab_c, tail, div, loglam, log1mlam, lam, cp, cq)
-        _write_dense(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0)
+        _write_dense(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0, pw)
         _scatter_support(g_row, ids, sup, lab_c)
 
 

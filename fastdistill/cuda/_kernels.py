@@ -655,13 +655,16 @@ def _make_pass2(DIV):  # type: ignore[no-untyped-def]
     return pass2
 
 
-def _make_row_loss(DIV, CE, LIN):  # type: ignore[no-untyped-def]
-    """``row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN,
-    KP, KQ)``: a counted row's loss (float64) from its totals, and the cosine terms ``(cos, den)`` the
-    gradient needs; ``lab_logit`` is the student's logit at the label (read only when ``hard``)."""
+def _make_row_loss(DIV, CE, LIN, LAB_GIVEN):  # type: ignore[no-untyped-def]
+    """``row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, cp, cq, MT, MS, SA, SB, SX, S1, SSUM, D2,
+    DST, DSS, DTT, NAN, KP, KQ)``: a counted row's loss (float64) from its totals, and the cosine terms
+    ``(cos, den)`` the gradient needs. The student's logit at the label is ``lab_logit`` with
+    ``LAB_GIVEN``, else read from ``s[r, lab]``, only when ``hard`` (read late: loading it before the
+    divergence costs ptxas 24 more bytes of spills in the forward-KL variants)."""
 
     @cuda.jit(device=True, inline=True)
-    def row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN, KP, KQ):  # type: ignore[no-untyped-def]  # noqa: E501
+    def row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, cp, cq, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS,  # type: ignore[no-untyped-def]  # noqa: E501
+                 DTT, NAN, KP, KQ):
         loss = 0.0
         dw = P[P_DIV_W]
         if DIV == DIV_FORWARD_KL:
@@ -669,12 +672,12 @@ def _make_row_loss(DIV, CE, LIN):  # type: ignore[no-untyped-def]
         elif DIV == DIV_REVERSE_KL:
             loss += dw * _non_negative(invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
         elif DIV == DIV_MIXTURE:
-            loss += dw * (P[P_CP] * _non_negative(KP) + P[P_CQ] * _non_negative(KQ))
+            loss += dw * (cp * _non_negative(KP) + cq * _non_negative(KQ))
         elif DIV == DIV_TVD:
             loss += dw * 0.5 * KP
         if CE != CE_NONE and hard:
             lse1 = MS + math.log(S1)
-            h = (1.0 - eps) * (lse1 - lab_logit)
+            h = (1.0 - eps) * (lse1 - (lab_logit if LAB_GIVEN else float64(load(s[r, lab]))))
             if eps != 0.0:
                 h += eps * (lse1 - SSUM / nf)
             loss += P[P_HARD_W] * h
@@ -724,7 +727,7 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
     pass1 = _make_pass1(DIV, CE, LIN, ft)
     pass2 = _make_pass2(DIV)
-    row_loss = _make_row_loss(DIV, CE, LIN)
+    row_loss = _make_row_loss(DIV, CE, LIN, False)
     grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
     grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
 
@@ -792,9 +795,8 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
                                   v, sh)
             # ---- row loss (float64)
             if counted:
-                lab_logit = float64(load(s[r, lab])) if hard else 0.0
-                loss, cos, den = row_loss(P, invt64, eps, nf, hard, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST,
-                                          DSS, DTT, NAN, KP, KQ)
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, 0.0, cp, cq, MT, MS, SA, SB, SX, S1,
+                                          SSUM, D2, DST, DSS, DTT, NAN, KP, KQ)
                 if lane == 0:
                     out_loss[r] = loss
                 # ---- pass 3: gradient, U elements per thread and step: all loads before the stores
@@ -855,7 +857,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
     pass1 = _make_pass1(DIV, CE, LIN, ft)
     pass2 = _make_pass2(DIV)
-    row_loss = _make_row_loss(DIV, CE, LIN)
+    row_loss = _make_row_loss(DIV, CE, LIN, True)
     grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
     grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
 
@@ -949,8 +951,8 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
                 hard = has_labels and CE != CE_NONE
                 SX = xsum[r, 2]
                 DSS = xsum[r, 7]
-                loss, cos, den = row_loss(P, invt64, eps, nf, hard, xsum[r, 10], MT, MS, SA, SB, SX, S1, xsum[r, 4],
-                                          xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], xsum[r, 9], KP, KQ)
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, xsum[r, 10], cp, cq, MT, MS, SA, SB, SX,
+                                          S1, xsum[r, 4], xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], xsum[r, 9], KP, KQ)
                 if lane == 0:
                     out_loss[r] = loss
                 if want_grad:
