@@ -379,44 +379,73 @@ def _insert(best_v, best_i, m, v, i):  # type: ignore[no-untyped-def]
 SELECT_BLOCK = 32
 
 
+@njit(**JIT_INNER)
+def _count_at_least(x, v):  # type: ignore[no-untyped-def]
+    """How many of ``x`` are >= ``v`` (an integer reduction: vectorized, unlike a float maximum)."""
+    wide_vectors()
+    inline_into_callers()
+    c = 0
+    for j in range(x.shape[0]):
+        c += 1 if as_type_of(v, x[j]) >= v else 0
+    return c
+
+
+@njit(**JIT_INNER)
+def _select_span(x, c0, bv, bi, m, k, ct):  # type: ignore[no-untyped-def]
+    """The columns of span ``x`` (starting at column ``c0``) that enter the top ``k`` so far (``bv``/``bi``,
+    ``m`` filled): the span, then each block of ``SELECT_BLOCK`` columns, is scanned only when one of
+    its values can enter (reaches the k-th value: vectorized counts). Returns the new ``m``."""
+    n = x.shape[0]
+    if m == k and _count_at_least(x, as_type_of(ct, bv[k - 1])) == 0:
+        return m  # (most spans of a long row: nothing reaches the k-th value)
+    for j0 in range(0, n, SELECT_BLOCK):
+        j1 = min(n, j0 + SELECT_BLOCK)
+        blk = x[j0:j1]
+        if m == k and _count_at_least(blk, as_type_of(ct, bv[k - 1])) == 0:
+            continue
+        for j in range(j1 - j0):
+            v = np.float64(as_type_of(ct, blk[j]))
+            col = np.int64(c0 + j0 + j)
+            if m < k:
+                _insert(bv, bi, m, v, col)
+                m += 1
+            elif v > bv[k - 1] or (v == bv[k - 1] and col < bi[k - 1]):
+                _insert(bv, bi, k - 1, v, col)
+    return m
+
+
 @njit(parallel=True, **JIT)
 def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
     """Per row of ``x`` ``(rows, n)``: the ids of the ``k`` largest logits (decreasing; ties: lower id
-    first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64. The row's
-    maximum and normaliser come from the vectorized passes; the selection scans a block of
-    ``SELECT_BLOCK`` columns only when the block's maximum can enter the current top k."""
+    first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64. One
+    streaming pass of ``SPAN``-column spans: a span's maximum, its exponential sums (online rescale)
+    and its candidates (:func:`_select_span`), all from cache after the span's first read."""
     rows, n = x.shape
     for r in prange(rows):
         ri = np.int64(r)
         xr = borrowed(x, ri, 0, n)
         ct = arithmetic_zero(xr)
-        ms, nan = _max_nan(xr, ct)
-        if _is_float64(xr):
-            z = _expsum(xr, ms, invt, 0)
-        else:
-            z = _expsum(xr, np.float32(ms), np.float32(invt), 0)
-        lse = ms * invt + math.log(z)
-        if nan:
-            lse = np.nan
+        f64 = _is_float64(xr)
         bv = np.empty(k, np.float64)
         bi = np.empty(k, np.int64)
         m = 0
-        for j0 in range(0, n, SELECT_BLOCK):
-            j1 = min(n, j0 + SELECT_BLOCK)
-            blk = xr[j0:j1]
-            top = as_type_of(ct, blk[0])
-            for j in range(1, j1 - j0):
-                v = as_type_of(ct, blk[j])
-                top = v if v > top else top
-            if m == k and not (np.float64(top) >= bv[k - 1]):
-                continue
-            for j in range(j1 - j0):
-                v = np.float64(as_type_of(ct, blk[j]))
-                if m < k:
-                    _insert(bv, bi, m, v, np.int64(j0 + j))
-                    m += 1
-                elif v > bv[k - 1] or (v == bv[k - 1] and j0 + j < bi[k - 1]):
-                    _insert(bv, bi, k - 1, v, np.int64(j0 + j))
+        ms = -np.inf
+        nan = False
+        z = 0.0
+        for c0 in range(0, n, SPAN):
+            span = xr[c0:min(n, c0 + SPAN)]
+            mx, nan_x = _max_nan(span, ct)
+            nan = nan or nan_x
+            if mx > ms:
+                if ms != -np.inf:
+                    z *= math.exp((ms - mx) * invt)
+                ms = mx
+            if ms != -np.inf:
+                z += _span_sums(span, ms, invt, False, 0, f64)[0]
+            m = _select_span(span, c0, bv, bi, m, k, ct)
+        lse = ms * invt + math.log(z)
+        if nan:
+            lse = np.nan
         for b in range(k):
             out_idx[r, b] = bi[b]
             out_val[r, b] = bv[b] * invt - lse
