@@ -373,9 +373,9 @@ def _insert(best_v, best_i, m, v, i):  # type: ignore[no-untyped-def]
         best_i[pos] = i
 
 
-# columns per block of the selection: a block is scanned element by element only when its maximum can
-# enter the top k (32: 1.25x faster than 128 at 1024x128256, k = 64, where ~500 blocks a row qualify; 16
-# and a pass that fuses the maxima, the normaliser and the blocks' maxima were slower)
+# columns per block of the selection: a block is scanned element by element only when one of its values
+# reaches the current k-th (32 was 1.25x faster than 128 at 1024x128256, k = 64, where ~500 blocks a
+# row qualify, when blocks were tested by their maxima; not re-tuned for the counts)
 SELECT_BLOCK = 32
 
 
