@@ -7,7 +7,8 @@ from typing import Sequence
 
 COMMANDS = {
     "bench": ("fastdistill.bench", "time the kernels side by side with NumPy, PyTorch and memory floors"),
-    "demo": ("fastdistill.demo", "distill a teacher into a student on real data, with and without KD"),
+    "demo": ("fastdistill.demo", "distill a teacher into a student on real data, with and without KD "
+             "('demo lm': a GPT student through the fused linear head)"),
     "capi": ("fastdistill.capi", "print the C header path and the C entry points' addresses"),
     "warmup": ("fastdistill._warmup", "compile kernel variants ahead of a job (into the on-disk cache)"),
 }

@@ -592,6 +592,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         prog="fastdistill demo",
         description="Distil a NumPy MLP teacher into a small student on scikit-learn's digits, with and "
                     "without knowledge distillation, using fastdistill's fused loss+gradient kernels.",
+        epilog="'fastdistill demo lm' is the language-model demo: a GPT teacher distilled into a smaller "
+               "student through FusedLinearDistillationLoss (needs PyTorch; see 'fastdistill demo lm --help').",
     )
     ap.add_argument("--backend", choices=("cpu", "cuda", "auto"), default=d.backend,
                     help="where the loss kernels run (auto: the library's rule, NumPy inputs run on the CPU; "
