@@ -18,6 +18,8 @@ from . import _validate as V
 from .distillers import ResponseDistiller
 from .torch import (
     _as_backend_input,
+    _grad_dtype,
+    _loss_dtype,
     _check_tensor,
     _decode,
     _describe,
@@ -106,9 +108,10 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     # float16 cannot hold a large batch's per-element gradients of the mean (smallest normal 6e-5): its
     # chunks' logit gradients are computed unscaled (num_items=1, values within [-1, 1] times the
     # weights), the 1/num_items factor is applied in float32 afterwards, and the three gradients stay in
-    # float32 until backward has applied the upstream factor (a GradScaler's), as DistillationLoss does.
-    unscaled = x.dtype == torch.float16
-    grad_input = (torch.empty(x.shape, dtype=acc if unscaled else x.dtype, device=x.device) if want_grad
+    # float32 until backward has applied the upstream factor (a GradScaler's), as DistillationLoss does
+    # (its _grad_dtype)
+    unscaled = _grad_dtype(x.dtype) != x.dtype
+    grad_input = (torch.empty(x.shape, dtype=_grad_dtype(x.dtype), device=x.device) if want_grad
                   else x.new_empty(0))
     grad_weight = torch.zeros(w.shape, dtype=acc, device=w.device) if want_grad else w.new_empty(0)
     grad_bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device) if (want_grad and b is not None)
@@ -149,8 +152,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
         if want_grad:
             for g in (grad_input, grad_weight, grad_bias):
                 g /= n_items
-    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    loss_t = torch.tensor(total, dtype=out_dtype, device=x.device)
+    loss_t = torch.tensor(total, dtype=_loss_dtype(x.dtype), device=x.device)
     if want_grad:
         grad_input = grad_input.reshape(student_input.shape)
         if not unscaled:
@@ -167,12 +169,11 @@ _fused_op = torch.library.custom_op(_OP, _fused_impl, mutates_args=())
 def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,  # type: ignore[no-untyped-def]  # noqa: E501
                 call, chunk_size, num_items, sparse):
     want = call[-1] != 0.0
-    out_dtype = torch.float64 if student_input.dtype == torch.float64 else torch.float32
-    loss = student_input.new_empty((), dtype=out_dtype)
+    loss = student_input.new_empty((), dtype=_loss_dtype(student_input.dtype))
     # (float16's gradients come in float32: see _fused_impl)
-    g_dtype = torch.float32 if student_input.dtype == torch.float16 else None
-    gi = student_input.new_empty(student_input.shape if want else (0,), dtype=g_dtype if want else None)
-    gw = student_weight.new_empty(student_weight.shape if want else (0,), dtype=g_dtype if want else None)
+    g_dtype = _grad_dtype(student_input.dtype) if want else None
+    gi = student_input.new_empty(student_input.shape if want else (0,), dtype=g_dtype)
+    gw = student_weight.new_empty(student_weight.shape if want else (0,), dtype=g_dtype)
     gb = (student_bias.new_empty(student_bias.shape, dtype=g_dtype) if (want and student_bias is not None)
           else student_weight.new_empty(0))
     return loss, gi, gw, gb
