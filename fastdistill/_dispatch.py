@@ -15,6 +15,7 @@ import numpy as np
 from . import _storage
 from . import _validate as V
 from ._spec import HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
+from . import sparse
 from .errors import BackendUnavailableError
 from .sparse import SparseTeacher
 
@@ -124,8 +125,6 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
                      needs_labels: bool) -> tuple[Any, Any]:
     """:func:`response` with a sparse (top-k) teacher: the checks in the contract's order (the teacher's
     leading dims, ids and repeats after the student's), then the CPU kernel of ``cpu._sparse``."""
-    from . import sparse
-
     s_shape, s_dtype = V.shape_dtype(student)
     V.check_logits(s_shape, s_dtype, "student")
     n = int(s_shape[-1])

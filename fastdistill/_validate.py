@@ -83,6 +83,18 @@ def shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
     return a.shape, a.dtype
 
 
+def on_host(x: Any) -> Any:
+    """A device array's host copy (for the small arrays checked on the host: a sparse teacher's
+    ``rows x k`` ids and values, a vocabulary shard's labels), anything else as it is."""
+    if not is_device(x):
+        return x
+    if is_torch(x):
+        return x.detach().cpu()
+    if hasattr(x, "get"):  # CuPy
+        return x.get()
+    return x.copy_to_host()
+
+
 def host_array(x: Any, name: str) -> np.ndarray:
     """``x`` as a NumPy array (no copy for NumPy input or CPU tensors, whatever their autograd state)."""
     if isinstance(x, np.ndarray):

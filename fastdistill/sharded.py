@@ -69,7 +69,7 @@ class VocabShard:
         if labels is not None:
             l_shape, l_dtype = V.shape_dtype(labels)
             V.check_labels_meta(l_shape, l_dtype, s_shape)
-            glob, n_counted = V.host_labels(_host(labels), total, distiller.ignore_index)  # global ids, checked
+            glob, n_counted = V.host_labels(V.on_host(labels), total, distiller.ignore_index)  # global ids, checked
             local = glob - offset
             ignored = glob == distiller.ignore_index
             lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
@@ -83,12 +83,12 @@ class VocabShard:
         self._student = student
         self._next = 0  # rounds handed out
         self._pending: tuple | None = None  # the last round's buffer, until it is read back
-        self._done = False
+        self._result: tuple | None = None  # (loss, grad), once computed
         self._gpu: Any = None
         if _dispatch.use_cuda(V.backend(backend), student, teacher, labels, grad_out):
+            self._scale = _dispatch._scale(call, glob, n_counted)
             # (the labels as the CPU kernels take them: _IGNORED and LABEL_ELSEWHERE are the GPU kernel's too)
-            self._gpu = _dispatch.cuda_backend().ShardRun(call, student, teacher, lab,
-                                                          _dispatch._scale(call, glob, n_counted), total, grad_out)
+            self._gpu = _dispatch.cuda_backend().ShardRun(call, student, teacher, lab, self._scale, total, grad_out)
             return
         self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
         self._lab = lab
@@ -173,39 +173,27 @@ class VocabShard:
 
     def result(self) -> tuple[Any, Any]:
         """``(loss, grad of this shard's columns)``, once every round has been combined."""
-        if not self._done:
+        if self._result is None:
             if self._next < self.rounds:
                 raise InvalidParameterError(
                     f"VocabShard.result() needs all {self.rounds} exchanges combined first ({self._next} taken)"
                 )
             self._take_back()
-            self._done = True
             c = self._call
+
+            def reduce(rows: np.ndarray) -> Any:
+                return _dispatch.reduce_rows(rows, c.reduction, self._scale, c.shape, c.variant.dtype)
+
             if self._gpu is not None:
                 from .cuda import _kernels as CK
 
                 self._gpu.step(CK.SHARD_FINISH)
-                self._gpu_result = self._gpu.result(
-                    lambda rows: _dispatch.reduce_rows(rows, c.reduction, self._gpu.scale, c.shape, c.variant.dtype))
+                self._result = self._gpu.result(reduce)
             else:
                 self._run(_K().SHARD_FINISH)
-        if self._gpu is not None:
-            return self._gpu_result
-        c = self._call
-        loss = _dispatch.reduce_rows(self._out, c.reduction, self._scale, c.shape, c.variant.dtype)
-        grad = _dispatch.caller_grad(c, self._grad, self._student, self._grad_out) if c.want_grad else None
-        return loss, grad
-
-
-def _host(labels: Any) -> Any:
-    """Labels on the host (a copy of device labels: O(rows), their range is checked there)."""
-    if V.is_torch(labels):
-        return labels.detach().cpu()
-    if hasattr(labels, "copy_to_host"):
-        return labels.copy_to_host()
-    if type(labels).__module__.split(".")[0] == "cupy":
-        return labels.get()
-    return labels
+                grad = _dispatch.caller_grad(c, self._grad, self._student, self._grad_out) if c.want_grad else None
+                self._result = (reduce(self._out), grad)
+        return self._result
 
 
 def _K():  # type: ignore[no-untyped-def]

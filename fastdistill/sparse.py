@@ -126,7 +126,7 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
             f"dims must be {tuple(s_shape[:-1])} (student shape {tuple(s_shape)})",
         )
     k = int(i_shape[-1])
-    indices, values = _on_host(teacher.indices), _on_host(teacher.values)
+    indices, values = V.on_host(teacher.indices), V.on_host(teacher.values)
     idx = np.ascontiguousarray(V.host_array(indices, "indices"), dtype=np.int64).reshape(-1, k)
     v_dtype = V.shape_dtype(values)[1]
     st = _storage.storage_of(v_dtype)
@@ -152,18 +152,6 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
                 f"SparseTeacher index {int(srt[r, c + 1])} appears twice in row {int(r)}"
             )
     return idx, vals
-
-
-def _on_host(x: Any) -> Any:
-    """A device array's host copy (a sparse teacher's ``rows x k`` ids or values, checked on the host),
-    anything else as it is."""
-    if not V.is_device(x):
-        return x
-    if V.is_torch(x):
-        return x.detach().cpu()
-    if hasattr(x, "get"):  # CuPy
-        return x.get()
-    return x.copy_to_host()
 
 
 def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto") -> SparseTeacher:
