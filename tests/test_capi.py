@@ -336,6 +336,11 @@ def test_header_matches_python_constants():
     assert set(capi.LOSS_KINDS.values()) == set(range(10))
     text = open(capi.header_path()).read()
     assert re.search(r"#define FD_ABI_VERSION (\d+)", text).group(1) == str(capi.ABI_VERSION)
+    # a shard's work buffer: the widest exchange (the first round of sums), then the CPU row statistics
+    from fastdistill.cpu import _kernels as K
+
+    assert re.search(r"#define FD_SHARD_WORK (\d+)", text).group(1) == str(capi.FD_SHARD_WORK)
+    assert capi.FD_SHARD_WORK == (K.S_KP - K.N_MAX) + K.N_STATS
     # the fd_api table lists every symbol, in SYMBOL_NAMES order
     assert re.findall(r'/\* "(fd_\w+)" \*/', text) == list(capi.SYMBOL_NAMES)
 
