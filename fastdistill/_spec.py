@@ -49,6 +49,11 @@ TAU_FLOAT64_MATH = 32.0
 TAILS = ("renormalize", "support", "bucket")
 TAIL_RENORMALIZE, TAIL_SUPPORT, TAIL_BUCKET = range(3)
 
+# a vocabulary shard's labels as its kernels (CPU, CUDA, C entry points) take them: a column of the shard,
+# or one of these (an ignored row's: the int64 minimum, never a column, as ignore_index may be one)
+SHARD_LABEL_ELSEWHERE = -2  # the label lies in another shard
+SHARD_LABEL_IGNORED = -(2**63)
+
 # layout of the packed float64 parameter array
 P_TAU, P_HARD_W, P_DIV_W, P_MSE_W, P_COS_W, P_LAM, P_CP, P_CQ, P_SMOOTH = range(9)
 N_PARAMS = 9

@@ -33,10 +33,10 @@ import numpy as np
 
 from . import _dispatch
 from . import _validate as V
+from ._spec import SHARD_LABEL_ELSEWHERE, SHARD_LABEL_IGNORED
 from .errors import DimensionMismatchError, InvalidParameterError
 
-# a label the kernels can never confuse with a column of the shard (ignore_index may be >= 0)
-_IGNORED = np.iinfo(np.int64).min
+_IGNORED = SHARD_LABEL_IGNORED  # (never a column of the shard; ignore_index may be one)
 
 
 class VocabShard:
@@ -72,7 +72,7 @@ class VocabShard:
             glob, n_counted = V.host_labels(V.on_host(labels), total, distiller.ignore_index)  # global ids, checked
             local = glob - offset
             ignored = glob == distiller.ignore_index
-            lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, _K().LABEL_ELSEWHERE))
+            lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, SHARD_LABEL_ELSEWHERE))
         call = _dispatch._resolve(distiller.terms, s_shape,
                                   _dispatch._storages(s_dtype, t_dtype, grad_out if want_grad else None), width,
                                   labels is not None, _IGNORED, reduction, num_items, want_grad,
@@ -87,7 +87,7 @@ class VocabShard:
         self._gpu: Any = None
         if _dispatch.use_cuda(V.backend(backend), student, teacher, labels, grad_out):
             self._scale = _dispatch._scale(call, glob, n_counted)
-            # (the labels as the CPU kernels take them: _IGNORED and LABEL_ELSEWHERE are the GPU kernel's too)
+            # (the labels as every shard kernel takes them: _spec's SHARD_LABEL_* codes)
             self._gpu = _dispatch.cuda_backend().ShardRun(call, student, teacher, lab, self._scale, total, grad_out)
             return
         self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)

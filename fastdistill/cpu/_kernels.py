@@ -57,6 +57,7 @@ from .._spec import (
     P_SMOOTH,
     P_TAU,
     REACHABLE,
+    SHARD_LABEL_ELSEWHERE,
     Variant,
 )
 from ._math import (
@@ -711,7 +712,7 @@ PHASE_LAST = (0, S_SA, S_KP, N_STATS)
 
 WORKER_ARGS = (types.int64,) * 20 + (types.float64,)
 # the label of a row whose class lies in another shard of the vocabulary (see ``drive_shard``)
-LABEL_ELSEWHERE = -2
+LABEL_ELSEWHERE = SHARD_LABEL_ELSEWHERE  # (_spec: a shard's label in another shard)
 WORKER_SIG = types.void(*WORKER_ARGS)
 # a scalar of each storage's kernel type (16-bit formats: their bits, see ``_math.BF16_BITS``)
 _STORAGE = {"float32": np.float32(0.0), "float64": np.float64(0.0), "bfloat16": BF16_BITS(0), "float16": F16_BITS(0)}

@@ -218,7 +218,7 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
 class ShardRun:
     """One vocabulary shard's steps on the GPU (:class:`fastdistill.sharded.VocabShard`): its logits
     as the kernels read them, this shard's labels on the device (a column of the shard,
-    ``SHARD_LABEL_ELSEWHERE`` or ``SHARD_IGNORED``), and float64 buffers in the caller's array kind:
+    ``_spec.SHARD_LABEL_ELSEWHERE`` or ``SHARD_LABEL_IGNORED``), and float64 buffers in the caller's array kind:
     ``xmax`` (2 per row), ``xsum`` (11), ``xmix`` (3), the ones the caller combines across the shards."""
 
     def __init__(self, call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, scale: float,

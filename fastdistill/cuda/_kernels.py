@@ -60,6 +60,7 @@ from .._spec import (
     P_MSE_W,
     P_SMOOTH,
     P_TAU,
+    SHARD_LABEL_IGNORED,
     TAIL_BUCKET,
     TAIL_SUPPORT,
 )
@@ -832,8 +833,6 @@ SHARD_FINISH = 2
 N_SHARD_MAX = 2  # MT, MS: combined with max
 N_SHARD_SUM = 11  # SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN, the label's logit: summed
 N_SHARD_MIX = 3  # KP, KQ, R: summed
-SHARD_LABEL_ELSEWHERE = -2  # a label in another shard (as the CPU kernels')
-SHARD_IGNORED = np.iinfo(np.int64).min  # an ignored row's label (ignore_index may be a column)
 
 _SHARD: dict = {}
 
@@ -841,7 +840,7 @@ _SHARD: dict = {}
 def shard_kernel(div: int, ce: int, lin: bool, f32: bool):  # type: ignore[no-untyped-def]
     """The shard-step kernel of one variant: ``kernel[grid, block, stream](s, t, labels, has_labels, P,
     step, scale, classes, want_grad, xmax, own_max, xsum, xmix, out_loss, grad, G)``; ``labels``: a column of the
-    shard, SHARD_LABEL_ELSEWHERE or SHARD_IGNORED; ``classes`` the whole row's width; ``scale`` the
+    shard, ``_spec.SHARD_LABEL_ELSEWHERE`` or ``SHARD_LABEL_IGNORED``; ``classes`` the whole row's width; ``scale`` the
     reduction's factor; ``xmax``/``xsum``/``xmix`` float64 ``(rows, N_SHARD_*)``, ``own_max`` a copy of
     this shard's maxima for :func:`shard_rescale_kernel`."""
     key = (div, ce, lin, f32)
@@ -906,7 +905,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
             lab = int64(-1)
             if counted and has_labels:
                 lab = int64(labels[r])
-                counted = lab != SHARD_IGNORED
+                counted = lab != SHARD_LABEL_IGNORED
             if step == SHARD_STATS:
                 MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN = pass1(s, t, r, n, lane, G, invt, invt64,
                                                                              counted, v, sh)
