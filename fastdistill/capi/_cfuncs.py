@@ -51,6 +51,7 @@ from .._spec import (
     P_MSE_W,
     P_SMOOTH,
     P_TAU,
+    SHARD_LABEL_IGNORED,
 )
 from ..cpu import _kernels as K
 from . import (
@@ -383,7 +384,7 @@ def _check_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, 
 
 
 # a label the shard kernels never confuse with a column (as fastdistill.sharded's)
-_SHARD_IGNORED = np.int64(np.iinfo(np.int64).min)
+_SHARD_IGNORED = np.int64(SHARD_LABEL_IGNORED)
 _N_SUM1 = K.S_KP - K.N_MAX  # the first round of sums
 _N_SUM2 = K.N_STATS - K.S_KP  # the mixtures' and TVD's second pass
 
@@ -412,7 +413,10 @@ def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has
     the exchanged values (``rows x 12`` at most, at its start), then the ``rows x N_STATS`` statistics;
     ``request``: what the caller combines next. Returns FD_BAD_PARAM for a step past the last."""
     work = carray(wp, (rows * FD_SHARD_WORK,))
-    exch = work[: rows * _N_SUM1]
+    exch = work[: rows * _N_SUM1]  # (the three rounds' numbers, one round at a time)
+    local_max = exch[: rows * K.N_MAX].reshape((rows, K.N_MAX))
+    sums = exch.reshape((rows, _N_SUM1))
+    mix = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
     stats = work[rows * _N_SUM1:].reshape((rows, K.N_STATS))
     labels = _shard_labels(lp, rows, has_labels, offset, n, ignore_index)
     scale = _count_and_scale(lp, rows, ignore_index, reduction)
@@ -421,41 +425,28 @@ def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has
     if step > last:
         return FD_BAD_PARAM
     if step == 0:  # this shard's maxima (and its sums relative to them): the caller takes the max
-        local_max = exch[: rows * K.N_MAX].reshape((rows, K.N_MAX))
         K.drive_shard(worker, K.SHARD_STATS, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
                       stats, local_max, classes)
         qp[0], qp[1] = rows * K.N_MAX, FD_SHARD_MAX
         return FD_OK
     if step == 1:  # the sums, moved to the combined maxima: the caller sums them
-        K.rescale_shard_sums(stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), P[P_TAU])
-        ex = exch.reshape((rows, _N_SUM1))
-        for r in range(rows):
-            for k in range(_N_SUM1):
-                ex[r, k] = stats[r, K.N_MAX + k]
+        K.rescale_shard_sums(stats, local_max, P[P_TAU])
+        sums[:, :] = stats[:, K.N_MAX:K.S_KP]
         qp[0], qp[1] = rows * _N_SUM1, FD_SHARD_SUM
         return FD_OK
     if step == 2:
-        ex = exch.reshape((rows, _N_SUM1))
-        for r in range(rows):
-            for k in range(_N_SUM1):
-                stats[r, K.N_MAX + k] = ex[r, k]
+        stats[:, K.N_MAX:K.S_KP] = sums
         if two_pass:  # the second pass's sums
             K.drive_shard(worker, K.SHARD_DIV2, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad,
-                          out, stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), classes)
-            ex2 = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
-            for r in range(rows):
-                for k in range(_N_SUM2):
-                    ex2[r, k] = stats[r, K.S_KP + k]
+                          out, stats, local_max, classes)
+            mix[:, :] = stats[:, K.S_KP:]
             qp[0], qp[1] = rows * _N_SUM2, FD_SHARD_SUM
             return FD_OK
     if step == 3:
-        ex2 = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
-        for r in range(rows):
-            for k in range(_N_SUM2):
-                stats[r, K.S_KP + k] = ex2[r, k]
+        stats[:, K.S_KP:] = mix
     # the row losses (the same on every shard) and this shard's gradient
     K.drive_shard(worker, K.SHARD_FINISH, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
-                  stats, exch[: rows * K.N_MAX].reshape((rows, K.N_MAX)), classes)
+                  stats, local_max, classes)
     _reduce(out, rows, reduction, scale, lossp)
     qp[0], qp[1] = 0, FD_SHARD_DONE
     return FD_OK
