@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
-from fastdistill.cpu._math import abs_bits, fexp, from_okey, okey, prefetch, wide_vectors  # noqa: E402
+from fastdistill.cpu._math import abs_bits, fexp, fexp2, from_okey, okey, prefetch, wide_vectors  # noqa: E402
 
 
 @numba.njit
@@ -12,6 +12,14 @@ def _fexp_all(x):
     out = np.empty_like(x)
     for i in range(x.size):
         out[i] = fexp(x[i])
+    return out
+
+
+@numba.njit
+def _fexp2_all(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = fexp2(x[i])
     return out
 
 
@@ -36,6 +44,21 @@ def test_fexp_float32_accuracy_and_cut():
     assert np.max(rel) < 1e-6  # near -87 the result approaches float32's subnormal range
     low = np.array([-87.4, -100.0, -1e30, -np.inf], dtype=np.float32)
     assert np.all(_fexp_all(low) == 0.0)
+
+
+def test_fexp2_float32_accuracy_and_cut():
+    t = np.concatenate([np.linspace(-126.0, 0.0, 400001, dtype=np.float32)[1:],
+                        np.array([-0.5, -0.49999997, -1.5, -125.5, -125.99999], dtype=np.float32)])
+    got = _fexp2_all(t).astype(np.float64)
+    ref = np.exp2(t.astype(np.float64))
+    rel = np.abs(got - ref) / ref
+    assert np.max(rel[t > -125.0]) < 3e-7  # the fit's 2.1e-7 and the float32 rounding of the result
+    assert np.max(rel) < 1e-6  # near -126 the result approaches float32's subnormal range
+    assert _fexp2_all(np.zeros(1, np.float32))[0] == 1.0
+    low = np.array([-126.0, -127.0, -1e30, -np.inf, np.nan], dtype=np.float32)
+    assert np.all(_fexp2_all(low) == 0.0)
+    t64 = np.array([-1074.0, -30.25, -1.0, 0.0])
+    np.testing.assert_allclose(_fexp2_all(t64), np.exp2(t64), rtol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -73,6 +73,47 @@ def _fexp_impl(x):  # type: ignore[no-untyped-def]
     return None
 
 
+def fexp2(t):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
+    """2**t for t <= 0, vectorizable (jitted code only)."""
+    return 2.0**t
+
+
+@overload(fexp2, jit_options={"cache": True})
+def _fexp2_impl(t):  # type: ignore[no-untyped-def]
+    """float32: ``2**n * P(t - n)``, n the nearest integer, P a degree-5 fit of ``2**f`` on [-1/2, 1/2]
+    (relative error 2.1e-7 before rounding). A third fewer instructions than :func:`fexp` for a caller
+    that folds ``log2(e)`` into a factor it multiplies by anyway; it returns exactly 0 at -126 and below
+    (``-inf`` and NaN included). The argument's own rounding makes ``fexp2(x * log2(e))`` less exact than ``fexp(x)``
+    where ``x`` is large and negative (1e-6 relative at x = -20): for sums of terms below 1."""
+    if t == types.float32:
+        lo = np.float32(-126.0)
+        half = np.float32(0.5)
+        q1 = np.float32(0.6931471880293425)
+        q2 = np.float32(0.24022348940946947)
+        q3 = np.float32(0.05550357104252861)
+        q4 = np.float32(0.009666373693208972)
+        q5 = np.float32(0.0013390867351412105)
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+
+        def impl(t):  # type: ignore[no-untyped-def]
+            tc = t if t > lo else lo
+            n = np.floor(tc + half)
+            f = tc - n
+            y = ((((q5 * f + q4) * f + q3) * f + q2) * f + q1) * f + one
+            return y * _pow2(n) if t > lo else zero
+
+        return impl
+    if t == types.float64:
+        ln2 = math.log(2.0)
+
+        def impl64(t):  # type: ignore[no-untyped-def]
+            return math.exp(t * ln2)
+
+        return impl64
+    return None
+
+
 def masked(w, v):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
     """``w * v`` where the weight ``w`` is positive, 0 where it is 0 (so 0 * inf is 0, not NaN)."""
     return w * v if w > 0 else 0.0 * w
