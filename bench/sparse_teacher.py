@@ -20,14 +20,18 @@ import fastdistill as fd
 from fastdistill import bench as B
 
 
-def best(fn, repeats):  # type: ignore[no-untyped-def]
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def best_of(fns, repeats):  # type: ignore[no-untyped-def]
+    """{name: best time in ms} of ``repeats`` rounds, each calling every function once in turn: a drift
+    in the machine's speed (a shared VM's) then reaches every entry alike and leaves the ratios be."""
+    for fn in fns.values():
         fn()
-        out.append(time.perf_counter() - t0)
-    return min(out) * 1e3
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -48,12 +52,12 @@ def main() -> None:
     floors = B.floor_kernels()
     flat_s, flat_g = s.reshape(-1), g.reshape(-1)
     partial = np.empty((flat_s.size + B.BLOCK - 1) // B.BLOCK, dtype=np.float32)
-    res = {
-        "fastdistill fwd+grad": best(lambda: d.loss_and_grad(s, teacher, y, grad_out=g), args.repeats),
-        "fastdistill fwd": best(lambda: d.loss(s, teacher, y), args.repeats),
-        "floor r+w (student, gradient)": best(lambda: floors["rw1"](flat_s, flat_g), args.repeats),
-        "fd.top_k": best(lambda: fd.top_k(t, k), args.repeats),
-        "floor read (logits)": best(lambda: floors["read1"](t.reshape(-1), partial), args.repeats),
+    fns = {
+        "fastdistill fwd+grad": lambda: d.loss_and_grad(s, teacher, y, grad_out=g),
+        "fastdistill fwd": lambda: d.loss(s, teacher, y),
+        "floor r+w (student, gradient)": lambda: floors["rw1"](flat_s, flat_g),
+        "fd.top_k": lambda: fd.top_k(t, k),
+        "floor read (logits)": lambda: floors["read1"](t.reshape(-1), partial),
     }
     try:
         import torch
@@ -80,8 +84,9 @@ def main() -> None:
             v, i = torch.topk(tt, k, dim=-1)
             (v - torch.logsumexp(tt, dim=-1, keepdim=True))
 
-        res["torch gather+log_softmax+autograd"] = best(torch_loss, args.repeats)
-        res["torch.topk + logsumexp"] = best(torch_topk, args.repeats)
+        fns["torch gather+log_softmax+autograd"] = torch_loss
+        fns["torch.topk + logsumexp"] = torch_topk
+    res = best_of(fns, args.repeats)
     print(f"{B.cpu_model()}, {fd.get_num_threads()} threads; {rows}x{n} float32, k={k}; best of {args.repeats} (ms)")
     for name, ms in res.items():
         print(f"  {name:38s} {ms:9.2f}")
