@@ -158,8 +158,8 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto
     """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
     their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
     as a ``SparseTeacher(kind="logprobs")``: int32 ids and float32 values (float64 for float64 logits),
-    NumPy arrays of the logits' leading shape. One pass over the logits (two vectorized reductions per
-    row, then the selection from cache). Device logits run on the GPU and give arrays of the caller's
+    NumPy arrays of the logits' leading shape. One pass over the logits (vectorized reductions per span
+    of columns), then the selection from cache. Device logits run on the GPU and give arrays of the caller's
     kind (int64 ids, float64 values: the kernel's own)."""
     shape, dtype = V.shape_dtype(logits)
     V.check_logits(shape, dtype, "logits")

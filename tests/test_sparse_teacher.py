@@ -315,6 +315,52 @@ def test_top_k_ids_and_exact_log_probabilities(dtype, tau):
     assert got.values.dtype == (np.float64 if dtype == np.float64 else np.float32)
 
 
+def _top_k_reference(x64, k):
+    """ids of the k largest per row (ties, -0.0 and 0.0 included: the lower id first), by a full sort."""
+    cols = np.arange(x64.shape[1])[None, :].repeat(x64.shape[0], 0)
+    return np.lexsort((cols, -x64), axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_top_k_of_long_rows_across_spans(dtype):
+    # rows of several 4096-column spans: the selection goes through the groups' maxima and their floor
+    rng = np.random.default_rng(12)
+    n = 3 * 4096 + 1234
+    x = (rng.normal(size=(7, n)) * 3).astype(dtype)
+    x[0, [7, 4096 + 7, 2 * 4096 + 7, n - 1]] = 50  # equal maxima in one column group: the lower id first
+    x[1, :] = 0.0  # a constant row: the first k ids
+    x[1, ::2] = -0.0  # -0.0 ties 0.0 as a value
+    x[2, rng.choice(n, 100, replace=False)] = -np.inf
+    x[3, :] = -np.inf
+    x[3, [3000, 9000]] = 1.0
+    x[4] = np.sort(x[4])  # increasing: every span raises the k-th value
+    x[5] = np.sort(x[5])[::-1]
+    x[6, 4000:] = x[6, :4000].max() + 1 + np.abs(x[6, 4000:])  # the first span holds nothing that is kept
+    for k in (1, 64, 300):
+        got = top_k(x, k)
+        x64 = x.astype(np.float64)
+        order = _top_k_reference(x64, k)
+        np.testing.assert_array_equal(got.indices, order)
+        lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1, keepdims=True)) + x64.max(1, keepdims=True)
+        want = np.take_along_axis(x64 - lse, order, 1)
+        np.testing.assert_allclose(got.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_above_the_column_groups_and_nan_rows():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(3, 9000)).astype(np.float32)
+    x[1, 2] = np.float32(np.nan)
+    x[2, ::3] = np.float32(np.nan)
+    got = top_k(x, 4100)  # more than a span's 4096 column groups: every column a candidate
+    np.testing.assert_array_equal(got.indices[0], _top_k_reference(x[:1].astype(np.float64), 4100)[0])
+    for r in (1, 2):  # NaN rows: NaN values, and still k distinct ids in range
+        assert np.isnan(got.values[r]).all()
+        assert len(np.unique(got.indices[r])) == 4100 and got.indices[r].min() >= 0 and got.indices[r].max() < 9000
+    small = top_k(x[1:, :5000], 64)  # the same through the floor of the groups' maxima
+    assert np.isnan(small.values).all()
+    assert all(len(np.unique(row)) == 64 and 0 <= row.min() and row.max() < 5000 for row in small.indices)
+
+
 def test_top_k_shapes_and_errors():
     x = np.random.default_rng(10).normal(size=(2, 3, 50)).astype(np.float32)
     t = top_k(x, 50)
