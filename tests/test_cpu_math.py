@@ -8,19 +8,22 @@ from fastdistill.cpu._math import abs_bits, fexp, fexp2, from_okey, okey, prefet
 
 
 @numba.njit
+def _exps_all(x):
+    """(fexp(x), fexp2(x)) elementwise."""
+    e = np.empty_like(x)
+    e2 = np.empty_like(x)
+    for i in range(x.size):
+        e[i] = fexp(x[i])
+        e2[i] = fexp2(x[i])
+    return e, e2
+
+
 def _fexp_all(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = fexp(x[i])
-    return out
+    return _exps_all(x)[0]
 
 
-@numba.njit
 def _fexp2_all(x):
-    out = np.empty_like(x)
-    for i in range(x.size):
-        out[i] = fexp2(x[i])
-    return out
+    return _exps_all(x)[1]
 
 
 @numba.njit

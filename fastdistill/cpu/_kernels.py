@@ -195,8 +195,10 @@ def _exp1(ds, wb, cut, zero, pw):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _max_nan(x, ct):  # type: ignore[no-untyped-def]
-    """(max of ``x`` as float64, whether it holds a NaN), through integer keys (vectorized)."""
+def _max_nan(x, ct, keys_max=None):  # type: ignore[no-untyped-def]
+    """(max of ``x`` as float64, whether it holds a NaN), through integer keys (vectorized). Given an
+    integer array ``keys_max`` (``okey``'s type), also ``keys_max[j] = max(keys_max[j], key of x[j])``
+    in the same loop (without it, Numba prunes that branch: the loop is the same as before)."""
     inline_into_callers()
     wide_vectors()
     x0 = as_type_of(ct, x[0])
@@ -206,6 +208,8 @@ def _max_nan(x, ct):  # type: ignore[no-untyped-def]
         xj = as_type_of(ct, x[j])
         a = okey(xj)
         k = a if a > k else k
+        if keys_max is not None:
+            keys_max[j] = a if a > keys_max[j] else keys_max[j]
         c = abs_bits(xj)
         ab = c if c > ab else ab
     return np.float64(from_okey(k, x0)), ab > abs_bits(as_type_of(x0, np.inf))

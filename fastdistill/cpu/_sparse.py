@@ -47,7 +47,7 @@ from .._spec import (
     TAU_FLOAT64_MATH,
 )
 from ._kernels import JIT, JIT_INNER, LINE, _count_eq, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
-from ._math import abs_bits, borrowed, fexp2, from_okey, inline_into_callers, okey, prefetch, wide_vectors
+from ._math import borrowed, fexp2, from_okey, inline_into_callers, okey, prefetch, wide_vectors
 
 _logaddexp = njit(**JIT_INNER)(logaddexp)
 
@@ -414,24 +414,6 @@ def _insert(best_v, best_i, m, v, i):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _max_nan_fold(x, ct, acc):  # type: ignore[no-untyped-def]
-    """``_max_nan(x, ct)``, and ``acc[j] = max(acc[j], key of x[j])`` in the same loop (``okey``)."""
-    wide_vectors()
-    inline_into_callers()
-    x0 = as_type_of(ct, x[0])
-    k = okey(as_type_of(x0, -np.inf))
-    ab = abs_bits(as_type_of(x0, 0.0))
-    for j in range(x.shape[0]):
-        xj = as_type_of(ct, x[j])
-        a = okey(xj)
-        k = a if a > k else k
-        acc[j] = a if a > acc[j] else acc[j]
-        c = abs_bits(xj)
-        ab = c if c > ab else ab
-    return np.float64(from_okey(k, x0)), ab > abs_bits(as_type_of(x0, np.inf))
-
-
-@njit(**JIT_INNER)
 def _fold_into(acc, y):  # type: ignore[no-untyped-def]
     """``acc[j] = max(acc[j], y[j])`` (integer keys)."""
     wide_vectors()
@@ -486,7 +468,7 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
         z = 0.0
         for c0 in range(0, n, SPAN):
             span = xr[c0:min(n, c0 + SPAN)]
-            mx, nan_x = _max_nan_fold(span, ct, gm)
+            mx, nan_x = _max_nan(span, ct, gm)
             nan = nan or nan_x
             if mx > ms:
                 if ms != -np.inf:
