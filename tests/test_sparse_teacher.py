@@ -346,6 +346,23 @@ def test_top_k_of_long_rows_across_spans(dtype):
         np.testing.assert_allclose(got.values, want, rtol=1e-5, atol=1e-6)
 
 
+def test_kth_largest_selection():
+    from numba import njit
+
+    from fastdistill.cpu._kernels import JIT
+    from fastdistill.cpu._sparse import _kth_largest
+
+    call = njit(**JIT)(lambda a, k: _kth_largest(a.copy(), k))
+    rng = np.random.default_rng(14)
+    for trial in range(400):
+        n = int(rng.integers(1, 300))
+        k = int(rng.integers(1, n + 1))
+        a = (rng.integers(-4, 4, n) if trial % 2 else rng.integers(-2**31, 2**31 - 1, n)).astype(np.int32)
+        a = [a, np.sort(a), np.sort(a)[::-1].copy()][trial % 3]  # ties, sorted either way
+        assert call(a, k) == np.sort(a)[::-1][k - 1]
+    assert call(np.array([2**62, -2**62, 5], np.int64), 2) == 5
+
+
 def test_top_k_above_the_column_groups_and_nan_rows():
     rng = np.random.default_rng(13)
     x = rng.normal(size=(3, 9000)).astype(np.float32)
