@@ -4,18 +4,20 @@ import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
-from fastdistill.cpu._math import abs_bits, fexp, fexp2, from_okey, okey, prefetch, wide_vectors  # noqa: E402
+from fastdistill.cpu._math import abs_bits, fexp, fexp2, fexp2_term, from_okey, okey, prefetch, wide_vectors  # noqa: E402
 
 
 @numba.njit
 def _exps_all(x):
-    """(fexp(x), fexp2(x)) elementwise."""
+    """(fexp(x), fexp2(x), fexp2_term(x)) elementwise."""
     e = np.empty_like(x)
     e2 = np.empty_like(x)
+    e3 = np.empty_like(x)
     for i in range(x.size):
         e[i] = fexp(x[i])
         e2[i] = fexp2(x[i])
-    return e, e2
+        e3[i] = fexp2_term(x[i])
+    return e, e2, e3
 
 
 def _fexp_all(x):
@@ -60,6 +62,11 @@ def test_fexp2_float32_accuracy_and_cut():
     assert _fexp2_all(np.zeros(1, np.float32))[0] == 1.0
     low = np.array([-126.0, -127.0, -1e30, -np.inf, np.nan], dtype=np.float32)
     assert np.all(_fexp2_all(low) == 0.0)
+    # the term of a sum: the same above -126, at most 2**-126 at and below it (NaN too), never 0
+    _, e2, e3 = _exps_all(t)
+    np.testing.assert_array_equal(e3, e2)
+    term_low = _exps_all(low)[2].astype(np.float64)
+    assert np.all((term_low > 0.0) & (term_low <= 2.0**-126))
     t64 = np.array([-1074.0, -30.25, -1.0, 0.0])
     np.testing.assert_allclose(_fexp2_all(t64), np.exp2(t64), rtol=1e-15)
 

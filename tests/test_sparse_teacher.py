@@ -168,6 +168,29 @@ def test_long_rows_in_spans_and_the_power_trick(tau, tail):
     assert got == pytest.approx(dense_ce + no_ce, rel=1e-5)
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0, 3.0])
+def test_nan_and_plus_inf_logits_give_nan_rows(tau):
+    # a +inf logit has no softmax (inf - inf): its row's loss and gradient are NaN, as a NaN logit's,
+    # in the first span or a later one; the other rows are untouched
+    from fastdistill.cpu._sparse import SPAN
+
+    n = SPAN + 500
+    s, idx, vals, _ = batch(5, n, 6, seed=15)
+    y = np.array([1, 2, 3, 4, 5])  # (no ignored row)
+    s = s.astype(np.float32)
+    s[0, 3] = np.inf
+    s[1, SPAN + 7] = np.inf
+    s[2, 11] = np.nan
+    s[3, SPAN + 2] = np.nan
+    d = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.5, 0.5)
+    rows, grad = d.loss_and_grad(s, SparseTeacher(idx, vals), y, reduction="none")
+    assert np.isnan(rows[:4]).all() and np.isnan(grad[:4]).all()
+    clean = d.loss_and_grad(s[4:], SparseTeacher(idx[4:], vals[4:]), y[4:], reduction="none")
+    assert np.isfinite(rows[4]) and rows[4] == clean[0][0] and np.array_equal(grad[4], clean[1][0])
+    top = top_k(s, 4, temperature=tau)
+    assert np.isnan(top.values[:4]).all() and np.isfinite(top.values[4]).all()
+
+
 @pytest.mark.parametrize("kind", list(SOFT))
 def test_every_class_with_renormalize_equals_the_dense_teacher(kind):
     if kind == "reverse_kl":

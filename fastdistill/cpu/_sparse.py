@@ -46,8 +46,8 @@ from .._spec import (
     TAIL_SUPPORT,
     TAU_FLOAT64_MATH,
 )
-from ._kernels import JIT, JIT_INNER, LINE, _count_eq, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
-from ._math import borrowed, fexp2, from_okey, inline_into_callers, okey, prefetch, wide_vectors
+from ._kernels import JIT, JIT_INNER, LINE, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
+from ._math import borrowed, fexp2, fexp2_term, from_okey, inline_into_callers, okey, prefetch, wide_vectors
 
 _logaddexp = njit(**JIT_INNER)(logaddexp)
 
@@ -101,23 +101,30 @@ PF_BLOCK = 256
 
 @njit(inline="always", **JIT_INNER)
 def _expsums_block(x, m, k2, j0, j1, pw):  # type: ignore[no-untyped-def]
-    """Columns ``[j0, j1)`` of ``_expsums32``, summed in float32 (Numba-inlined into it: LLVM unrolls
-    the fixed-length blocks across the accumulators' dependency chains, as in ``_sums_block``)."""
+    """Columns ``[j0, j1)`` of ``_expsums32``: its two sums of the columns below ``m`` and the count of
+    those at ``m``, in float32 (exact to 2**24 columns), from one loop (a separate count loop cost a
+    tenth of the statistics' time). Numba-inlined into it: LLVM unrolls the fixed-length blocks across
+    the accumulators' dependency chains, as in ``_sums_block``."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     a = zero
     b = zero
+    c = zero
     if pw == 0:
         for j in range(j0, j1):
             d = as_type_of(m, x[j]) - m
-            a += fexp2(d * k2) * (zero if d == zero else one)
+            keep = zero if d == zero else one
+            a += fexp2_term(d * k2) * keep
+            c += one - keep
     else:
         for j in range(j0, j1):
             d = as_type_of(m, x[j]) - m
-            e = fexp2(d * k2) * (zero if d == zero else one)
+            keep = zero if d == zero else one
+            e = fexp2_term(d * k2) * keep
             a += e
             b += _power(e, pw)
-    return np.float64(a), np.float64(b)
+            c += one - keep
+    return np.float64(a), np.float64(b), np.float64(c)
 
 
 @njit(**JIT_INNER)
@@ -125,7 +132,7 @@ def _expsums32(x, m, it, pw):  # type: ignore[no-untyped-def]
     """(sum exp((x - m) * it), the sum of its ``pw``-th powers, or 0 when ``pw`` is 0) over the span
     ``x`` for float32 ``m`` and ``it``: both normalisers from one exponential per column when ``pw`` is 2
     or 4, in float32 over blocks of ``PF_BLOCK`` (float64 across them), the columns at ``m`` counted
-    exactly as in ``_expsum``. Each block prefetches the columns ``SPAN`` on: the next span of the row
+    apart as in ``_expsum`` (a confident row's sum keeps the digits of its terms below 1). Each block prefetches the columns ``SPAN`` on: the next span of the row
     (past its end: the next row's first, harmless when another thread takes that row)."""
     wide_vectors()
     inline_into_callers()
@@ -133,16 +140,18 @@ def _expsums32(x, m, it, pw):  # type: ignore[no-untyped-def]
     n = x.shape[0]
     a = 0.0
     b = 0.0
+    k = 0.0
     nb = n // PF_BLOCK
     for blk in range(nb):
         j0 = blk * PF_BLOCK
         for jp in range(j0 + SPAN, j0 + SPAN + PF_BLOCK, LINE // x.itemsize):
             prefetch(x, jp)
-        da, db = _expsums_block(x, m, k2, j0, j0 + PF_BLOCK, pw)
+        da, db, dc = _expsums_block(x, m, k2, j0, j0 + PF_BLOCK, pw)
         a += da
         b += db
-    da, db = _expsums_block(x, m, k2, nb * PF_BLOCK, n, pw)
-    k = np.float64(_count_eq(x, m))
+        k += dc
+    da, db, dc = _expsums_block(x, m, k2, nb * PF_BLOCK, n, pw)
+    k += dc
     return k + a + da, (k + b + db if pw != 0 else 0.0)
 
 
@@ -163,7 +172,7 @@ def _span_sums(x, m, invt, two, pw, f64_math):  # type: ignore[no-untyped-def]
 
 @njit(**JIT_INNER)
 def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum):  # type: ignore[no-untyped-def]
-    """(max, NaN seen, Z, Z1, sum of the logits): the row maximum and the normalisers of ``softmax(s /
+    """(max, NaN or +inf seen, Z, Z1, sum of the logits): the row maximum and the normalisers of ``softmax(s /
     tau)`` and (cross-entropy at another temperature) ``softmax(s)`` relative to it, in one streaming
     pass of spans with an online rescale (a span's maximum, then its sums from cache). ``pw`` (2 or 4,
     float32 arithmetic, tau = pw): both normalisers from one exponential per column."""
@@ -190,7 +199,8 @@ def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum):  # type: ignore[no
         if with_sum:
             for j in range(x.shape[0]):
                 ssum += as_type_of(0.0, x[j])
-    return ms, nan, z, (z1 if two else z), ssum
+    # a +inf logit: no softmax (inf - inf); its NaN is due, not what the sums' exponentials make of it
+    return ms, nan or ms == np.inf, z, (z1 if two else z), ssum
 
 
 @njit(**JIT_INNER)
@@ -530,7 +540,7 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
                         elif v > bv[k - 1]:  # (a tie loses: its id is the larger)
                             _insert(bv, bi, k - 1, v, col)
         lse = ms * invt + math.log(z)
-        if nan:
+        if nan or ms == np.inf:  # (as in the loss's statistics)
             lse = np.nan
         for b in range(k):
             out_idx[r, b] = bi[b]
