@@ -171,11 +171,12 @@ def _span_sums(x, m, invt, two, pw, f64_math):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum):  # type: ignore[no-untyped-def]
+def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None):  # type: ignore[no-untyped-def]
     """(max, NaN or +inf seen, Z, Z1, sum of the logits): the row maximum and the normalisers of ``softmax(s /
     tau)`` and (cross-entropy at another temperature) ``softmax(s)`` relative to it, in one streaming
     pass of spans with an online rescale (a span's maximum, then its sums from cache). ``pw`` (2 or 4,
-    float32 arithmetic, tau = pw): both normalisers from one exponential per column."""
+    float32 arithmetic, tau = pw): both normalisers from one exponential per column. ``keys_max``
+    (``top_k``): the running maximum of column ``j`` of every span, folded in the maximum's loop."""
     n = s_row.shape[0]
     two = ce != CE_NONE and ce != CE_SHARED
     ms = -np.inf
@@ -185,7 +186,7 @@ def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum):  # type: ignore[no
     ssum = 0.0
     for c0 in range(0, n, SPAN):
         x = s_row[c0:min(n, c0 + SPAN)]
-        m, nan_x = _max_nan(x, arithmetic_zero(x))
+        m, nan_x = _max_nan(x, arithmetic_zero(x), keys_max)
         nan = nan or nan_x
         if m > ms:
             if ms != -np.inf:
@@ -487,8 +488,8 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
     """Per row of ``x`` ``(rows, n)``: the ids of the ``k`` largest logits (decreasing; ties: lower id
     first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64.
 
-    One streaming pass of ``SPAN``-column spans: a span's maximum and exponential sums (online rescale,
-    as in the loss), and the running maximum of column ``j`` of every span (integer keys: vectorized).
+    One streaming pass of ``SPAN``-column spans, the loss's (:func:`_row_statistics`), that also keeps
+    the running maximum of column ``j`` of every span (integer keys: vectorized).
     From those maxima a floor of the k-th largest value (:func:`_kth_floor`); then only the columns of
     the groups whose maximum reaches it are visited, in column order, from cache, and inserted into the
     sorted top ``k`` when they belong. (Before: each span was searched for values above the running
@@ -500,21 +501,8 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
         ri = np.int64(r)
         xr = borrowed(x, ri, 0, n)
         ct = arithmetic_zero(xr)
-        f64 = _is_float64(xr)
         gm = np.full(g, okey(as_type_of(ct, -np.inf)))
-        ms = -np.inf
-        nan = False
-        z = 0.0
-        for c0 in range(0, n, SPAN):
-            span = xr[c0:min(n, c0 + SPAN)]
-            mx, nan_x = _max_nan(span, ct, gm)
-            nan = nan or nan_x
-            if mx > ms:
-                if ms != -np.inf:
-                    z *= math.exp((ms - mx) * invt)
-                ms = mx
-            if ms != -np.inf:
-                z += _span_sums(span, ms, invt, False, 0, f64)[0]
+        ms, nan, z, _, _ = _row_statistics(xr, invt, CE_NONE, 0, _is_float64(xr), False, gm)
         groups = np.empty(g, np.int64)
         ng = 0
         fk = gm[0]
@@ -540,7 +528,7 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
                         elif v > bv[k - 1]:  # (a tie loses: its id is the larger)
                             _insert(bv, bi, k - 1, v, col)
         lse = ms * invt + math.log(z)
-        if nan or ms == np.inf:  # (as in the loss's statistics)
+        if nan:
             lse = np.nan
         for b in range(k):
             out_idx[r, b] = bi[b]
