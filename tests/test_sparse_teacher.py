@@ -477,3 +477,38 @@ def test_gradient_in_place_over_the_student(tail):
     got, g = d.loss_and_grad(work, teacher, y, grad_out=work)
     assert g is work and got == want
     np.testing.assert_array_equal(work, gw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("tau", [2.0, 3.0])
+def test_streaming_stores_write_the_same_gradient(monkeypatch, dtype, tau):
+    """A gradient of ``STREAM_BYTES`` or more goes to memory by streaming stores from a staging block
+    (set to 0 here: every gradient): the same values as the ordinary stores, for rows whose lines start
+    anywhere (odd widths; an output one element into its buffer), rows narrower than a line or a block,
+    rows across spans, ignored rows, and the gradient in place over the student; and the float64
+    reference's within 1e-5 for float32."""
+    from fastdistill.cpu import _sparse as S
+
+    d = fd.ResponseDistiller(SOFT["kl_divergence"](tau), 0.4, 0.6)
+    for n in (1, 5, 17, 300, S.SPAN + 333):
+        s, idx, vals, y = batch(5, n, min(n, 7), seed=n)
+        s = s.astype(dtype)
+        teacher = SparseTeacher(idx, vals.astype(np.float32))
+        monkeypatch.setattr(S, "STREAM_BYTES", 1 << 62)
+        want_loss, want = d.loss_and_grad(s, teacher, y)
+        monkeypatch.setattr(S, "STREAM_BYTES", 0)
+        got_loss, got = d.loss_and_grad(s, teacher, y)
+        assert got_loss == want_loss
+        np.testing.assert_array_equal(got, want)
+        # an output one element past an allocation's start (its lines start elsewhere in every row)
+        flat = np.full(5 * n + 2, 7.0, dtype=dtype)
+        _, g = d.loss_and_grad(s, teacher, y, grad_out=flat[1:-1].reshape(5, n))
+        np.testing.assert_array_equal(g, want)
+        assert flat[0] == 7.0 and flat[-1] == 7.0
+        work = s.copy()
+        d.loss_and_grad(work, teacher, y, grad_out=work)
+        np.testing.assert_array_equal(work, want)
+        if dtype == np.float32 and n > 5:
+            _, ref = reference("kl_divergence", "renormalize", s.astype(np.float64), idx,
+                               vals.astype(np.float32).astype(np.float64), y, tau, 0.4, 0.6)
+            assert rel_err(got, ref) < 1e-5

@@ -728,7 +728,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             div_kind = div if P[P_DIV_W] != 0.0 else 0
             d, ce, _, _, _ = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], False, STORAGE != _F64_STORAGE)
             S.sparse_response(s, idx, vals, labels, has_labels, np.int64(ignore_index), P, np.int64(d), np.int64(ce),
-                              np.int64(tail), want_grad, scale, out, g)
+                              np.int64(tail), want_grad, scale, out, g, np.int64(S.STREAM_BYTES))
             _reduce(out, rows, reduction, scale, lossp)
             status = FD_OK
         except Exception:  # noqa: BLE001

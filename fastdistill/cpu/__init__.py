@@ -177,5 +177,5 @@ def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labe
     _launch(S.sparse_response, _threads_for(s.size), as_kernel_input(s), idx, vals,
             as_kernel_input(labels) if labels is not None else _NO_LABELS, labels is not None,
             np.int64(call.ignore_index), params, np.int64(v.div), np.int64(v.ce), np.int64(TAILS.index(tail)),
-            call.want_grad, float(scale), out_loss, grad)
+            call.want_grad, float(scale), out_loss, grad, np.int64(S.STREAM_BYTES))
     return out_loss, (grad if call.want_grad else None)

@@ -17,20 +17,31 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
 
+# 1.5 * 2**23 + 127: a float32 in [-126, 0] plus this rounds to the nearest integer n, n + 127 in the
+# low bits of the sum's mantissa (its ulp is 1)
+_ROUND_POW2 = 12583039.0
+
+
 @intrinsic
-def _pow2(typingctx, nf):  # type: ignore[no-untyped-def]
-    """``2**n`` for an integral float32 ``n`` in [-126, 127]: exponent bits built in int32 (LLVM IR, so
-    no int64 promotion gets in the way of vectorization)."""
-    if nf != types.float32:
+def _round_pow2(typingctx, t):  # type: ignore[no-untyped-def]
+    """(n, 2**n) for float32 ``t`` in [-126, 0], n the nearest integer (ties to even): one addition of
+    ``_ROUND_POW2`` gives both, n by subtracting it again and 2**n by shifting the sum's bits (the
+    exponent field then holds n + 127, the rest of the bits shift out): two instructions fewer than a
+    ``floor``, a conversion and an addition to the exponent bits. Both float operations carry ``nsz``
+    only, no ``reassoc``: under the caller's fast-math flags LLVM would fold ``(t + c) - c`` to ``t``."""
+    if t != types.float32:
         return None
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f32 = ir.FloatType()
         i32 = ir.IntType(32)
-        n = builder.fptosi(args[0], i32)
-        bits = builder.shl(builder.add(n, ir.Constant(i32, 127)), ir.Constant(i32, 23))
-        return builder.bitcast(bits, ir.FloatType())
+        c = ir.Constant(f32, _ROUND_POW2)
+        s = builder.fadd(args[0], c, flags=("nsz",))
+        n = builder.fsub(s, c, flags=("nsz",))
+        p = builder.bitcast(builder.shl(builder.bitcast(s, i32), ir.Constant(i32, 23)), f32)
+        return context.make_tuple(builder, signature.return_type, (n, p))
 
-    return types.float32(types.float32), codegen
+    return types.UniTuple(types.float32, 2)(types.float32), codegen
 
 
 def fexp(x):  # type: ignore[no-untyped-def]  # pragma: no cover - replaced by the overload in jitted code
@@ -43,7 +54,6 @@ def _fexp_impl(x):  # type: ignore[no-untyped-def]
     if x == types.float32:
         lo = np.float32(-87.3)
         log2e = np.float32(1.4426950408889634)
-        half = np.float32(0.5)
         c1 = np.float32(0.693359375)
         c2 = np.float32(-2.12194440e-4)
         p0 = np.float32(1.9875691500e-4)
@@ -57,11 +67,11 @@ def _fexp_impl(x):  # type: ignore[no-untyped-def]
 
         def impl(x):  # type: ignore[no-untyped-def]
             xc = x if x > lo else lo
-            n = np.floor(xc * log2e + half)  # nearest integer, kept in float32 (math.floor gives int64)
+            n, p = _round_pow2(xc * log2e)  # the nearest integer, kept in float32, and 2**n
             r = xc - n * c1 - n * c2
             z = r * r
             y = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * z + r + one
-            return y * _pow2(n) if x > lo else zero
+            return y * p if x > lo else zero
 
         return impl
     if x == types.float64:
@@ -87,7 +97,6 @@ def _fexp2_overload(zero_below):  # type: ignore[no-untyped-def]
     def fexp2_impl(t):  # type: ignore[no-untyped-def]
         if t == types.float32:
             lo = np.float32(-126.0)
-            half = np.float32(0.5)
             q1 = np.float32(0.6931471880293425)
             q2 = np.float32(0.24022348940946947)
             q3 = np.float32(0.05550357104252861)
@@ -98,12 +107,12 @@ def _fexp2_overload(zero_below):  # type: ignore[no-untyped-def]
 
             def impl(t):  # type: ignore[no-untyped-def]
                 tc = t if t > lo else lo
-                n = np.floor(tc + half)
+                n, p = _round_pow2(tc)
                 f = tc - n
                 y = ((((q5 * f + q4) * f + q3) * f + q2) * f + q1) * f + one
                 if zero_below:
-                    return y * _pow2(n) if t > lo else zero
-                return y * _pow2(n)
+                    return y * p if t > lo else zero
+                return y * p
 
             return impl
         if t == types.float64:
@@ -342,6 +351,44 @@ def prefetch(typingctx, arr, j):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return types.none(arr, j), codegen
+
+
+@intrinsic
+def stream_line(typingctx, dst, j, src, i):  # type: ignore[no-untyped-def]
+    """Store the 64 bytes of ``src`` from element ``i`` on at element ``j`` of ``dst`` (the same dtype), as
+    one non-temporal store: the line goes to memory without being read into the cache first (an
+    ordinary store reads every line it writes: a third of a large gradient's memory traffic) and without
+    evicting what is there. ``dst``'s element ``j`` must start a 64-byte line; no bounds check. The
+    stores are weakly ordered: :func:`store_fence` before another thread may read them."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == src.dtype):
+        return None
+    if not (isinstance(j, types.Integer) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        d = context.make_array(signature.args[0])(context, builder, value=args[0])
+        s = context.make_array(signature.args[2])(context, builder, value=args[2])
+        elem = context.get_data_type(signature.args[0].dtype)
+        vt = ir.VectorType(elem, 64 // context.get_abi_sizeof(elem))
+        jj = context.cast(builder, args[1], signature.args[1], types.intp)
+        ii = context.cast(builder, args[3], signature.args[3], types.intp)
+        v = builder.load(builder.bitcast(builder.gep(s.data, [ii]), vt.as_pointer()), align=1)
+        st = builder.store(v, builder.bitcast(builder.gep(d.data, [jj]), vt.as_pointer()), align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.none(dst, j, src, i), codegen
+
+
+@intrinsic
+def store_fence(typingctx):  # type: ignore[no-untyped-def]
+    """A full memory fence: orders the thread's non-temporal stores before what follows (x86: ``mfence``)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
 
 
 # ---------------------------------------------------------------- 16-bit storage
