@@ -4,7 +4,8 @@
 
 Forward+gradient of ``0.5 * CE + 0.5 * T^2 * KL`` (T = 2, tail "renormalize") with a top-k teacher
 against: the memory floor of the call (read the student once, write the gradient once: the bench's
-``rw1`` kernel), and the same loss in PyTorch eager as DistillKit writes it (``log_softmax`` of the
+``rw1`` kernel; and ``rw1_stream``, the same with streaming stores, as the kernel writes a gradient
+this large), and the same loss in PyTorch eager as DistillKit writes it (``log_softmax`` of the
 student, ``gather`` at the teacher's ids, ``softmax`` of the teacher's values, autograd). ``top_k`` with
 the same k against the read floor (``read1``) and ``torch.topk`` + ``torch.log_softmax``. Best of
 ``--repeats`` calls after a warm-up; ratios within this run.
@@ -56,6 +57,7 @@ def main() -> None:
         "fastdistill fwd+grad": lambda: d.loss_and_grad(s, teacher, y, grad_out=g),
         "fastdistill fwd": lambda: d.loss(s, teacher, y),
         "floor r+w (student, gradient)": lambda: floors["rw1"](flat_s, flat_g),
+        "floor r+w, streaming stores": lambda: floors["rw1_stream"](flat_s, flat_g),
         "fd.top_k": lambda: fd.top_k(t, k),
         "floor read (logits)": lambda: floors["read1"](t.reshape(-1), partial),
     }
@@ -92,6 +94,7 @@ def main() -> None:
         print(f"  {name:38s} {ms:9.2f}")
     f = res["fastdistill fwd+grad"]
     print(f"  sparse fwd+grad / floor r+w: {f / res['floor r+w (student, gradient)']:.2f}x")
+    print(f"  sparse fwd+grad / floor r+w with streaming stores: {f / res['floor r+w, streaming stores']:.2f}x")
     print(f"  top_k / read floor: {res['fd.top_k'] / res['floor read (logits)']:.2f}x")
     if torch is not None:
         print(f"  torch composition / fastdistill: {res['torch gather+log_softmax+autograd'] / f:.2f}x")

@@ -242,7 +242,8 @@ def floor_kernels() -> dict:
     """Numba parallel kernels that only move memory: the floors the loss kernels are compared with.
 
     ``read1(a, partial)`` / ``read2(a, b, partial)`` sum their flat inputs (each element read once);
-    ``rw1(a, out)`` / ``rw2(a, b, out)`` read their inputs once and write ``out`` once. All float32
+    ``rw1(a, out)`` / ``rw2(a, b, out)`` read their inputs once and write ``out`` once;
+    ``rw1_stream(a, out)`` is ``rw1`` with streaming stores (float32, ``BLOCK`` a multiple of 256). All float32
     arithmetic (a float64 accumulator would make the "floor" compute-bound), vectorized by LLVM.
     """
     if _FLOOR_KERNELS:
@@ -304,7 +305,30 @@ def floor_kernels() -> dict:
             for i in range(x.shape[0]):
                 o[i] = x[i] - y[i]
 
-    _FLOOR_KERNELS.update(read1=read1, read2=read2, rw1=rw1, rw2=rw2)
+    from .cpu._math import store_fence, stream_line
+
+    @njit(**jit)
+    def rw1_stream(a, out):  # type: ignore[no-untyped-def]
+        # rw1 by streaming stores from a 256-element staging block (the lines are not read before
+        # they are written), as the sparse kernel writes a large gradient: float32 ``out``
+        n = a.size
+        lead = min(n, (-(out.ctypes.data // 4)) % 16)  # elements before out's first 64-byte line
+        for i in range(lead):
+            out[i] = a[i] * np.float32(0.5)
+        nb = (n - lead) // BLOCK
+        for k in prange(nb):
+            buf = np.empty(256, np.float32)
+            for lo in range(lead + k * BLOCK, lead + (k + 1) * BLOCK, 256):
+                x = a[lo:lo + 256]
+                for i in range(256):
+                    buf[i] = x[i] * np.float32(0.5)
+                for q in range(0, 256, 16):
+                    stream_line(out, lo + q, buf, q)
+            store_fence()
+        for i in range(lead + nb * BLOCK, n):
+            out[i] = a[i] * np.float32(0.5)
+
+    _FLOOR_KERNELS.update(read1=read1, read2=read2, rw1=rw1, rw2=rw2, rw1_stream=rw1_stream)
     return _FLOOR_KERNELS
 
 

@@ -254,3 +254,18 @@ def test_half_precision_dtype(tmp_path, capsys, dtype) -> None:  # type: ignore[
         assert e["check"]["ok"], e["check"]
     text = capsys.readouterr().out
     assert f"{dtype} logits" in text and "vs float32" in text
+
+
+def test_streaming_floor_writes_what_the_plain_floor_writes():
+    """``rw1_stream`` (streaming stores from a staging block) against ``rw1``, for outputs whose lines
+    start anywhere and sizes that are not a multiple of a block."""
+    k = B.floor_kernels()
+    rng = np.random.default_rng(3)
+    for n in (5, B.BLOCK + 37, 3 * B.BLOCK):
+        a = rng.standard_normal(n).astype(np.float32)
+        for off in (0, 1, 7):
+            buf = np.full(n + off + 1, 9.0, dtype=np.float32)
+            out = buf[off:off + n]
+            k["rw1_stream"](a, out)
+            np.testing.assert_array_equal(out, a * np.float32(0.5))
+            assert np.all(buf[:off] == 9.0) and buf[-1] == 9.0

@@ -89,6 +89,7 @@ from . import (
     FD_TVD,
 )
 from ..cpu import _sparse as S
+from ..cpu._math import thread_count
 
 # ---------------------------------------------------------------- thread pool access without Python
 
@@ -116,18 +117,6 @@ def _pool_size(typingctx):  # type: ignore[no-untyped-def]
         return builder.load(gv)
 
     return types.int64(), codegen
-
-
-@intrinsic
-def _get_num_threads(typingctx):  # type: ignore[no-untyped-def]
-    """The calling thread's numba thread count (the threading layer's ``get_num_threads``)."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        fnty = ir.FunctionType(cgutils.intp_t, [])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
-        return builder.call(fn, [])
-
-    return types.intp(), codegen
 
 
 @intrinsic
@@ -624,7 +613,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
         if status != FD_OK:
             return np.int32(status)
         status = FD_INTERNAL_ERROR
-        old = _get_num_threads()
+        old = thread_count()
         if nthreads > 0:
             _set_num_threads(nthreads)
         try:
@@ -642,7 +631,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
             if worker != 0:
                 K.drive(worker, K.batch_layout(s, t, g), labels, has_labels, np.int64(ignore_index), P, scale,
-                        want_grad, out, np.int64(_get_num_threads()), two_pass)
+                        want_grad, out, np.int64(thread_count()), two_pass)
             ran = worker != 0
             if ran:
                 _reduce(out, rows, reduction, scale, lossp)
@@ -665,7 +654,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             if status != FD_OK:
                 return np.int32(status)
             status = FD_INTERNAL_ERROR
-            old = _get_num_threads()
+            old = thread_count()
             if nthreads > 0:
                 _set_num_threads(nthreads)
             try:
@@ -683,7 +672,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 if worker != 0:
                     # np.bool_: a literal False would compile the driver again, for that literal
                     K.drive(worker, K.batch_layout(s, t, g), labels, np.bool_(False), np.int64(-100), P, scale,
-                            want_grad, out, np.int64(_get_num_threads()), two_pass)
+                            want_grad, out, np.int64(thread_count()), two_pass)
                     _reduce(out, rows, reduction, scale, lossp)
                     status = FD_OK
             except Exception:  # noqa: BLE001
@@ -706,7 +695,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
         if status != FD_OK:
             return np.int32(status)
         status = FD_INTERNAL_ERROR
-        old = _get_num_threads()
+        old = thread_count()
         if nthreads > 0:
             _set_num_threads(nthreads)
         try:
@@ -749,7 +738,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
         if status != FD_OK:
             return np.int32(status)
         status = FD_INTERNAL_ERROR
-        old = _get_num_threads()
+        old = thread_count()
         if nthreads > 0:
             _set_num_threads(nthreads)
         try:
@@ -785,7 +774,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             if status != FD_OK:
                 return np.int32(status)
             status = FD_INTERNAL_ERROR
-            old = _get_num_threads()
+            old = thread_count()
             if nthreads > 0:
                 _set_num_threads(nthreads)
             try:

@@ -391,6 +391,20 @@ def store_fence(typingctx):  # type: ignore[no-untyped-def]
     return types.none(), codegen
 
 
+@intrinsic
+def thread_count(typingctx):  # type: ignore[no-untyped-def]
+    """The calling thread's numba thread count (the threading layer's ``get_num_threads``, by symbol:
+    ``numba.get_num_threads`` in jitted code reads a ctypes pointer, which keeps a kernel from the
+    on-disk cache). Thread ids (``numba.get_thread_id``) lie below it."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(cgutils.intp_t, [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "get_num_threads")
+        return builder.call(fn, [])
+
+    return types.intp(), codegen
+
+
 # ---------------------------------------------------------------- 16-bit storage
 # Numba's CPU target has no 16-bit float type, so half-precision logits reach the kernels as their bits:
 # bfloat16 as int16 arrays, float16 as uint16 arrays (the two integer types keep the two formats apart

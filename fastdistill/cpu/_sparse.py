@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 from numba.core import types
 from numba.extending import overload
 
@@ -57,6 +57,7 @@ from ._math import (
     prefetch,
     store_fence,
     stream_line,
+    thread_count,
     wide_vectors,
 )
 
@@ -113,16 +114,24 @@ PF_BLOCK = 256
 # forward+gradient. Below it the gradient may still be in the cache when the caller reads it.
 STREAM_BYTES = 64 << 20
 STREAM_BLOCK = 256
+# columns of unused scratch before and after each thread's row of exponentials. The statistics' loop
+# reads the student and stores into that row; LLVM guards its vector loop with a run-time check that
+# the two do not overlap, conservative by up to a vector loop's step (32 columns measured), and runs
+# the scalar loop instead, whose sums round differently: without the gap, the loss changed in its last
+# digits with where the allocator placed the scratch beside the student.
+SCRATCH_PAD = 256
 
 
 @njit(inline="always", **JIT_INNER)
-def _expsums_block(x, m, k2, j0, j1, pw):  # type: ignore[no-untyped-def]
+def _expsums_block(x, m, k2, j0, j1, pw, e_out):  # type: ignore[no-untyped-def]
     """Columns ``[j0, j1)`` of ``_expsums32``: its two sums of the columns below ``m`` and the count of
     those at ``m``, in float32 (exact to 2**24 columns), from one loop (a separate count loop cost a
-    tenth of the statistics' time). Numba-inlined into it: LLVM unrolls the fixed-length blocks across
-    the accumulators' dependency chains, as in ``_sums_block``."""
+    tenth of the statistics' time); ``e_out`` (or None): each column's exponential kept there (exactly
+    0 at and below 2**-126). Numba-inlined into it: LLVM unrolls the fixed-length blocks across the
+    accumulators' dependency chains, as in ``_sums_block``."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
+    lo = np.float32(-126.0)
     a = zero
     b = zero
     c = zero
@@ -130,13 +139,21 @@ def _expsums_block(x, m, k2, j0, j1, pw):  # type: ignore[no-untyped-def]
         for j in range(j0, j1):
             d = as_type_of(m, x[j]) - m
             keep = zero if d == zero else one
-            a += fexp2_term(d * k2) * keep
+            t = d * k2
+            e = fexp2_term(t)
+            if e_out is not None:
+                e_out[j] = e if t > lo else zero
+            a += e * keep
             c += keep
     else:
         for j in range(j0, j1):
             d = as_type_of(m, x[j]) - m
             keep = zero if d == zero else one
-            e = fexp2_term(d * k2) * keep
+            t = d * k2
+            e = fexp2_term(t)
+            if e_out is not None:
+                e_out[j] = e if t > lo else zero
+            e = e * keep
             a += e
             b += _power(e, pw)
             c += keep
@@ -144,12 +161,13 @@ def _expsums_block(x, m, k2, j0, j1, pw):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _expsums32(x, m, it, pw):  # type: ignore[no-untyped-def]
+def _expsums32(x, m, it, pw, e_out=None):  # type: ignore[no-untyped-def]
     """(sum exp((x - m) * it), the sum of its ``pw``-th powers, or 0 when ``pw`` is 0) over the span
     ``x`` for float32 ``m`` and ``it``: both normalisers from one exponential per column when ``pw`` is 2
     or 4, in float32 over blocks of ``PF_BLOCK`` (float64 across them), the columns at ``m`` counted
-    apart as in ``_expsum`` (a confident row's sum keeps the digits of its terms below 1). Each block prefetches the columns ``SPAN`` on: the next span of the row
-    (past its end: the next row's first, harmless when another thread takes that row)."""
+    apart as in ``_expsum`` (a confident row's sum keeps the digits of its terms below 1). Each block
+    prefetches the columns ``SPAN`` on: the next span of the row (past its end: the next row's first,
+    harmless when another thread takes that row). ``e_out``: see ``_expsums_block``."""
     wide_vectors()
     inline_into_callers()
     k2 = it * np.float32(LOG2E)
@@ -162,37 +180,41 @@ def _expsums32(x, m, it, pw):  # type: ignore[no-untyped-def]
         j0 = blk * PF_BLOCK
         for jp in range(j0 + SPAN, j0 + SPAN + PF_BLOCK, LINE // x.itemsize):
             prefetch(x, jp)
-        da, db, dc = _expsums_block(x, m, k2, j0, j0 + PF_BLOCK, pw)
+        da, db, dc = _expsums_block(x, m, k2, j0, j0 + PF_BLOCK, pw, e_out)
         a += da
         b += db
         k += dc
-    da, db, dc = _expsums_block(x, m, k2, nb * PF_BLOCK, n, pw)
+    da, db, dc = _expsums_block(x, m, k2, nb * PF_BLOCK, n, pw, e_out)
     k += dc
     return k + a + da, (k + b + db if pw != 0 else 0.0)
 
 
 @njit(**JIT_INNER)
-def _span_sums(x, m, invt, two, pw, f64_math):  # type: ignore[no-untyped-def]
-    """(sum exp((x - m) / tau), sum exp(x - m) when ``two``) over one span, in the row's arithmetic."""
+def _span_sums(x, m, invt, two, pw, f64_math, e_out):  # type: ignore[no-untyped-def]
+    """(sum exp((x - m) / tau), sum exp(x - m) when ``two``) over one span, in the row's arithmetic;
+    ``e_out`` (float32 arithmetic, not two exponentials): the span's ``exp((x - m) / tau)``."""
     inline_into_callers()
     if f64_math:
         z = _expsum(x, m, invt, 0)
         z1 = _expsum(x, m, 1.0, 0) if two else 0.0
     else:
         mf = np.float32(m)
-        z, z1 = _expsums32(x, mf, np.float32(invt), pw if two else 0)
+        z, z1 = _expsums32(x, mf, np.float32(invt), pw if two else 0, e_out)
         if two and pw == 0:
             z1 = _expsums32(x, mf, np.float32(1.0), 0)[0]
     return z, z1
 
 
 @njit(**JIT_INNER)
-def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None):  # type: ignore[no-untyped-def]
+def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None, e_out=None, refs=None):  # type: ignore[no-untyped-def]  # noqa: E501
     """(max, NaN or +inf seen, Z, Z1, sum of the logits): the row maximum and the normalisers of ``softmax(s /
     tau)`` and (cross-entropy at another temperature) ``softmax(s)`` relative to it, in one streaming
     pass of spans with an online rescale (a span's maximum, then its sums from cache). ``pw`` (2 or 4,
     float32 arithmetic, tau = pw): both normalisers from one exponential per column. ``keys_max``
-    (``top_k``): the running maximum of column ``j`` of every span, folded in the maximum's loop."""
+    (``top_k``): the running maximum of column ``j`` of every span, folded in the maximum's loop.
+    ``e_out`` and ``refs`` (the gradient's, float32 arithmetic): each column's ``exp((s - m) / tau)``,
+    ``m`` the running maximum its span's sums used, kept in ``refs[span]`` (the write pass rescales
+    by span instead of computing the exponentials again)."""
     n = s_row.shape[0]
     two = ce != CE_NONE and ce != CE_SHARED
     ms = -np.inf
@@ -201,7 +223,8 @@ def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None):  # 
     z1 = 0.0
     ssum = 0.0
     for c0 in range(0, n, SPAN):
-        x = s_row[c0:min(n, c0 + SPAN)]
+        c1 = min(n, c0 + SPAN)
+        x = s_row[c0:c1]
         m, nan_x = _max_nan(x, arithmetic_zero(x), keys_max)
         nan = nan or nan_x
         if m > ms:
@@ -209,10 +232,18 @@ def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None):  # 
                 z *= math.exp((ms - m) * invt)
                 z1 *= math.exp(ms - m)
             ms = m
+        if refs is not None:
+            refs[c0 // SPAN] = ms
         if ms != -np.inf:
-            zx, z1x = _span_sums(x, ms, invt, two, pw, f64_math)
+            if e_out is None:
+                zx, z1x = _span_sums(x, ms, invt, two, pw, f64_math, None)
+            else:
+                zx, z1x = _span_sums(x, ms, invt, two, pw, f64_math, e_out[c0:c1])
             z += zx
             z1 += z1x
+        elif e_out is not None:
+            for j in range(c0, c1):
+                e_out[j] = np.float32(0.0)
         if with_sum:
             for j in range(x.shape[0]):
                 ssum += as_type_of(0.0, x[j])
@@ -249,26 +280,54 @@ def _write_dense(g_row, s_row, ms, invt, a, b, c, two, pw):  # type: ignore[no-u
 
 
 @njit(**JIT_INNER)
-def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf):  # type: ignore[no-untyped-def]
-    """:func:`_write_dense` over the row; given a staging block ``buf`` (a gradient of ``STREAM_BYTES``
-    or more), its whole 64-byte lines are computed into ``buf`` first and stored from there with
-    :func:`stream_line` (one call site of the inlined loops for the head, the lines and the tail)."""
+def _write_scaled(g_out, e, a, b, c, pw):  # type: ignore[no-untyped-def]
+    """``g_j = a * e_j + b * e_j**pw + c`` (``b`` only when ``pw``) from the statistics' exponentials
+    ``e`` (float32), rounded once into ``g``'s storage."""
+    inline_into_callers()
+    wide_vectors()
+    af = np.float32(a)
+    bf = np.float32(b)
+    cf = np.float32(c)
+    if pw != 0:
+        for j in range(e.shape[0]):
+            g_out[j] = stored(g_out, af * e[j] + bf * _power(e[j], pw) + cf)
+    else:
+        for j in range(e.shape[0]):
+            g_out[j] = stored(g_out, af * e[j] + cf)
+
+
+@njit(**JIT_INNER)
+def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row, refs):  # type: ignore[no-untyped-def]  # noqa: E501
+    """:func:`_write_dense` over the row, or, ``reuse``: from the statistics' exponentials ``e_row`` and
+    their spans' maxima ``refs``, :func:`_write_scaled` by span (``a`` and ``b`` times the span's
+    ``exp((ref - ms) / tau)`` and its power: no exponential per column). Given a staging block ``buf``
+    (non-empty: a gradient of ``STREAM_BYTES`` or more), the row's whole 64-byte lines are computed
+    into ``buf`` first and stored from there with :func:`stream_line`. One call site of each inlined
+    loop for the head, the lines, the tail and the spans."""
     n = s_row.shape[0]
     w = buf.shape[0]
+    pw_e = pw if two else 0
     per_line = LINE // g_row.itemsize
-    j0 = 0
-    j1 = n
-    if w != 0:
-        j1 = min(n, (-(g_row.ctypes.data // g_row.itemsize)) % per_line)  # the first line's start
-    while j0 < n:
-        full = w != 0 and j1 - j0 == w and (g_row.ctypes.data // g_row.itemsize + j0) % per_line == 0
-        out = buf if full else g_row[j0:j1]
-        _write_dense(out, s_row[j0:j1], ms, invt, a, b, c, two, pw)
+    line0 = (-(g_row.ctypes.data // g_row.itemsize)) % per_line  # the first line's start
+    b0 = 0
+    b1 = n if w == 0 else min(n, line0)
+    while b0 < n:
+        full = w != 0 and b1 - b0 == w and (b0 - line0) % per_line == 0
+        p0 = b0
+        while p0 < b1:
+            p1 = min(b1, (p0 // SPAN + 1) * SPAN) if reuse else b1
+            out = buf[p0 - b0:p1 - b0] if full else g_row[p0:p1]
+            if reuse:
+                f = math.exp((refs[p0 // SPAN] - ms) * invt)
+                _write_scaled(out, e_row[p0:p1], a * f, b * f ** pw_e if pw_e != 0 else 0.0, c, pw_e)
+            else:
+                _write_dense(out, s_row[p0:p1], ms, invt, a, b, c, two, pw)
+            p0 = p1
         if full:
             for q in range(0, w, per_line):
-                stream_line(g_row, j0 + q, buf, q)
-        j0 = j1
-        j1 = min(n, j0 + w) if w != 0 else n
+                stream_line(g_row, b0 + q, buf, q)
+        b0 = b1
+        b1 = min(n, b0 + w) if w != 0 else n
     if w != 0:
         store_fence()
 
@@ -302,11 +361,21 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         pw = 4 if tau == 4.0 else (2 if tau == 2.0 else 0)
     # a gradient this large bypasses the cache (streaming stores from a staging block per row)
     stream = want_grad and grad.size * grad.itemsize >= stream_bytes and grad.ctypes.data % grad.itemsize == 0
+    # the gradient from the statistics' own exponentials (float32, one exponential per column), kept
+    # in a row of the thread's: no second exponential per column in the write pass
+    reuse = want_grad and not f64_math and (pw != 0 or ce == CE_NONE or ce == CE_SHARED)
+    threads = thread_count()
+    bufs = np.empty((threads, STREAM_BLOCK if stream else 0), grad.dtype)
+    e_rows = np.empty((threads, n + 2 * SCRATCH_PAD), np.float32)
+    refs_rows = np.empty((threads, (n + SPAN - 1) // SPAN), np.float64)
     for r in prange(rows):
         ri = np.int64(r)
         lab = labels[r] if has_labels else np.int64(-1)
         g_row = borrowed(grad, ri, 0, n) if want_grad else borrowed(grad, 0, 0, 1)
-        buf = np.empty(STREAM_BLOCK if stream else 0, grad.dtype)
+        tid = np.int64(get_thread_id())
+        buf = borrowed(bufs, tid, 0, bufs.shape[1])
+        e_row = borrowed(e_rows, tid, SCRATCH_PAD, SCRATCH_PAD + n)
+        refs = borrowed(refs_rows, tid, 0, refs_rows.shape[1])
         if has_labels and lab == ignore_index:
             out_loss[r] = 0.0
             if want_grad:
@@ -314,7 +383,9 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
                     g_row[j] = stored(g_row, 0.0)
             continue
         s_row = borrowed(s, ri, 0, n)
-        ms, nan, z, z1, ssum = _row_statistics(s_row, invt, ce, pw, f64_math, ce != CE_NONE and eps != 0.0)
+        # (kept without a gradient as well: one compiled statistics pass, not two)
+        ms, nan, z, z1, ssum = _row_statistics(s_row, invt, ce, pw, f64_math, ce != CE_NONE and eps != 0.0,
+                                               None, e_row, refs)
         lz = math.log(z)
         # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
         ids = idx[r]
@@ -401,7 +472,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         sup = np.empty(k + 1, np.float64)
         _support_values(sup, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
                         lab_c, tail, div, loglam, log1mlam, lam, cp, cq)
-        _write_dense_row(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0, pw, buf)
+        _write_dense_row(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0, pw, buf, reuse, e_row, refs)
         _scatter_support(g_row, ids, sup, lab_c)
 
 
