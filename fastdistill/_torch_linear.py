@@ -193,7 +193,8 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     di, dw, db = ctx.dtypes
     # an upstream gradient of 1 (loss.backward()) returns the saved gradients themselves: no second
     # weight-sized tensor (the graph releases its references before the gradients are accumulated)
-    one = bool(grad_loss == 1)
+    # (not while torch.compile traces the backward: the comparison has no value there)
+    one = not torch.compiler.is_compiling() and bool(grad_loss == 1)
     return (_scaled(gi, grad_loss, di, one), _scaled(gw, grad_loss, dw, one), None, None, None,
             _scaled(gb, grad_loss, db, one) if ctx.has_bias else None, None, None, None, None, None)
 
