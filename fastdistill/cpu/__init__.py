@@ -13,6 +13,7 @@ import os
 import numba
 import numpy as np
 
+from .. import _cache  # noqa: F401  (before the kernels: their disk cache keyed on the kernel sources)
 from .._spec import TAILS, Variant
 from . import _kernels as K
 

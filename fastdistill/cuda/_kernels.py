@@ -41,6 +41,7 @@ try:
 except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
+from .. import _cache
 from .._scalar import logaddexp, mix_ratio, sparse_bin
 from .._spec import (
     CE_NONE,
@@ -79,6 +80,7 @@ RED_BLOCK = 8 if SIM else 256  # threads of the single-block label kernel
 
 NEG_INF = -np.inf
 
+_cache.install()  # numba-cuda's disk cache keyed on the kernel sources too
 _JIT = {} if SIM else {"cache": True}
 # register caps of the response kernel: single-pass float32 variants at 80 (three 256-thread blocks per SM, for
 # more loads in flight; the common variants need 78-91 unconstrained), float64 variants at 128 (blocks
