@@ -746,7 +746,8 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     forward KL, ``beta = 1`` the reverse KL). Tokens whose label is -100 are left out. Reductions as in
     TRL: ``num_items_in_batch`` given, the sum divided by it; ``"batchmean"``, the sum over the counted
     tokens' divergences divided by their number (at least 1), or without labels by
-    ``student_logits.size(0) * student_logits.size(1)``; ``"sum"``; ``"mean"``, the mean over every
+    ``student_logits.size(0)`` (the batch of ``(B, T, V)`` logits, the rows of ``(N, V)`` ones, the classes
+    of one row); ``"sum"``; ``"mean"``, the mean over every
     counted element (tokens times classes); ``"none"``, TRL's elementwise tensor (its shape, or
     ``(counted tokens, classes)`` with labels), computed with PyTorch operations rather than the fused
     kernels (an elementwise result needs the ``rows x classes`` tensor the kernels avoid).
@@ -763,9 +764,9 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     if reduction == "sum":
         return _response(distiller, student_logits, teacher_logits, labels, "sum", None)
     classes = student_logits.shape[-1]
-    if labels is None:
-        shape = student_logits.shape
-        divisor = shape[0] * shape[1] if reduction == "batchmean" else student_logits.numel()
+    if labels is None:  # TRL: "batchmean" divides by size(0) (the batch of 3-D logits, the rows of 2-D ones)
+        size0 = student_logits.shape[0] if student_logits.dim() else 1  # (a scalar is refused by the loss)
+        divisor = max(size0, 1) if reduction == "batchmean" else student_logits.numel()
         return _response(distiller, student_logits, teacher_logits, None, "mean", divisor)
     labels = _check_tensor(labels, "labels")
     counted = (labels != _TRL_IGNORE).sum()

@@ -302,7 +302,7 @@ def trl_generalized_jsd(student_logits, teacher_logits, labels=None, beta=0.5, t
     if num_items_in_batch is not None:
         return jsd.sum() / num_items_in_batch
     if reduction == "batchmean":
-        return jsd.sum() / mask.sum().clamp_min(1) if mask is not None else jsd.sum() / (jsd.size(0) * jsd.size(1))
+        return jsd.sum() / mask.sum().clamp_min(1) if mask is not None else jsd.sum() / max(jsd.size(0), 1)
     if reduction == "sum":
         return jsd.sum()
     if reduction == "mean":
