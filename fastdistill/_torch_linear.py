@@ -10,6 +10,7 @@ scales the three by the upstream gradient.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -25,6 +26,8 @@ from .torch import (
     _describe,
     _labels,
     _num_items_args,
+    _num_items_value,
+    _same_device,
     make_soft_loss,
 )
 
@@ -34,6 +37,99 @@ _OP = "fastdistill::fused_linear_response"
 def _teacher_arg(t: Any) -> Any:
     """A chunk's teacher as the façade takes it (a SparseTeacher as it is)."""
     return t if type(t).__name__ == "SparseTeacher" else _as_backend_input(t)
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_fused(student_input: Any, student_weight: Any, teacher_input: Any, teacher_weight: Any, labels: Any,
+                 student_bias: Any, teacher_bias: Any, sparse: bool) -> None:
+    """Every check of the fused head's arguments, from their metadata only (shapes, dtypes, devices):
+    the student's logits ``student_input @ student_weight.T (+ student_bias)`` have the shape
+    ``student_input.shape[:-1] + (classes,)``; the teacher's (its logits, its hidden states times
+    ``teacher_weight``, or a SparseTeacher's ``(..., k)`` ids, here ``teacher_input``) pair row for row,
+    with the same leading dims; labels one per row. ``sparse``: ``teacher_input``/``teacher_weight`` are
+    a SparseTeacher's ids and values."""
+    t_names = ("the SparseTeacher's indices", "the SparseTeacher's values") if sparse else ("teacher_input",
+                                                                                           "teacher_weight")
+    tensors = [(student_input, "student_input"), (student_weight, "student_weight"), (teacher_input, t_names[0]),
+               (teacher_weight, t_names[1]), (student_bias, "student_bias"), (teacher_bias, "teacher_bias")]
+    for x, name in tensors:
+        if x is not None:
+            _check_tensor(x, name)
+    if student_input.dim() == 0:
+        raise V.DimensionMismatchError(expected=1, got=0, message="student_input must have at least one dimension "
+                                       "(its hidden size), got a scalar")
+    device = student_input.device
+    for x, name in tensors[1:]:
+        if x is not None:
+            _same_device(x, name, device, "student_input is")
+    lead = _shape(student_input)[:-1]
+    h = student_input.shape[-1]
+    if student_weight.dim() != 2 or student_weight.shape[1] != h:
+        raise V.DimensionMismatchError(
+            expected=h, got=int(student_weight.shape[-1]) if student_weight.dim() else 0,
+            message=f"student_weight must be (classes, {h}) for student_input of hidden size {h}, got "
+            f"{_shape(student_weight)}",
+        )
+    classes = student_weight.shape[0]
+    logits = lead + (classes,)
+    _check_bias(student_bias, "student_bias", classes, f"student_weight {_shape(student_weight)}")
+    if sparse:
+        i_shape = _shape(teacher_input)
+        if i_shape[:-1] != lead:
+            raise V.DimensionMismatchError(
+                expected=math.prod(lead), got=math.prod(i_shape[:-1]),
+                message=f"SparseTeacher shape {i_shape} does not match the student's rows: its leading dims must be "
+                f"{lead} (student_input shape {_shape(student_input)})",
+            )
+    elif teacher_weight is None:
+        if teacher_bias is not None:
+            raise V.InvalidParameterError(
+                "teacher_bias needs teacher_weight: without it teacher_input is the teacher's logits (add the "
+                "bias to them)")
+        t_shape = _shape(teacher_input)
+        if t_shape != logits:
+            raise V.TeacherStudentMismatchError(
+                teacher=t_shape, student=logits,
+                message=f"teacher_input (the teacher's logits) shape {t_shape} differs from the student's logits "
+                f"shape {logits} (student_input {_shape(student_input)} times student_weight "
+                f"{_shape(student_weight)} transposed): one teacher row per student row {lead}",
+            )
+    else:
+        th = teacher_input.shape[-1] if teacher_input.dim() else 0
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != th:
+            raise V.DimensionMismatchError(
+                expected=th, got=int(teacher_weight.shape[-1]) if teacher_weight.dim() else 0,
+                message=f"teacher_weight must be (classes, {th}) for teacher_input of hidden size {th}, got "
+                f"{_shape(teacher_weight)}",
+            )
+        t_lead = _shape(teacher_input)[:-1]
+        if t_lead != lead:
+            raise V.TeacherStudentMismatchError(
+                teacher=t_lead, student=lead,
+                message=f"teacher_input shape {_shape(teacher_input)} has the rows {t_lead} but student_input shape "
+                f"{_shape(student_input)} has the rows {lead}: one teacher row per student row",
+            )
+        t_classes = teacher_weight.shape[0]
+        if t_classes != classes:
+            raise V.TeacherStudentMismatchError(
+                teacher=t_classes, student=classes,
+                message=f"teacher_weight has {t_classes} classes but student_weight has {classes}",
+            )
+        _check_bias(teacher_bias, "teacher_bias", t_classes, f"teacher_weight {_shape(teacher_weight)}")
+    if labels is not None:
+        _same_device(labels, "labels", device, "student_input is")
+        V.check_labels_meta(_shape(labels), V.torch_np_dtype(labels.dtype), logits)
+
+
+def _check_bias(bias: Optional[torch.Tensor], name: str, classes: int, weight: str) -> None:
+    if bias is not None and _shape(bias) != (classes,):
+        raise V.DimensionMismatchError(
+            expected=classes, got=bias.numel(),
+            message=f"{name} must be ({classes},), one value per class of {weight}, got shape {_shape(bias)}",
+        )
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +197,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     tb = None if teacher_bias is None else teacher_bias.detach()
     lab = None if labels is None else _labels(labels, x.device).reshape(-1)
     if num_items is not None:
-        n_items = float(num_items.item())
+        n_items = _num_items_value(num_items)
     if n_items is None:  # the mean over the whole batch's counted rows, not each chunk's
         n_items = float(rows if lab is None else int((lab != distiller.ignore_index).sum()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -245,16 +341,10 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             sparse = codes(teacher_input)
             teacher_weight = torch.as_tensor(teacher_input.values)
             teacher_input = torch.as_tensor(teacher_input.indices)
-        for x, name in ((student_input, "student_input"), (student_weight, "student_weight"),
-                        (teacher_input, "teacher_input")):
-            _check_tensor(x, name)
-        h = student_input.shape[-1]
-        if student_weight.dim() != 2 or student_weight.shape[1] != h:
-            raise V.DimensionMismatchError(
-                expected=h, got=int(student_weight.shape[-1]),
-                message=f"student_weight must be (classes, {h}) for student_input of hidden size {h}, got "
-                f"{tuple(student_weight.shape)}",
-            )
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(labels)
+        _check_fused(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
+                     bool(sparse))
         n_items, n_items_tensor = _num_items_args(num_items, "mean")
         want_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_input, student_weight, student_bias))

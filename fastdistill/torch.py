@@ -128,19 +128,24 @@ def _to_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return out if (out.dtype == dtype and out.device == device) else out.to(device=device, dtype=dtype)
 
 
+def _same_device(x: torch.Tensor, name: str, device: torch.device, other: str = "the student logits are") -> None:
+    """``TypeError`` naming ``name`` and both devices unless ``x`` lives on ``device`` (as for a tensor on a
+    device fastdistill does not compute on)."""
+    if x.device != device:
+        raise TypeError(f"{name} is on device '{x.device}' but {other} on '{device}'; move it to '{device}'")
+
+
 def _labels(labels: Any, device: torch.device) -> torch.Tensor:
     lab = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
     if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {lab.dtype}")
-    if lab.device != device:
-        raise RuntimeError(f"labels are on {lab.device} but the student logits are on {device}")
+    _same_device(lab, "labels", device)
     return lab.detach().to(dtype=torch.int64, memory_format=torch.contiguous_format)
 
 
 def _checked_pair(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     """The loss dtype of a student/teacher pair, after their device and dtype checks."""
-    if teacher.device != student.device:
-        raise RuntimeError(f"teacher logits are on {teacher.device} but the student logits are on {student.device}")
+    _same_device(teacher, "teacher", student.device)
     cdtype = _loss_dtype(student.dtype)
     if teacher.dtype not in _FLOATS:
         raise TypeError(f"teacher must be a float32, float64, float16 or bfloat16 tensor, got dtype {teacher.dtype}")
@@ -222,9 +227,11 @@ def _run_vocab_parallel(distiller: ResponseDistiller, student: torch.Tensor, tea
 _OP = "fastdistill::response"
 CALL_FIELDS = (
     "kind", "temperature", "kl_weight", "mse_weight", "beta", "alpha", "t2_scale",  # the soft loss
-    "hard_label_weight", "soft_label_weight", "label_smoothing", "ignore_index", "vocab_mismatch",  # distiller
+    "hard_label_weight", "soft_label_weight", "label_smoothing", "ignore_index", "ignore_index_low",
+    "vocab_mismatch",  # the distiller (ignore_index: the integer's high and low 32 bits, each exact as a float)
     "reduction", "num_items", "want_grad",  # the call (num_items: 0 when not given; it is > 0 when given)
 )
+_IGNORE_SPLIT = 1 << 32
 _KINDS = {code: kind for kind, code in LOSS_CODES.items()}
 _F = {name: i for i, name in enumerate(CALL_FIELDS)}
 _CALLS: dict = {}
@@ -236,7 +243,8 @@ def _describe(distiller: ResponseDistiller, reduction: str, num_items: float | N
     return [
         float(LOSS_CODES[soft.kind]), soft.temperature, soft.kl_weight, soft.mse_weight, soft.beta, soft.alpha,
         float(soft.t2_scale), distiller.hard_label_weight, distiller.soft_label_weight, distiller.label_smoothing,
-        float(distiller.ignore_index), float(V.VOCAB_MISMATCH.index(distiller.vocab_mismatch)),
+        float(distiller.ignore_index // _IGNORE_SPLIT), float(distiller.ignore_index % _IGNORE_SPLIT),
+        float(V.VOCAB_MISMATCH.index(distiller.vocab_mismatch)),
         float(V.REDUCTIONS.index(reduction)), 0.0 if num_items is None else float(num_items), float(want_grad),
     ]
 
@@ -255,7 +263,8 @@ def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bo
         soft = DistilLoss(_KINDS[int(f["kind"])], f["temperature"], kl_weight=f["kl_weight"],
                           mse_weight=f["mse_weight"], beta=f["beta"], alpha=f["alpha"], t2_scale=f["t2_scale"] != 0.0)
         distiller = ResponseDistiller(soft, f["hard_label_weight"], f["soft_label_weight"],
-                                      ignore_index=int(f["ignore_index"]), label_smoothing=f["label_smoothing"],
+                                      ignore_index=int(f["ignore_index"]) * _IGNORE_SPLIT + int(f["ignore_index_low"]),
+                                      label_smoothing=f["label_smoothing"],
                                       vocab_mismatch=V.VOCAB_MISMATCH[int(f["vocab_mismatch"])])
         n_items = None if f["num_items"] == 0.0 else f["num_items"]
         hit = (distiller, _reduction_of(call), n_items, f["want_grad"] != 0.0)
@@ -274,7 +283,7 @@ def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
     shards (``""``: none)."""
     distiller, reduction, n_items, want_grad = _decode(call)
     if num_items is not None:
-        n_items = float(num_items.item())
+        n_items = _num_items_value(num_items)
     if group:
         loss, grad = _run_vocab_parallel(distiller, student, teacher, labels, reduction, n_items, want_grad, group)
     else:
@@ -389,10 +398,24 @@ def _plain_eager(*tensors: Any) -> bool:
 
 def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch.Tensor | None]:
     """``num_items`` as a checked number (in the call's description) or a tensor (the op's
-    ``num_items``, checked when read)."""
+    ``num_items``: its metadata checked here, its value when read)."""
     if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise InvalidParameterError(
+                f"num_items must be one number, got a tensor of shape {tuple(num_items.shape)} "
+                f"({num_items.numel()} elements)")
+        if num_items.dtype.is_complex or num_items.dtype == torch.bool:
+            raise InvalidParameterError(f"num_items must be a real number, got a tensor of dtype {num_items.dtype}")
+        if reduction != "mean":
+            raise InvalidParameterError(
+                f"num_items only applies to reduction='mean', got reduction={reduction!r}")
         return None, num_items.detach()
     return V.num_items(num_items, reduction), None
+
+
+def _num_items_value(num_items: torch.Tensor) -> float:
+    """The value of a ``num_items`` tensor (read in forward), checked as a number."""
+    return V.num_items(num_items.item(), "mean")  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------ sparse (top-k) teachers
@@ -411,11 +434,10 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
     distiller, reduction, n_items, want_grad = _decode(call)
     if num_items is not None:
-        n_items = float(num_items.item())
+        n_items = _num_items_value(num_items)
     device = student.device
     for x, name in ((indices, "indices"), (values, "values")):
-        if x.device != device:
-            raise RuntimeError(f"the SparseTeacher's {name} are on {x.device} but the student logits are on {device}")
+        _same_device(x, f"the SparseTeacher's {name}", device)
     cdtype = _loss_dtype(student.dtype)
     gdtype = _grad_dtype(student.dtype)
     s = _prepare(student)
