@@ -99,8 +99,8 @@ def response(
     gpu = cuda_backend() if on_gpu else None
     host_lab = None
     n_counted = 0
-    if labels is not None and not (on_gpu and V.is_device(labels)):
-        host_lab, n_counted = V.host_labels(labels, n, ignore_index)  # range checked here
+    if labels is not None and _labels_on_host(on_gpu, labels):
+        host_lab, n_counted = V.host_labels(V.on_host(labels), n, ignore_index)  # range checked here
     storages = _storages(s_dtype, t_dtype, grad_out if want_grad else None)
     try:
         call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items,
@@ -135,8 +135,8 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
     gpu = cuda_backend() if on_gpu else None
     idx, vals = sparse.host_arrays(teacher, s_shape, n)  # (rows x k, checked on the host)
     host_lab, n_counted = None, 0
-    if labels is not None and not (on_gpu and V.is_device(labels)):
-        host_lab, n_counted = V.host_labels(labels, n, ignore_index)
+    if labels is not None and _labels_on_host(on_gpu, labels):
+        host_lab, n_counted = V.host_labels(V.on_host(labels), n, ignore_index)
     storages = _storages(s_dtype, s_dtype, grad_out if want_grad else None)  # (no teacher array: the student's)
     call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items, want_grad,
                     needs_labels)
@@ -145,15 +145,26 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
     if gpu is not None:
         return gpu.sparse_response(call, student, idx, vals, labels if host_lab is None else host_lab,
                                    TAILS.index(teacher.tail), grad_out)
-    s2 = V.rows_2d(_storage.host_logits(student, s_store, "student"))
+    s_host = _storage.host_logits(student, s_store, "student")
+    s2 = V.rows_2d(s_host)
     g2 = None
     if want_grad and grad_out is not None:
-        g2 = V.grad_out(grad_out, call.shape, g_store, (host_lab, idx)).reshape(s2.shape)
+        g2 = V.grad_out(grad_out, call.shape, g_store, (host_lab, idx), s_host).reshape(s2.shape)
     scale = _scale(call, host_lab, n_counted)
     rows, grad = _cpu().sparse_response(call, s2, idx, vals, host_lab, packed(call.terms), teacher.tail, scale, g2)
     if want_grad:
         grad = caller_grad(call, grad, student, grad_out)
     return reduce_rows(rows, call.reduction, scale, call.shape, s_store), grad
+
+
+def _labels_on_host(on_gpu: bool, labels: Any) -> bool:
+    """Whether a call's labels are checked (and read) on the host: host labels, and device labels of
+    an unsigned 64-bit type (the device kernels read labels as int64, which would wrap ids above its
+    range into ``-1`` or ``ignore_index``: their host copy is checked instead, ``rows`` numbers)."""
+    if not (on_gpu and V.is_device(labels)):
+        return True
+    dt = V.shape_dtype(labels)[1]
+    return getattr(dt, "kind", "") == "u" and getattr(dt, "itemsize", 0) >= 8
 
 
 def _storages(s_dtype: Any, t_dtype: Any, grad_out: Any) -> tuple[str, str, str]:
@@ -195,10 +206,10 @@ def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray |
     s_store, t_store, g_store = call.variant.storage()
     s = _storage.host_logits(student, s_store, "student")
     t_own = _storage.check(V.shape_dtype(teacher)[1], "teacher")
-    t = _storage.host_logits(teacher, t_own, "teacher")
+    t_caller = t = _storage.host_logits(teacher, t_own, "teacher")
     if t_own != t_store:
         t = _storage.to_float(t, t_own, t_store)
-    g_out = (V.grad_out(grad_out, call.shape, g_store, (t, lab))
+    g_out = (V.grad_out(grad_out, call.shape, g_store, (t_caller, t, lab), s)
              if (call.want_grad and grad_out is not None) else None)
     s2 = V.rows_2d(s)
     g2 = g_out.reshape(s2.shape) if g_out is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL
+from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, TAIL_BUCKET, TAIL_SUPPORT
 
 NEG_INF = -math.inf
 
@@ -51,3 +51,62 @@ def sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq):  # type: ignore[no-untyped-d
         return d, h
     # DIV_TVD
     return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))
+
+
+def teacher_weights(ids, vals, invt):  # type: ignore[no-untyped-def]
+    """A sparse teacher row's (used slots, ``log sum exp(v * invt)`` over them, whether one of them is NaN
+    or ``+inf``). The log-sum is ``-inf`` when no slot is used or every used value is ``-inf`` (no
+    distribution to renormalise), NaN with a NaN or ``+inf`` value (the dense rule: the row is NaN)."""
+    count = 0
+    vmax = NEG_INF
+    bad = False
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            count += 1
+            v = vals[b]
+            if v != v or v == math.inf:
+                bad = True
+            elif v * invt > vmax:
+                vmax = v * invt
+    if bad:
+        return count, math.nan, True
+    if vmax == NEG_INF:
+        return count, NEG_INF, False
+    acc = 0.0
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            acc += math.exp(vals[b] * invt - vmax)
+    return count, vmax + math.log(acc), False
+
+
+def sorted_used_ids(ids, out):  # type: ignore[no-untyped-def]
+    """The used ids of a sparse teacher row (``>= 0``) into ``out`` in increasing order (Shell's sort:
+    k is small and this needs no allocation); returns how many."""
+    m = 0
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            out[m] = ids[b]
+            m += 1
+    gap = 1
+    while gap < m // 3:
+        gap = 3 * gap + 1
+    while gap > 0:
+        for i in range(gap, m):
+            v = out[i]
+            j = i
+            while j >= gap and out[j - gap] > v:
+                out[j] = out[j - gap]
+                j -= gap
+            out[j] = v
+        gap //= 3
+    return m
+
+
+def reads_rest_bin(tail, div):  # type: ignore[no-untyped-def]
+    """Whether the divergence reads the student's mass outside a sparse teacher's support, summed
+    directly over those columns (``1 - sum_S q`` cancels for a confident student): the ``"bucket"``
+    tail's rest bin, and the ``"renormalize"`` tail's outside bin for every divergence but the forward
+    KL (whose term there is 0: the teacher has no mass outside)."""
+    if tail == TAIL_SUPPORT or div == DIV_NONE:
+        return False
+    return tail == TAIL_BUCKET or div != DIV_FORWARD_KL

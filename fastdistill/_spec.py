@@ -43,6 +43,10 @@ CE_NAMES = {CE_NONE: "no CE", CE_SHARED: "CE shared", CE_OWN: "CE own"}
 # exponentials of nearly uniform rows leave a forward KL with a relative error of 4e-5 (1e-1 at 1e4);
 # their float64 counterparts stay below 1e-8 up to tau = 1e4
 TAU_FLOAT64_MATH = 32.0
+# the largest temperature of a loss: tau^2 * KL(p_tau || q_tau) is a difference of two nearly equal sums
+# that cancels as 1/tau^2 (float64: relative error 3e-9 at 1e4, 1e-6 at 1e5, 3e-5 at 1e6, 0.6 at 1e8 on
+# 4 x 50 normal logits); every use lies far below it
+MAX_TEMPERATURE = 1e4
 
 # tails of a sparse (top-k) teacher: what its divergence compares (fastdistill.sparse.SparseTeacher); a
 # tail's code is its position in TAILS, read by every backend (and equal to the C ABI's enum fd_tail)

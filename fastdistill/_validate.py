@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _storage
-from ._spec import FLOAT32, HALF
+from ._spec import FLOAT32, HALF, MAX_TEMPERATURE
 from .errors import (
     DimensionMismatchError,
     EmptyInputError,
@@ -177,7 +177,7 @@ def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> 
     """The error for the first label outside ``[0, n_classes)`` that is not ``ignore_index``, or None."""
     if labels.size and 0 <= labels.min() and labels.max() < n_classes:  # the common case: two reductions
         return None
-    bad = ((labels < 0) & (labels != ignore_index)) | (labels >= n_classes)
+    bad = ((labels < 0) | (labels >= n_classes)) & (labels != ignore_index)
     if not bad.any():
         return None
     i = int(np.flatnonzero(bad)[0])
@@ -189,13 +189,33 @@ def label_range_error(labels: np.ndarray, n_classes: int, ignore_index: int) -> 
     )
 
 
+def above_int64(a: np.ndarray) -> int | None:
+    """The flat position of the first value of an unsigned 64-bit array above the int64 range (which a
+    cast to int64 would wrap to a negative id: -1 an unused slot, -100 an ignored row), or None."""
+    if a.dtype.kind != "u" or a.dtype.itemsize < 8 or a.size == 0:
+        return None
+    top = np.uint64(np.iinfo(np.int64).max)
+    if a.max() <= top:
+        return None
+    return int(np.flatnonzero(a.reshape(-1) > top)[0])
+
+
 def host_labels(labels: Any, n: int, ignore_index: int) -> tuple[np.ndarray, int]:
     """(labels as a contiguous int64 vector, the number of rows they count), after their range check
     against ``n`` classes.
 
     Their dtype and length have passed :func:`check_labels_meta`.
     """
-    lab = np.ascontiguousarray(host_array(labels, "labels"), dtype=np.int64).reshape(-1)
+    raw = host_array(labels, "labels").reshape(-1)
+    big = above_int64(raw)
+    if big is not None:
+        lab = int(raw[big])
+        raise LabelOutOfRangeError(
+            label=lab, n_classes=n,
+            message=f"labels[{big}] = {lab} is out of range for {n} classes "
+            f"(valid: 0..{n - 1}, or ignore_index {ignore_index})",
+        )
+    lab = np.ascontiguousarray(raw, dtype=np.int64)
     lo = lab.min()
     hi = lab.max()
     if 0 <= lo and hi < n:  # every label valid: two reductions, and a count only if ignore_index can occur
@@ -223,6 +243,18 @@ def temperature(value: Any, name: str = "temperature") -> float:
     v = finite(value, name)
     if v <= 0.0:
         raise InvalidParameterError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def loss_temperature(value: Any, name: str = "temperature") -> float:
+    """A loss's temperature: finite, above 0 and at most ``MAX_TEMPERATURE`` (beyond it the divergences
+    cancel to no correct digit)."""
+    v = temperature(value, name)
+    if v > MAX_TEMPERATURE:
+        raise InvalidParameterError(
+            f"{name} must be at most {MAX_TEMPERATURE:g} for a loss, got {v:g}: tau^2 * KL(p_tau || q_tau) "
+            "cancels to no correct digit at such temperatures"
+        )
     return v
 
 
@@ -291,10 +323,13 @@ def grad_storage(g_dtype: Any, s_storage: str) -> str:
     return st
 
 
-def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any, ...] = ()) -> np.ndarray:
+def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any, ...] = (),
+             student: Any = None) -> np.ndarray:
     """A caller's gradient buffer (NumPy array or CPU tensor) as the kernels write it (a view; 16-bit
     floats as their bits): the student's shape, C-contiguous, writable, of ``g_storage`` (checked by
-    :func:`grad_storage`)."""
+    :func:`grad_storage`), sharing no memory with ``others`` (the teacher as the caller gave it and as
+    the kernels read it, the labels) and either exactly the memory of ``student`` (the kernels' view
+    of it: the in-place update) or none of it."""
     if not (is_torch(g) or isinstance(g, np.ndarray)):
         raise TypeError(f"grad_out must be a NumPy array or a CPU tensor for host inputs, got {type(g).__name__}")
     g = _storage.host_logits(g, g_storage, "grad_out")
@@ -308,4 +343,16 @@ def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any
     for o in others:
         if isinstance(o, np.ndarray) and np.shares_memory(g, o):
             raise InvalidParameterError("grad_out must not share memory with the teacher logits or labels")
+    if isinstance(student, np.ndarray) and np.shares_memory(g, student) and not same_memory(g, student):
+        raise InvalidParameterError(
+            f"grad_out overlaps the student without being its memory (grad_out at byte offset "
+            f"{g.__array_interface__['data'][0] - student.__array_interface__['data'][0]} from the student, "
+            f"{g.dtype} beside {student.dtype}): pass the student itself for an in-place update, or a separate buffer"
+        )
     return g
+
+
+def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays are views of the same elements, in the same order and element size."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype.itemsize == b.dtype.itemsize)

@@ -37,7 +37,7 @@ class DistilLoss:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise V.InvalidParameterError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        object.__setattr__(self, "temperature", V.temperature(self.temperature))
+        object.__setattr__(self, "temperature", V.loss_temperature(self.temperature))
         # a kind's own weights default to 1 (what its named constructor gives); a weight the kind does
         # not have must be left unset or 0
         has_kl = self.kind not in ("mse", "cosine")
@@ -152,7 +152,7 @@ def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float |
     ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1."""
     if kind not in SOFT_LOSSES:
         raise V.InvalidParameterError(f"soft_loss must be a DistilLoss or one of {SOFT_LOSSES}, got {kind!r}")
-    tau = 1.0 if temperature is None else V.temperature(temperature)
+    tau = 1.0 if temperature is None else V.loss_temperature(temperature)
     b = 0.5 if beta is None else beta
     a = 0.1 if alpha is None else alpha
     if kind == "mse":

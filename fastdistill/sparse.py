@@ -127,7 +127,15 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
         )
     k = int(i_shape[-1])
     indices, values = V.on_host(teacher.indices), V.on_host(teacher.values)
-    idx = np.ascontiguousarray(V.host_array(indices, "indices"), dtype=np.int64).reshape(-1, k)
+    raw = V.host_array(indices, "indices").reshape(-1, k)
+    big = V.above_int64(raw)
+    if big is not None:
+        r, c = divmod(big, k)
+        raise SparseTeacherIndexError(
+            f"SparseTeacher index {int(raw[r, c])} in row {r} (slot {c}) is out of range for {n} classes "
+            f"(valid: 0..{n - 1}, or -1 for an unused slot)"
+        )
+    idx = np.ascontiguousarray(raw, dtype=np.int64)
     v_dtype = V.shape_dtype(values)[1]
     st = _storage.storage_of(v_dtype)
     if st is not None and st != FLOAT64:
@@ -150,6 +158,14 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
             r, c = np.argwhere(dup)[0]
             raise SparseTeacherIndexError(
                 f"SparseTeacher index {int(srt[r, c + 1])} appears twice in row {int(r)}"
+            )
+    if teacher.tail == "bucket":
+        above = (vals > 0.0) & (idx >= 0)
+        if above.any():
+            r, c = np.argwhere(above)[0]
+            raise InvalidParameterError(
+                f"SparseTeacher values[{int(r)}, {int(c)}] = {vals[r, c]} (row {int(r)}, slot {int(c)}) is a "
+                "log-probability above 0: tail='bucket' reads values as log-probabilities (p = exp(value) <= 1)"
             )
     return idx, vals
 

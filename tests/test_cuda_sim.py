@@ -622,6 +622,58 @@ def test_sparse_teacher_gradient_in_place():
     assert rel_err(ds.copy_to_host(), gw) < 1e-10
 
 
+@sim
+def test_sparse_teacher_adversarial_rows_match_the_cpu():
+    """Rows that once gave wrong numbers (NaN, +inf and all -inf teacher values; a support whose
+    student mass underflows; the bucket's rest bin and the renormalize tail's outside bin of a
+    confident student) agree with the CPU backend, itself checked against float64 references in
+    test_probe_numbers.py."""
+    n = 200
+    s = np.full((6, n), -45.0)
+    s[:, :4] = 0.0
+    s[1, :] = np.linspace(-1.0, 1.0, n)
+    s[2, 4:] = -50.0  # the renormalize JSD row: 1 - sum_S q is 0 there
+    s[3, :] = np.linspace(0.0, 2.0, n)
+    s[3, [5, 6, 7]] = -1e9  # the support masked out in the student
+    ids = np.tile(np.arange(4), (6, 1))
+    ids[3] = [5, 6, 7, -1]
+    lp = np.log(np.tile([0.4, 0.3, 0.1, 0.1], (6, 1)))
+    y = np.arange(6) % n
+    cases = [
+        ("bucket", fd.DistilLoss.kl_divergence(1.0), lp),
+        ("renormalize", fd.DistilLoss.jsd(0.5, 1.0), lp),
+        ("renormalize", fd.DistilLoss.tvd(1.0), lp),
+        ("support", fd.DistilLoss.kl_divergence(1.0), lp),
+    ]
+    bad = lp.copy()
+    bad[4, 1] = np.nan
+    bad[5, :] = -np.inf
+    cases.append(("renormalize", fd.DistilLoss.kl_divergence(2.0), bad))
+    cases.append(("support", fd.DistilLoss.kl_divergence(2.0), bad))
+    for dtype in (np.float64, np.float32):
+        for tail, soft, vals in cases:
+            d = fd.ResponseDistiller(soft, 0.3, 0.7)
+            teacher = fd.SparseTeacher(ids, vals, tail=tail)
+            want, gw = d.loss_and_grad(s.astype(dtype), teacher, y, reduction="none", backend="cpu")
+            got, gg = d.loss_and_grad(s.astype(dtype), teacher, y, reduction="none", backend="cuda")
+            tol = 1e-10 if dtype == np.float64 else 1e-5
+            np.testing.assert_allclose(got, want, rtol=tol, atol=0)
+            np.testing.assert_allclose(gg, gw, rtol=10 * tol, atol=1e-30)
+            if vals is bad:
+                assert np.isnan(got[4:]).all() and np.isnan(gg[4:]).all()
+
+
+@sim
+def test_device_grad_out_overlapping_the_student_is_refused():
+    from numba import cuda
+
+    rng = np.random.default_rng(45)
+    buf = cuda.to_device(rng.normal(size=(5, 8)))
+    t = rng.normal(size=(4, 8))
+    with pytest.raises(fd.InvalidParameterError, match="grad_out"):
+        fd.DistilLoss.kl_divergence(1.0).compute_with_grad(buf[:4], t, grad_out=buf[1:], backend="cuda")
+
+
 # ------------------------------------------------------------------ vocabulary shards on the GPU
 
 SHARD_LOSSES = [

@@ -98,7 +98,13 @@ def reference(kind, tail, s, idx, vals, y, tau, hard_w, soft_w, reduction="mean"
         p = torch.where(valid, v.exp(), torch.zeros_like(v))
         q = torch.where(valid, torch.gather(lq_full.exp(), 1, ids), torch.zeros_like(v))
         p_rest = torch.clamp(1 - p.sum(-1, keepdim=True), min=0.0)
-        q_rest = 1 - q.sum(-1, keepdim=True)
+        # the student's mass off the support, summed over those columns (not 1 - sum q: it cancels)
+        lq_off = lq_full.clone()
+        for r in range(rows):
+            for b in range(idx.shape[1]):
+                if idx[r, b] >= 0:
+                    lq_off[r, idx[r, b]] = -np.inf
+        q_rest = torch.logsumexp(lq_off, -1, keepdim=True).exp()
         pb = torch.cat([p, p_rest], -1)
         qb = torch.cat([q, q_rest], -1)
         soft = divergence(kind, pb, qb, torch.log(pb), torch.log(qb))

@@ -41,6 +41,7 @@ from .._spec import (
     FLOAT16,
     FLOAT32,
     FLOAT64,
+    MAX_TEMPERATURE,
     N_PARAMS,
     P_COS_W,
     P_CP,
@@ -260,14 +261,14 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
     if has_labels:
         for r in range(rows):
             lab = lp[r]
-            if (lab < 0 and lab != ignore_index) or lab >= n:
+            if (lab < 0 or lab >= n) and lab != ignore_index:
                 return FD_LABEL_OUT_OF_RANGE
     if kind < 0 or kind > FD_COMBINED:
         return FD_BAD_KIND
     if reduction != FD_MEAN and reduction != FD_SUM and reduction != FD_NONE:
         return FD_BAD_REDUCTION
     uses_tau = kind != FD_MSE and kind != FD_COSINE and kind != FD_CE_ONLY
-    if uses_tau and not (math.isfinite(tau) and tau > 0.0):
+    if uses_tau and not (math.isfinite(tau) and tau > 0.0 and tau <= MAX_TEMPERATURE):
         return FD_BAD_PARAM
     if not (math.isfinite(hard_w) and math.isfinite(soft_w)):
         return FD_BAD_PARAM
@@ -321,6 +322,8 @@ def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, 
             i = ip[base + b]
             if i < -1 or i >= n:
                 return FD_BAD_INDEX
+            if i >= 0 and tail == FD_TAIL_BUCKET and vp[base + b] > 0.0:
+                return FD_BAD_PARAM  # a log-probability above 0
             if i >= 0:
                 for c in range(b):
                     if ip[base + c] == i:

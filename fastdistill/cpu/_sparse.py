@@ -28,7 +28,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .._scalar import logaddexp, sparse_bin
+from .._scalar import logaddexp, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
 from .._spec import (
     CE_NONE,
     CE_SHARED,
@@ -76,6 +76,9 @@ def _is_float64_impl(a):  # type: ignore[no-untyped-def]
 
 
 _sparse_bin = njit(**JIT_INNER)(sparse_bin)
+_teacher_weights = njit(**JIT_INNER)(teacher_weights)
+_sorted_used_ids = njit(**JIT_INNER)(sorted_used_ids)
+_reads_rest_bin = njit(**JIT_INNER)(reads_rest_bin)
 
 
 @njit(**JIT_INNER)
@@ -368,6 +371,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
     bufs = np.empty((threads, STREAM_BLOCK if stream else 0), grad.dtype)
     e_rows = np.empty((threads, n + 2 * SCRATCH_PAD), np.float32)
     refs_rows = np.empty((threads, (n + SPAN - 1) // SPAN), np.float64)
+    srt_rows = np.empty((threads, k), np.int64)  # a row's used ids in increasing order (the rest bin's)
     for r in prange(rows):
         ri = np.int64(r)
         lab = labels[r] if has_labels else np.int64(-1)
@@ -390,50 +394,47 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
         ids = idx[r]
         vr = vals[r]
-        count = 0
-        vmax = -np.inf
-        for b in range(k):
-            if ids[b] >= 0:
-                count += 1
-                vmax = max(vmax, vr[b] * invt)
-        lse_v = -np.inf
-        if count > 0 and vmax > -np.inf:
-            acc = 0.0
-            for b in range(k):
-                if ids[b] >= 0:
-                    acc += math.exp(vr[b] * invt - vmax)
-            lse_v = vmax + math.log(acc)
-        # the student's probabilities on the support
-        q_s = 0.0
-        p_s = 0.0
-        for b in range(k):
-            if ids[b] >= 0:
-                q_s += math.exp((as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lz)
-                p_s += math.exp(vr[b])
-        lq_norm = math.log(q_s) if tail == TAIL_SUPPORT else 0.0  # q renormalised over the support
+        count, lse_v, bad_v = _teacher_weights(ids, vr, invt)
+        # the student's log-normaliser over the bins: the row's, or for "support" the support's own
+        # (relative to its own maximum: the support's mass may underflow relative to the row's)
+        lzn = _support_lse(s_row, ids, ms, invt) if tail == TAIL_SUPPORT else lz
+        # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
+        undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and lse_v == -np.inf))
         d = 0.0
         h_sum = 0.0
-        for b in range(k):
+        for b in range(k if not undefined else 0):
             if ids[b] >= 0:
-                lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lz - lq_norm
+                lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lzn
                 lp = vr[b] if tail == TAIL_BUCKET else vr[b] * invt - lse_v
                 db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
                 d += db
                 h_sum += hb
-        q_out = 0.0
+        # the bin outside the support: the student's mass there summed directly, relative to its own
+        # maximum m_rest (R = sum exp((s_j - m_rest) / tau) over j outside)
+        ref = ms
+        rest_sum = 0.0
         h_out = 0.0
-        if tail != TAIL_SUPPORT:
-            q_out = max(0.0, 1.0 - q_s)
+        if _reads_rest_bin(tail, div) and not nan and ms != -np.inf and not undefined:
+            srt = borrowed(srt_rows, tid, 0, k)
+            m_rest, rest_sum = _rest_sums(s_row, srt, _sorted_used_ids(ids, srt), invt)
+            lq_out = -np.inf
+            if rest_sum > 0.0:
+                ref = m_rest
+                lq_out = (m_rest - ms) * invt + math.log(rest_sum) - lz
+            p_s = 0.0
+            if tail == TAIL_BUCKET:
+                for b in range(k):
+                    if ids[b] >= 0:
+                        p_s += math.exp(vr[b])
             p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
-            lq_out = math.log(q_out) if q_out > 0.0 else -np.inf
             lp_out = math.log(p_out) if p_out > 0.0 else -np.inf
-            d_out, h_out = _bin(div, lp_out, lq_out, p_out, q_out, loglam, log1mlam, lam, cp, cq)
+            d_out, h_out = _bin(div, lp_out, lq_out, p_out, math.exp(lq_out), loglam, log1mlam, lam, cp, cq)
             d += d_out
             h_sum += h_out
         if div != DIV_TVD and d < 0.0:
             d = 0.0  # a divergence rounded below 0
-        if count == 0 and tail != TAIL_BUCKET and div != DIV_NONE:
-            d = np.nan  # no support: the teacher's distribution is undefined
+        if undefined:
+            d = np.nan
         loss = dw * d
         counted_ce = ce != CE_NONE and lab >= 0
         s_lab = 0.0
@@ -450,64 +451,114 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         out_loss[r] = loss
         if not want_grad:
             continue
-        # dense part: cd * (G_out - sum h) * q_j, the cross-entropy's softmax, its smoothing constant
+        if loss != loss:
+            for j in range(n):
+                g_row[j] = stored(g_row, np.nan)
+            continue
+        # the cross-entropy's softmax (a_ce * exp((s - ms) / tau) or b_ce * exp(s - ms)), its smoothing
+        # constant c, and the divergence's part of each column outside the support, cd * (h_out / q_out -
+        # sum h) * q_j, which the dense write takes relative to ``ref`` (m_rest: its q_j / q_out is
+        # exp((s_j - m_rest) / tau) / R, finite however small q_out)
         cd = scale * dw * invt
-        g_out = h_out / q_out if q_out > 0.0 else 0.0
-        a = cd * (g_out - h_sum) / z if tail != TAIL_SUPPORT else 0.0
+        a_ce = 0.0
         b_ce = 0.0
         c = 0.0
         if counted_ce:
             ch = scale * hw
             c = -ch * eps / n
             if ce == CE_SHARED:
-                a += ch / z
+                a_ce = ch / z
             else:
                 b_ce = ch / z1
-        if loss != loss:
-            for j in range(n):
-                g_row[j] = stored(g_row, np.nan)
-            continue
+        e_ref = math.exp((ref - ms) * invt)
+        a = a_ce * e_ref
+        if tail != TAIL_SUPPORT:
+            a += cd * ((h_out / rest_sum if rest_sum > 0.0 else 0.0) - h_sum * e_ref / z)
+        b = b_ce * math.exp(ref - ms)
         one_hot = scale * hw * (1.0 - eps) if counted_ce else 0.0
         lab_c = lab if counted_ce else np.int64(-1)
         sup = np.empty(k + 1, np.float64)
-        _support_values(sup, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,
-                        lab_c, tail, div, loglam, log1mlam, lam, cp, cq)
-        _write_dense_row(g_row, s_row, ms, invt, a, b_ce, c, b_ce != 0.0, pw, buf, reuse, e_row, refs)
+        _support_values(sup, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
+                        div, loglam, log1mlam, lam, cp, cq, ref, a, b)
+        _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs)
         _scatter_support(g_row, ids, sup, lab_c)
 
 
 @njit(**JIT_INNER)
-def _support_values(out, s_row, ids, vr, ms, invt, lz, lq_norm, lse_v, a, b_ce, c, cd, h_sum, g_out, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
-                    lab, tail, div, loglam, log1mlam, lam, cp, cq):
+def _support_lse(s_row, ids, ms, invt):  # type: ignore[no-untyped-def]
+    """``log sum_S exp((s_j - ms) / tau)`` over the support's columns, formed relative to their own
+    maximum (``-inf`` when every one of them is ``-inf``)."""
+    top = -np.inf
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            top = max(top, (as_type_of(0.0, s_row[ids[b]]) - ms) * invt)
+    if top == -np.inf:
+        return top
+    acc = 0.0
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            acc += math.exp((as_type_of(0.0, s_row[ids[b]]) - ms) * invt - top)
+    return top + math.log(acc)
+
+
+@njit(**JIT_INNER)
+def _rest_sums(s_row, srt, m, invt):  # type: ignore[no-untyped-def]
+    """(m_rest, R): the maximum of the row's columns outside the support (``srt[:m]``, its ids in
+    increasing order) and ``R = sum exp((s_j - m_rest) / tau)`` over them, summed directly segment by
+    segment (0 when there is no such column or all are ``-inf``)."""
+    n = s_row.shape[0]
+    m_rest = -np.inf
+    lo = 0
+    for i in range(m + 1):
+        hi = srt[i] if i < m else n
+        if hi > lo:
+            seg = s_row[lo:hi]
+            m_rest = max(m_rest, _max_nan(seg, arithmetic_zero(seg))[0])
+        lo = hi + 1
+    if m_rest == -np.inf:
+        return m_rest, 0.0
+    ct = arithmetic_zero(s_row)
+    mr = as_type_of(ct, m_rest)
+    it = as_type_of(ct, invt)
+    total = 0.0
+    lo = 0
+    for i in range(m + 1):
+        hi = srt[i] if i < m else n
+        if hi > lo:
+            total += _expsum(s_row[lo:hi], mr, it, 0)
+        lo = hi + 1
+    return m_rest, total
+
+
+@njit(**JIT_INNER)
+def _support_values(out, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
+                    lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b):
     """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
-    not one of them (``out[k]``; NaN when there is none), each from all of its terms (the dense ones of
-    :func:`_write_dense`, its bin's, the one-hot). Read before the dense write: the gradient may be
-    the student itself."""
+    not one of them (``out[k]``; NaN when there is none), each from all of its terms (the
+    cross-entropy's, its bin's ``cd * (h_b - q_b * sum h)``, the one-hot; the label's outside the
+    support as the dense write's ``a * exp((s - ref) / tau) + b * exp(s - ref) + c``). Read before the
+    dense write: the gradient may be the student itself."""
     k = ids.shape[0]
     out[k] = np.nan
     lab_in_support = False
-    for b in range(k):
-        j = ids[b]
+    for slot in range(k):
+        j = ids[slot]
         if j < 0:
             continue
         sj = as_type_of(0.0, s_row[j])
         dj = (sj - ms) * invt
-        val = a * math.exp(dj) + b_ce * math.exp(sj - ms) + c
-        lq = dj - lz - lq_norm
-        lp = vr[b] if tail == TAIL_BUCKET else vr[b] * invt - lse_v
+        lq = dj - lzn
+        lp = vr[slot] if tail == TAIL_BUCKET else vr[slot] * invt - lse_v
         qb = math.exp(lq)
         _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
-        if tail == TAIL_SUPPORT:
-            val += cd * (hb - qb * h_sum)
-        else:
-            val += cd * (hb - qb * g_out)  # (its bin's own derivative in place of the outside one)
+        val = a_ce * math.exp(dj) + b_ce * math.exp(sj - ms) + c + cd * (hb - qb * h_sum)
         if j == lab:
             val -= one_hot
             lab_in_support = True
-        out[b] = val
+        out[slot] = val
     if lab >= 0 and not lab_in_support:
         sl = as_type_of(0.0, s_row[lab])
-        out[k] = a * math.exp((sl - ms) * invt) + b_ce * math.exp(sl - ms) + c - one_hot
+        out[k] = a * math.exp((sl - ref) * invt) + b * math.exp(sl - ref) + c - one_hot
 
 
 @njit(**JIT_INNER)

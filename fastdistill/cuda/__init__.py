@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _storage
 from .. import _validate as V
+from .._scalar import reads_rest_bin
 from .._spec import FLOAT32, FLOAT64, ResponseCall
 from . import _device as D
 from . import _launch as L
@@ -59,9 +60,10 @@ def check_label_range(labels: Any, n: int, ignore_index: int) -> None:
 
 
 def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_out: Any, kind: str, t: Any,
-                 lab: Any, stream: Any) -> tuple[Any, Any, Any]:
+                 lab: Any, stream: Any, s: Any) -> tuple[Any, Any, Any]:
     """(what the caller gets back, the kernel's view of it, the host array to copy it into (as the
-    kernel's element type) or None)."""
+    kernel's element type) or None). ``s``: the kernels' view of the student, which the gradient may be
+    exactly (an in-place update) but not overlap otherwise."""
     rows, n = call.rows, call.n
     g_store = call.variant.storage()[2]
     g_dtype_k = D.DEVICE_DTYPES[g_store]
@@ -71,7 +73,8 @@ def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, gr
     g_kind = D.kind_of(grad_out)
     if g_kind == "host":
         host = V.grad_out(grad_out, call.shape, g_store,
-                          (V.host_array(teacher, "teacher") if D.kind_of(teacher) == "host" else None,))
+                          (V.host_array(teacher, "teacher") if D.kind_of(teacher) == "host" else None,),
+                          V.host_array(student, "student") if kind == "host" else None)
         g = D.numba_cuda().device_array((rows, n), dtype=g_dtype_k, stream=stream)
         return grad_out, g, host.view(g_dtype_k)
     g_shape, g_dtype = V.shape_dtype(grad_out)
@@ -89,8 +92,19 @@ def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, gr
         if not gv.is_c_contiguous():
             raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
         g = gv.reshape(rows, n)
-    if D.overlaps(g, t) or (labels is not None and D.overlaps(g, lab)):
+    t_kind = D.kind_of(teacher)
+    if t_kind != "host" and _storage.check(V.shape_dtype(teacher)[1], "teacher") != call.variant.storage()[1]:
+        # the kernels read a converted copy: the caller's own teacher is checked as well
+        t = (t, D.view(D._bits(teacher.detach()) if t_kind == "torch" else teacher, t_kind, stream, "teacher", (rows, n)))
+    else:
+        t = (t,)
+    if any(D.overlaps(g, x) for x in t) or (labels is not None and D.overlaps(g, lab)):
         raise V.InvalidParameterError("grad_out must not share memory with the teacher logits or labels")
+    if D.overlaps(g, s) and not D.same_span(g, s):
+        raise V.InvalidParameterError(
+            "grad_out overlaps the student without being its memory: pass the student itself for an in-place "
+            "update, or a separate buffer"
+        )
     return grad_out, g, None
 
 
@@ -120,7 +134,7 @@ def response(call: ResponseCall, student: Any, teacher: Any, labels: Any, grad_o
             _count_labels(lab, n, call.ignore_index, info, stream)
     g_native, g, g_host = (None, s, None)  # s: never written unless want_grad
     if call.want_grad:
-        g_native, g, g_host = _grad_buffer(call, student, teacher, labels, grad_out, kind, t, lab, stream)
+        g_native, g, g_host = _grad_buffer(call, student, teacher, labels, grad_out, kind, t, lab, stream, s)
     # the row losses, in float64 (one kernel signature for every reduction)
     rows_native, row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
     if info is None and call.reduction != "none":
@@ -196,7 +210,7 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
         _count_labels(lab, n, call.ignore_index, info, stream)
     g_native, g, g_host = (None, s, None)
     if call.want_grad:
-        g_native, g, g_host = _grad_buffer(call, student, idx, labels, grad_out, kind, idx_d, lab, stream)
+        g_native, g, g_host = _grad_buffer(call, student, idx, labels, grad_out, kind, idx_d, lab, stream, s)
     rows_native, row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
     red_mean = call.reduction == "mean"
     nit = float(call.num_items) if call.num_items is not None else 0.0
@@ -204,9 +218,12 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     G = max(G, block // K.MAX_GROUPS)  # (at most MAX_GROUPS rows a block: their coefficients' shared memory)
     params = D.device_params(call.terms, stream, dev)
     sup = cuda.device_array((rows, idx.shape[1] + 1), dtype=np.float64, stream=stream) if call.want_grad else vals_d
+    # each row's used ids, sorted, where the divergence reads the student's mass outside the support
+    srt_shape = (rows, idx.shape[1] + 1) if reads_rest_bin(tail, v.div) else (1, 1)
+    srt = cuda.device_array(srt_shape, dtype=np.int64, stream=stream)
     L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
              (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, info, red_mean, nit,
-              call.want_grad, row_buf, g, sup, G))
+              call.want_grad, row_buf, g, sup, srt, G))
     if call.reduction != "none":
         L.launch(K.sum_kernel, 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))
     h = D.read_info(info, stream)
@@ -237,7 +254,7 @@ class ShardRun:
         self.lab = D.numba_cuda().to_device(lab, stream=stream) if lab is not None else D.dummy(np.int64, dev)
         self.grads: tuple[Any, Any, Any] = (None, self.s, None)  # s: never written unless want_grad
         if call.want_grad:
-            self.grads = _grad_buffer(call, student, teacher, None, grad_out, kind, self.t, self.lab, stream)
+            self.grads = _grad_buffer(call, student, teacher, None, grad_out, kind, self.t, self.lab, stream, self.s)
         self.student, self.grad_out = student, grad_out
         self.rows_native, self.row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
         self.own = D.alloc(kind, student, (rows, K.N_SHARD_MAX), np.float64, stream)[1]

@@ -432,6 +432,11 @@ def overlaps(a: Any, b: Any) -> bool:
     return pa < pb + nb and pb < pa + na
 
 
+def same_span(a: Any, b: Any) -> bool:
+    """Whether two C-contiguous device views cover exactly the same bytes."""
+    return _ptr_range(a) == _ptr_range(b)
+
+
 def result(native: Any, kind: str, shape: tuple[int, ...], stream: Any) -> Any:
     """A result in the caller's array kind: a host copy for host callers."""
     if kind == "host":

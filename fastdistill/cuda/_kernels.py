@@ -42,7 +42,7 @@ except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
 from .. import _cache
-from .._scalar import logaddexp, mix_ratio, sparse_bin
+from .._scalar import logaddexp, mix_ratio, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
 from .._spec import (
     CE_NONE,
     CE_OWN,
@@ -1154,8 +1154,10 @@ def cast_kernel(src, dst):  # type: ignore[no-untyped-def]
 # thread, each from all of its terms, rounded once. Every thread of a block walks the same rows (the
 # block synchronises between the steps).
 
-NC = 10  # coefficients per row handed from the first thread to its group
-# rows per block at most (the coefficients' shared memory: 64 x 10 float64, 5 KB; the launcher widens
+# coefficients per row handed from the first thread to its group: the dense write's a, b, c and its
+# reference (the row's maximum, or the outside columns' own), the one-hot weight, the row's loss
+NC = 6
+# rows per block at most (the coefficients' shared memory: 64 x 6 float64, 3 KB; the launcher widens
 # the groups of a wider block, fastdistill.cuda.sparse_response)
 MAX_GROUPS = 64
 
@@ -1170,12 +1172,19 @@ def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: igno
     return _scalar_sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
 
 
+_teacher_weights = cuda.jit(device=True, inline=True)(teacher_weights)
+_sorted_used_ids = cuda.jit(device=True, inline=True)(sorted_used_ids)
+_reads_rest_bin = cuda.jit(device=True, inline=True)(reads_rest_bin)
+
+
 def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
     """``kernel[grid, block, stream](s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail,
-    info, red_mean, n_items, want_grad, out_loss, grad, sup, G)``: ``idx`` int64 and ``vals`` float64
+    info, red_mean, n_items, want_grad, out_loss, grad, sup, srt, G)``: ``idx`` int64 and ``vals`` float64
     ``(rows, k)``, checked; ``info`` as for the response kernel (counted rows written by
     :func:`label_kernel` before); ``out_loss`` receives the unscaled row losses; ``sup`` float64
-    ``(rows, k + 1)`` scratch for the support's gradient values."""
+    ``(rows, k + 1)`` scratch for the support's gradient values; ``srt`` int64 ``(rows, k + 1)`` scratch
+    for each row's used ids in increasing order and their count (read when the divergence reads the
+    mass outside the support, ``_scalar.reads_rest_bin``; else any int64 2-D array)."""
     k = _SPARSE.get(f32)
     if k is None:
         k = _SPARSE[f32] = _make_sparse(f32)
@@ -1185,12 +1194,29 @@ def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
 _SPARSE: dict = {}
 
 
+@cuda.jit(device=True)
+def _support_lse(s, r, ids, M, invt64):  # type: ignore[no-untyped-def]
+    """``log sum_S exp((s_j - M) / tau)`` over the support's columns of row ``r``, relative to their own
+    maximum (``-inf`` when every one of them is ``-inf``): ``cpu._sparse._support_lse``."""
+    top = NEG_INF
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            top = max(top, (float64(load(s[r, ids[b]])) - M) * invt64)
+    if top == NEG_INF:
+        return top
+    acc = 0.0
+    for b in range(ids.shape[0]):
+        if ids[b] >= 0:
+            acc += math.exp((float64(load(s[r, ids[b]])) - M) * invt64 - top)
+    return top + math.log(acc)
+
+
 def _make_sparse(F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
 
     @cuda.jit(**_JIT_RESPONSE64)
     def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
-               want_grad, out_loss, grad, sup, G):
+               want_grad, out_loss, grad, sup, srt, G):
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
         kk = int64(idx.shape[1])
@@ -1213,6 +1239,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
         loglam = math.log(lam) if lam > 0.0 else NEG_INF
         log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
         own_ce = ce != CE_NONE and ce != CE_SHARED
+        rest = _reads_rest_bin(tail, div)
         scale = _scale_info(has_labels, info, rows, red_mean, n_items)
         zero = ft(0.0)
         step = int64(cuda.gridDim.x) * gpb
@@ -1257,55 +1284,83 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
             Z1 = v[1] if own_ce else v[0]
             SSUM = v[2]
             NAN = v[3]
+            # the bin outside the support: its maximum m_rest and R = sum exp((s_j - m_rest) / tau) over
+            # the columns outside, summed directly (1 - sum_S q cancels for a confident student); each
+            # thread skips the support's columns along the row's sorted ids
+            m_rest = NEG_INF
+            rest_sum = 0.0
+            if rest:
+                if lane == 0 and counted:
+                    srt[r, kk] = _sorted_used_ids(idx[r], srt[r])
+                cuda.syncthreads()
+                mr = ft(NEG_INF)
+                n_ids = srt[r, kk] if counted else int64(0)
+                if counted:
+                    p = int64(0)
+                    for j in range(lane, n, G):
+                        while p < n_ids and srt[r, p] < j:
+                            p += 1
+                        if p == n_ids or srt[r, p] != j:
+                            x = ft(load(s[r, j]))
+                            mr = x if x > mr else mr
+                v[0] = mr
+                _group_reduce(v, 1, True, sh, G)
+                m_rest = v[0]
+                acc = 0.0
+                if counted and m_rest != NEG_INF and m_rest == m_rest:
+                    mrf = ft(m_rest)
+                    p = int64(0)
+                    for j in range(lane, n, G):
+                        while p < n_ids and srt[r, p] < j:
+                            p += 1
+                        if p == n_ids or srt[r, p] != j:
+                            acc += math.exp((ft(load(s[r, j])) - mrf) * invt)
+                v[0] = acc
+                _group_reduce(v, 1, False, sh, G)
+                rest_sum = v[0] if m_rest != NEG_INF and m_rest == m_rest else 0.0
             # the k bins, by the row's first thread
             if lane == 0 and active:
                 if not counted:
                     out_loss[r] = 0.0
                 else:
                     lz = math.log(Z)
-                    count = 0
-                    vmax = NEG_INF
-                    for b in range(kk):
-                        if idx[r, b] >= 0:
-                            count += 1
-                            vmax = max(vmax, vals[r, b] * invt64)
-                    lse_v = NEG_INF
-                    if count > 0 and vmax > NEG_INF:
-                        acc = 0.0
-                        for b in range(kk):
-                            if idx[r, b] >= 0:
-                                acc += math.exp(vals[r, b] * invt64 - vmax)
-                        lse_v = vmax + math.log(acc)
-                    q_s = 0.0
-                    p_s = 0.0
-                    for b in range(kk):
-                        if idx[r, b] >= 0:
-                            q_s += math.exp((float64(load(s[r, idx[r, b]])) - M) * invt64 - lz)
-                            p_s += math.exp(vals[r, b])
-                    lq_norm = math.log(q_s) if tail == TAIL_SUPPORT else 0.0
+                    count, lse_v, bad_v = _teacher_weights(idx[r], vals[r], invt64)
+                    lzn = _support_lse(s, r, idx[r], M, invt64) if tail == TAIL_SUPPORT else lz
+                    # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
+                    undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and lse_v == NEG_INF))
                     d = 0.0
                     h_sum = 0.0
-                    for b in range(kk):
+                    for b in range(kk if not undefined else 0):
                         if idx[r, b] >= 0:
-                            lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lz - lq_norm
+                            lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lzn
                             lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
                             db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
                                                  cq)
                             d += db
                             h_sum += hb
-                    q_out = 0.0
+                    ref = M
                     h_out = 0.0
-                    if tail != TAIL_SUPPORT:
-                        q_out = max(0.0, 1.0 - q_s)
+                    if rest and NAN == 0.0 and M != NEG_INF and not undefined:
+                        lq_out = NEG_INF
+                        if rest_sum > 0.0:
+                            ref = m_rest
+                            lq_out = (m_rest - M) * invt64 + math.log(rest_sum) - lz
+                        p_s = 0.0
+                        if tail == TAIL_BUCKET:
+                            for b in range(kk):
+                                if idx[r, b] >= 0:
+                                    p_s += math.exp(vals[r, b])
                         p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
-                        lq_out = math.log(q_out) if q_out > 0.0 else NEG_INF
                         lp_out = math.log(p_out) if p_out > 0.0 else NEG_INF
-                        d_out, h_out = _sparse_bin(div, lp_out, lq_out, p_out, q_out, loglam, log1mlam, lam, cp, cq)
+                        d_out, h_out = _sparse_bin(div, lp_out, lq_out, p_out, math.exp(lq_out), loglam, log1mlam,
+                                                   lam, cp, cq)
                         d += d_out
                         h_sum += h_out
+                    else:
+                        rest_sum = 0.0
                     if div != DIV_TVD and d < 0.0:
                         d = 0.0
-                    if count == 0 and tail != TAIL_BUCKET and div != DIV_NONE:
+                    if undefined:
                         d = np.nan
                     loss = dw * d
                     counted_ce = ce != CE_NONE and lab >= 0
@@ -1318,9 +1373,10 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     if NAN != 0.0 or M == NEG_INF:
                         loss = np.nan
                     out_loss[r] = loss
+                    # coefficients as cpu._sparse.sparse_response's: the outside columns' divergence part
+                    # relative to ref (m_rest where the divergence reads the outside bin)
                     cd = scale * dw * invt64
-                    g_out = h_out / q_out if q_out > 0.0 else 0.0
-                    a = cd * (g_out - h_sum) / Z if tail != TAIL_SUPPORT else 0.0
+                    a_ce = 0.0
                     b_ce = 0.0
                     c = 0.0
                     if counted_ce:
@@ -1329,22 +1385,22 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                         if own_ce:
                             b_ce = ch / Z1
                         else:
-                            a += ch / Z
+                            a_ce = ch / Z
+                    e_ref = math.exp((ref - M) * invt64)
+                    a = a_ce * e_ref
+                    if tail != TAIL_SUPPORT:
+                        a += cd * ((h_out / rest_sum if rest_sum > 0.0 else 0.0) - h_sum * e_ref / Z)
+                    b_sh = b_ce * math.exp(ref - M)
                     coef[slot, 0] = a
-                    coef[slot, 1] = b_ce
+                    coef[slot, 1] = b_sh
                     coef[slot, 2] = c
-                    coef[slot, 3] = cd
-                    coef[slot, 4] = h_sum
-                    coef[slot, 5] = g_out
-                    coef[slot, 6] = lse_v
-                    coef[slot, 7] = lz + lq_norm
-                    coef[slot, 8] = scale * hw * (1.0 - eps) if counted_ce else 0.0
-                    coef[slot, 9] = loss
+                    coef[slot, 3] = ref
+                    coef[slot, 4] = scale * hw * (1.0 - eps) if counted_ce else 0.0
+                    coef[slot, 5] = loss
                     if want_grad and loss == loss:
                         # the support's columns and the label's, each from all of its terms, read before
                         # the dense write (the gradient may be the student itself), stored after it
-                        one_hot = coef[slot, 8]
-                        lzn = lz + lq_norm
+                        one_hot = coef[slot, 4]
                         lab_in_support = False
                         sup[r, kk] = np.nan
                         for b in range(kk):
@@ -1352,36 +1408,32 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                             if j >= 0:
                                 sj = float64(load(s[r, j]))
                                 dj = (sj - M) * invt64
-                                val = a * math.exp(dj) + b_ce * math.exp(sj - M) + c
                                 lq = dj - lzn
                                 lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
                                 qb = math.exp(lq)
                                 _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
-                                if tail == TAIL_SUPPORT:
-                                    val += cd * (hb - qb * h_sum)
-                                else:
-                                    val += cd * (hb - qb * g_out)
+                                val = a_ce * math.exp(dj) + b_ce * math.exp(sj - M) + c + cd * (hb - qb * h_sum)
                                 if j == lab:
                                     val -= one_hot
                                     lab_in_support = True
                                 sup[r, b] = val
                         if lab >= 0 and one_hot != 0.0 and not lab_in_support:
                             sl = float64(load(s[r, lab]))
-                            sup[r, kk] = a * math.exp((sl - M) * invt64) + b_ce * math.exp(sl - M) + c - one_hot
+                            sup[r, kk] = a * math.exp((sl - ref) * invt64) + b_sh * math.exp(sl - ref) + c - one_hot
             cuda.syncthreads()
             # the dense gradient, by the group
             if want_grad and active:
                 if not counted:
                     for j in range(lane, n, G):
                         grad[r, j] = stored(grad, zero)
-                elif coef[slot, 9] != coef[slot, 9]:
+                elif coef[slot, 5] != coef[slot, 5]:
                     for j in range(lane, n, G):
                         grad[r, j] = stored(grad, ft(np.nan))
                 else:
                     a_f = ft(coef[slot, 0])
                     b_f = ft(coef[slot, 1])
                     c_f = ft(coef[slot, 2])
-                    mf = ft(M)
+                    mf = ft(coef[slot, 3])
                     for j in range(lane, n, G):
                         dx = ft(load(s[r, j])) - mf
                         val = a_f * math.exp(dx * invt) + c_f
@@ -1390,7 +1442,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                         grad[r, j] = stored(grad, val)
             cuda.syncthreads()
             # the support's columns and the label's (computed above), stored over the dense gradient
-            if want_grad and active and counted and lane == 0 and coef[slot, 9] == coef[slot, 9]:
+            if want_grad and active and counted and lane == 0 and coef[slot, 5] == coef[slot, 5]:
                 for b in range(kk):
                     j = idx[r, b]
                     if j >= 0:

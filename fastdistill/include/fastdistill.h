@@ -42,10 +42,11 @@ enum fd_status {
     FD_NULL_POINTER = 1,       /* a required pointer is NULL */
     FD_EMPTY_INPUT = 2,        /* rows == 0 or n == 0 */
     FD_BAD_SHAPE = 3,          /* rows or n negative, or rows * n too large */
-    FD_LABEL_OUT_OF_RANGE = 4, /* a label is < 0 (and != ignore_index) or >= n */
+    FD_LABEL_OUT_OF_RANGE = 4, /* a label is < 0 or >= n, and != ignore_index */
     FD_MISSING_LABELS = 5,     /* labels == NULL while hard_weight != 0 */
-    FD_BAD_PARAM = 6,          /* temperature not finite or <= 0; a weight not finite; beta/alpha outside
-                                  [0, 1]; label_smoothing outside [0, 1); nthreads outside [0, pool size] */
+    FD_BAD_PARAM = 6,          /* temperature not finite, <= 0 or > 1e4; a weight not finite; beta/alpha
+                                  outside [0, 1]; label_smoothing outside [0, 1); nthreads outside
+                                  [0, pool size]; a bucket tail's log-probability above 0 */
     FD_BAD_KIND = 7,           /* unknown loss kind */
     FD_BAD_REDUCTION = 8,      /* unknown reduction */
     FD_OVERLAP = 9,            /* an output overlaps an input (only grad == student, out == x allowed) */
@@ -261,7 +262,7 @@ static inline const char *fd_status_string(int32_t status)
     case FD_NULL_POINTER: return "FD_NULL_POINTER: a required pointer is NULL";
     case FD_EMPTY_INPUT: return "FD_EMPTY_INPUT: rows or n is 0";
     case FD_BAD_SHAPE: return "FD_BAD_SHAPE: rows or n is negative, or rows*n is too large";
-    case FD_LABEL_OUT_OF_RANGE: return "FD_LABEL_OUT_OF_RANGE: a label is < 0 (and not ignore_index) or >= n";
+    case FD_LABEL_OUT_OF_RANGE: return "FD_LABEL_OUT_OF_RANGE: a label is < 0 or >= n (and not ignore_index)";
     case FD_MISSING_LABELS: return "FD_MISSING_LABELS: labels is NULL but hard_weight is not 0";
     case FD_BAD_PARAM: return "FD_BAD_PARAM: bad temperature, weight, beta/alpha, label_smoothing or nthreads";
     case FD_BAD_KIND: return "FD_BAD_KIND: unknown loss kind";
