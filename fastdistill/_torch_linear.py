@@ -43,28 +43,38 @@ def _shape(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _check_fused(student_input: Any, student_weight: Any, teacher_input: Any, teacher_weight: Any, labels: Any,
-                 student_bias: Any, teacher_bias: Any, sparse: bool) -> None:
-    """Every check of the fused head's arguments, from their metadata only (shapes, dtypes, devices):
-    the student's logits ``student_input @ student_weight.T (+ student_bias)`` have the shape
-    ``student_input.shape[:-1] + (classes,)``; the teacher's (its logits, its hidden states times
-    ``teacher_weight``, or a SparseTeacher's ``(..., k)`` ids, here ``teacher_input``) pair row for row,
-    with the same leading dims; labels one per row. ``sparse``: ``teacher_input``/``teacher_weight`` are
-    a SparseTeacher's ids and values."""
+def _check_devices(student_input: Any, student_weight: Any, teacher_input: Any, teacher_weight: Any, labels: Any,
+                   student_bias: Any, teacher_bias: Any, sparse: bool) -> None:
+    """The fused head's arguments are tensors on ``student_input``'s device: checked in forward, before
+    the op is dispatched (an argument on the meta device would send the call to the op's fake
+    implementation). ``sparse``: ``teacher_input``/``teacher_weight`` are a SparseTeacher's ids and
+    values. Everything else is checked by :func:`_check_fused` when the op runs."""
     t_names = ("the SparseTeacher's indices", "the SparseTeacher's values") if sparse else ("teacher_input",
                                                                                            "teacher_weight")
     tensors = [(student_input, "student_input"), (student_weight, "student_weight"), (teacher_input, t_names[0]),
-               (teacher_weight, t_names[1]), (student_bias, "student_bias"), (teacher_bias, "teacher_bias")]
+               (teacher_weight, t_names[1]), (student_bias, "student_bias"), (teacher_bias, "teacher_bias"),
+               (labels, "labels")]
     for x, name in tensors:
         if x is not None:
             _check_tensor(x, name)
+    for x, name in tensors[1:]:
+        if x is not None:
+            _same_device(x, name, student_input.device, "student_input is")
+
+
+def _check_fused(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
+                 teacher_weight: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                 student_bias: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor], sparse: bool) -> None:
+    """Every shape and dtype check of the fused head's arguments, from their metadata only, before any
+    chunk (run by the op, so that a compiled graph raises these errors too): the student's logits
+    ``student_input @ student_weight.T (+ student_bias)`` have the shape ``student_input.shape[:-1] +
+    (classes,)``; the teacher's (its logits, its hidden states times ``teacher_weight``, or a
+    SparseTeacher's ``(..., k)`` ids, here ``teacher_input``) pair row for row, with the same leading
+    dims; labels one per row. ``sparse``: ``teacher_input``/``teacher_weight`` are a SparseTeacher's ids
+    and values."""
     if student_input.dim() == 0:
         raise V.DimensionMismatchError(expected=1, got=0, message="student_input must have at least one dimension "
                                        "(its hidden size), got a scalar")
-    device = student_input.device
-    for x, name in tensors[1:]:
-        if x is not None:
-            _same_device(x, name, device, "student_input is")
     lead = _shape(student_input)[:-1]
     h = student_input.shape[-1]
     if student_weight.dim() != 2 or student_weight.shape[1] != h:
@@ -120,7 +130,6 @@ def _check_fused(student_input: Any, student_weight: Any, teacher_input: Any, te
             )
         _check_bias(teacher_bias, "teacher_bias", t_classes, f"teacher_weight {_shape(teacher_weight)}")
     if labels is not None:
-        _same_device(labels, "labels", device, "student_input is")
         V.check_labels_meta(_shape(labels), V.torch_np_dtype(labels.dtype), logits)
 
 
@@ -181,6 +190,8 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     batch's counted rows; ``grad_bias`` is empty without a bias. The gradients of the weight and bias
     are accumulated in float32 (float64 for float64 inputs). ``sparse`` = ``[kind, tail]`` for a sparse
     teacher, whose ids then come as ``teacher_input`` and values as ``teacher_weight`` (else empty)."""
+    _check_fused(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
+                 bool(sparse))
     distiller, reduction, n_items, want_grad = _decode(call)
     x = student_input.detach().reshape(-1, student_input.shape[-1])
     w = student_weight.detach()
@@ -343,8 +354,8 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             teacher_input = torch.as_tensor(teacher_input.indices)
         if labels is not None and not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(labels)
-        _check_fused(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
-                     bool(sparse))
+        _check_devices(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias,
+                       teacher_bias, bool(sparse))
         n_items, n_items_tensor = _num_items_args(num_items, "mean")
         want_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_input, student_weight, student_bias))

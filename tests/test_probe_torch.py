@@ -446,3 +446,35 @@ def test_generalized_jsd_equals_trl_itself(lead):
         got.backward()
         assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10), kwargs
         assert torch.allclose(a.grad, ref_s.grad, rtol=1e-9, atol=1e-14), kwargs
+
+
+# ------------------------------------------------------------------ the checks under torch.compile
+
+
+def test_fused_checks_trace_under_compile_with_dynamic_shapes(monkeypatch):
+    # the checks read shapes, dtypes and devices only: nothing torch.compile cannot trace (a NumPy dtype
+    # made while tracing, for the labels' dtype, broke fullgraph compilation)
+    import fastdistill._validate as V
+
+    monkeypatch.setattr(V, "_TORCH_NP", {})
+    torch._dynamo.reset()
+    fused = FusedLinearDistillationLoss(temperature=2.0, chunk_size=4)
+    compiled = torch.compile(lambda *a: fused(*a), fullgraph=True, dynamic=True)
+    for rows in (6, 9):
+        g = _g(rows)
+        x = torch.randn(rows, 8, generator=g, requires_grad=True)
+        w = torch.randn(10, 8, generator=g, requires_grad=True)
+        b = torch.randn(10, generator=g, requires_grad=True)
+        tx, tw, tb = torch.randn(rows, 5, generator=g), torch.randn(10, 5, generator=g), torch.randn(10, generator=g)
+        y = torch.randint(0, 10, (rows,), generator=g)
+        y[1] = IGNORE
+        loss = compiled(x, w, tx, tw, y, b, tb)
+        loss.backward()
+        xr, wr, br = (a.detach().double().requires_grad_(True) for a in (x, w, b))
+        ref = kd_reference(xr @ wr.t() + br, tx.double() @ tw.double().t() + tb.double(), y, 0.5, 0.5, 2.0)
+        ref.backward()
+        assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+        for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(fd.DimensionMismatchError, match="expected 6 labels"):
+        compiled(x[:6], w, tx[:6], tw, y, b, tb)
