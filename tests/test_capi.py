@@ -503,6 +503,11 @@ def test_custom_ignore_index_and_all_ignored(lib):
     py_loss, py_grad = py_response("kl_divergence", s, t, y, 2.0, 0.5, 0.5, 0.0, 0.0, "mean", ignore_index=-1)
     assert rel_err(loss, py_loss) < SAME[np.float32] and rel_err(grad, py_grad) < SAME[np.float32]
     assert not grad[0].any()
+    # an ignore_index at or above the classes is a label like any other ignore_index (PyTorch accepts it)
+    n_big = s.shape[1] + 5
+    y_big = np.where(y == -1, n_big, y)
+    st, loss_big, grad_big = c_response(lib, s, t, y_big, capi.FD_KL, 2.0, 0.5, 0.5, ignore_index=n_big)
+    assert st == capi.FD_OK and loss_big == loss and np.array_equal(grad_big, grad)
     # every row ignored: mean is 0 with a zero gradient, never NaN
     y[:] = IGNORE
     st, loss, grad = c_response(lib, s, t, y, capi.FD_KL, 2.0, 0.5, 0.5)
@@ -609,7 +614,7 @@ def bad_cases():
         ("grad overlaps loss", dict(grad="loss"), capi.FD_OVERLAP),
         ("label >= n", dict(label=(2, 8)), capi.FD_LABEL_OUT_OF_RANGE),
         ("label < 0", dict(label=(0, -3)), capi.FD_LABEL_OUT_OF_RANGE),
-        ("label == ignore_index >= n", dict(label=(1, 9), ignore_index=9), capi.FD_LABEL_OUT_OF_RANGE),
+        ("label >= n, ignore_index beside it", dict(label=(1, 9), ignore_index=10), capi.FD_LABEL_OUT_OF_RANGE),
         ("kind -1", dict(kind=-1), capi.FD_BAD_KIND),
         ("kind 10", dict(kind=10), capi.FD_BAD_KIND),
         ("reduction 3", dict(reduction=3), capi.FD_BAD_REDUCTION),
@@ -617,6 +622,7 @@ def bad_cases():
         ("T -1", dict(T=-1.0), capi.FD_BAD_PARAM),
         ("T nan", dict(T=float("nan")), capi.FD_BAD_PARAM),
         ("T inf", dict(T=float("inf")), capi.FD_BAD_PARAM),
+        ("T above 1e4", dict(T=1.0001e4), capi.FD_BAD_PARAM),
         ("hard_w nan", dict(hard_w=float("nan")), capi.FD_BAD_PARAM),
         ("soft_w inf", dict(soft_w=float("inf")), capi.FD_BAD_PARAM),
         ("beta > 1", dict(kind=capi.FD_JSD, param=1.5), capi.FD_BAD_PARAM),
@@ -840,6 +846,9 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     assert call(tl=7)[0] == capi.FD_BAD_PARAM
     if tail == "bucket":
         assert call(T=2.0)[0] == capi.FD_BAD_PARAM
+        vals[5, 2] = 0.25  # a log-probability above 0
+        assert call()[0] == capi.FD_BAD_PARAM
+        vals[5, 2] = -0.25
     if tail == "renormalize":
         assert call(kind=capi.FD_REVERSE_KL)[0] == capi.FD_BAD_PARAM
         assert call(kind=capi.FD_JSD, param=1.0)[0] == capi.FD_BAD_PARAM
