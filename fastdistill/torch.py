@@ -139,6 +139,11 @@ def _labels(labels: Any, device: torch.device) -> torch.Tensor:
     lab = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
     if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {lab.dtype}")
+    if lab.dtype == getattr(torch, "uint64", None):
+        # (its conversion to int64 wraps ids above 2**63 into -1 or ignore_index; PyTorch's own losses
+        # take int64 targets only)
+        raise TypeError("labels must be an integer tensor of at most 63 bits (int64, int32, ...), got torch.uint64: "
+                        "convert them with labels.to(torch.int64) after checking their range")
     _same_device(lab, "labels", device)
     return lab.detach().to(dtype=torch.int64, memory_format=torch.contiguous_format)
 

@@ -215,6 +215,19 @@ def test_uint64_labels_above_int64_are_refused_not_wrapped():
     assert d.loss(s, s, np.array([1, 4], np.uint64)) == pytest.approx(np.log(5.0) * 0.5)
 
 
+def test_torch_uint64_labels_are_refused_not_wrapped():
+    torch = pytest.importorskip("torch")
+    from fastdistill.torch import DistillationLoss
+
+    s = torch.zeros(2, 5, requires_grad=True)
+    loss = DistillationLoss(soft_loss="kl_divergence", hard_label_weight=0.5, soft_label_weight=0.5)
+    with pytest.raises(TypeError, match="uint64"):
+        loss(s, s.detach(), torch.tensor([1, 2**64 - 100], dtype=torch.uint64))
+    # the same labels as int64 (in range) are fine: half the CE of a uniform row, averaged over both rows
+    out = loss(s, s.detach(), torch.tensor([1, 3], dtype=torch.int64))
+    assert float(out.detach()) == pytest.approx(0.5 * np.log(5.0))
+
+
 # ------------------------------------------------------------ 6, 7. grad_out over another input
 
 
