@@ -236,10 +236,13 @@ class ShardRun:
     """One vocabulary shard's steps on the GPU (:class:`fastdistill.sharded.VocabShard`): its logits
     as the kernels read them, this shard's labels on the device (a column of the shard,
     ``_spec.SHARD_LABEL_ELSEWHERE`` or ``SHARD_LABEL_IGNORED``), and float64 buffers in the caller's array kind:
-    ``xmax`` (2 per row), ``xsum`` (11), ``xmix`` (3), the ones the caller combines across the shards."""
+    ``xmax`` (2 per row), ``xsum`` (11), ``xmix`` (3), the ones the caller combines across the shards, each
+    followed by the rows of its check entries (``tail(round, k)``: ``fastdistill._shard_check``), written
+    here once; the kernels see the rows alone. A device buffer's check rows are copied on the device
+    when the round is read back (:meth:`take_back`), for :meth:`read_back_tails`."""
 
     def __init__(self, call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, scale: float,
-                 classes: int, grad_out: Any) -> None:
+                 classes: int, grad_out: Any, tail: Any) -> None:
         K = _K()
         v = call.variant
         rows, n = call.rows, call.n
@@ -258,8 +261,22 @@ class ShardRun:
         self.student, self.grad_out = student, grad_out
         self.rows_native, self.row_buf = D.alloc(kind, student, (rows,), np.float64, stream)
         self.own = D.alloc(kind, student, (rows, K.N_SHARD_MAX), np.float64, stream)[1]
-        self.buffers = {name: D.alloc(kind, student, (rows, width), np.float64, stream)
-                        for name, width in (("max", K.N_SHARD_MAX), ("sum", K.N_SHARD_SUM), ("mix", K.N_SHARD_MIX))}
+        self.buffers: dict[str, Any] = {}  # name: (native, kernel view of the whole buffer)
+        self.heads: dict[str, Any] = {}  # name: the kernels' view of its rows
+        self.tails: dict[str, Any] = {}  # name: a numba view of its check rows
+        self.kept: list[Any] = []  # device copies of the check rows, as each round was read back
+        rounds = (("max", K.N_SHARD_MAX), ("sum", K.N_SHARD_SUM)) + ((("mix", K.N_SHARD_MIX),) if v.two_pass else ())
+        for rnd, (name, width) in enumerate(rounds):
+            checks = tail(rnd, width)
+            native, view = D.alloc(kind, student, (rows + checks.shape[0], width), np.float64, stream)
+            self.buffers[name] = (native, view)
+            plain = view.plain() if isinstance(view, D.DevArg) else view
+            self.heads[name] = (D.DevArg(view.obj[:rows], view.ptr, (rows, width), view.dtype)
+                                if isinstance(view, D.DevArg) else view[:rows])
+            self.tails[name] = plain[rows:]
+            self.tails[name].copy_to_device(checks, stream=stream)
+        if not v.two_pass:  # (never exchanged: the kernels' argument only)
+            self.heads["mix"] = D.alloc(kind, student, (rows, K.N_SHARD_MIX), np.float64, stream)[1]
         self.params = D.device_params(call.terms, stream, dev)
         self.scale = float(scale)
         self.classes = int(classes)
@@ -269,10 +286,10 @@ class ShardRun:
         """Launch one step (``SHARD_STATS``, ``SHARD_DIV2``, ``SHARD_FINISH`` of ``_kernels``)."""
         c = self.call
         grid, block, G = L.geometry(c.rows, c.n)
-        b = self.buffers
+        b = self.heads
         L.launch(self.kernel, grid, block, self.stream,
                  (self.s, self.t, self.lab, self.has_labels, self.params, int(step), self.scale, self.classes,
-                  c.want_grad, b["max"][1], self.own, b["sum"][1], b["mix"][1], self.row_buf, self.grads[1], G))
+                  c.want_grad, b["max"], self.own, b["sum"], b["mix"], self.row_buf, self.grads[1], G))
 
     def rescale(self) -> None:
         """The sums moved from this shard's maxima to the combined ones (after the max exchange)."""
@@ -280,8 +297,7 @@ class ShardRun:
         v = self.call.variant
         grid = max(1, min((self.call.rows + 127) // 128, 1024))
         L.launch(K.shard_rescale_kernel, grid, 128 if not D.simulated() else 8, self.stream,
-                 (self.own, self.buffers["max"][1], self.buffers["sum"][1], v.div, v.ce,
-                  float(1.0 / self.call.terms.tau)))
+                 (self.own, self.heads["max"], self.heads["sum"], v.div, v.ce, float(1.0 / self.call.terms.tau)))
 
     def exchanged(self, name: str) -> Any:
         """A buffer the caller combines: itself for device callers, a host copy for host ones."""
@@ -293,9 +309,22 @@ class ShardRun:
         return native
 
     def take_back(self, name: str, host: Any) -> None:
-        """A host caller's combined copy, back on the device."""
+        """A host caller's combined copy, back on the device; a device buffer's check rows copied on the
+        device as they are now (checked by the caller through :meth:`read_back_tails`)."""
         if self.kind == "host":
             self.buffers[name][1].copy_to_device(np.ascontiguousarray(host), stream=self.stream)
+            return
+        t = self.tails[name]
+        kept = D.numba_cuda().device_array(t.shape, dtype=np.float64, stream=self.stream)
+        kept.copy_to_device(t, stream=self.stream)
+        self.kept.append(kept)
+
+    def read_back_tails(self) -> list[np.ndarray]:
+        """Host copies of the check rows kept by :meth:`take_back`, in the order the rounds were read
+        back (one host synchronisation)."""
+        out = [k.copy_to_host(stream=self.stream) for k in self.kept]
+        D.synchronize(self.stream)
+        return out
 
     def result(self, reduce: Any) -> tuple[Any, Any]:
         """(loss, gradient) as the caller gets them: ``reduce`` (the façade's) of the row losses, or the
