@@ -340,7 +340,12 @@ def test_header_matches_python_constants():
     from fastdistill.cpu import _kernels as K
 
     assert re.search(r"#define FD_SHARD_WORK (\d+)", text).group(1) == str(capi.FD_SHARD_WORK)
-    assert capi.FD_SHARD_WORK == (K.S_KP - K.N_MAX) + K.N_STATS
+    from fastdistill import _shard_check as SC
+
+    # (and the sums round's check entries after its rows, once per row: the widest exchange is rows * 12 + 4
+    # doubles; the maxima's rows * 2 + 6 is no wider for rows >= 1)
+    assert capi.FD_SHARD_WORK == (K.S_KP - K.N_MAX) + K.N_STATS + SC.N_CHECK_SUM
+    assert 2 + SC.N_CHECK_MAX <= (K.S_KP - K.N_MAX) + SC.N_CHECK_SUM
     # the fd_api table lists every symbol, in SYMBOL_NAMES order
     assert re.findall(r'/\* "(fd_\w+)" \*/', text) == list(capi.SYMBOL_NAMES)
 
@@ -877,7 +882,8 @@ def c_vocab_shards(lib, s, t, y, bounds, kind, T, hard_w, soft_w, param, eps=0.0
         if op == capi.FD_SHARD_DONE:
             break
         rounds += 1
-        assert count in (2 * rows, 12 * rows, 5 * rows)  # a few numbers per row, never rows x classes
+        assert count in (2 * rows + 6, 12 * rows + 4, 5 * rows + 1)  # a few numbers per row (and a few check
+        # entries), never rows x classes
         combine = np.maximum.reduce if op == capi.FD_SHARD_MAX else np.add.reduce
         both = combine([w[:count] for w in works])
         for w in works:
@@ -935,7 +941,7 @@ def test_vocab_shard_statuses(lib):
         return lib.h_vocab_shard(1, step, ptr(a), ptr(b), ptr(labels), 4, 6, offset, classes, kind, T, 0.5, 0.5, 0.0,
                                  0.0, IGNORE, RED["mean"], ptr(w), ptr(q), ptr(loss), ptr(grad), 0)
 
-    assert call() == capi.FD_OK and list(req) == [8, capi.FD_SHARD_MAX]
+    assert call() == capi.FD_OK and list(req) == [8 + 6, capi.FD_SHARD_MAX]
     assert call(step=4) == capi.FD_BAD_PARAM
     assert call(step=-1) == capi.FD_BAD_PARAM
     assert call(step=3) == capi.FD_BAD_PARAM  # KL has 2 exchanges: step 3 is past the last

@@ -20,7 +20,8 @@ from typing import Sequence
 
 from .._spec import LOSS_CODES
 
-ABI_VERSION = 3  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points; 3: vocab shards
+ABI_VERSION = 4  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points; 3: vocab shards;
+# 4: the vocab shards' check entries (FD_SHARD_WORK 31 -> 35, a few more doubles per exchange)
 
 # status codes (fastdistill.h: enum fd_status)
 FD_OK = 0
@@ -45,7 +46,7 @@ FD_TAIL_BUCKET = 2
 FD_SHARD_MAX = 0  # combine request[0] doubles at the start of work with an element-wise max
 FD_SHARD_SUM = 1  # ... with an element-wise sum
 FD_SHARD_DONE = 2  # nothing: the loss and the shard's gradient are written
-FD_SHARD_WORK = 31  # doubles per row of the work buffer (12 exchanged + 19 row statistics)
+FD_SHARD_WORK = 35  # doubles per row of the work buffer (12 exchanged + 19 row statistics + 4 check entries)
 
 # loss kinds (enum fd_loss_kind)
 FD_KL = 0

@@ -89,6 +89,7 @@ from . import (
     FD_TAIL_RENORMALIZE,
     FD_TVD,
 )
+from .. import _shard_check as SC
 from ..cpu import _sparse as S
 from ..cpu._math import thread_count
 
@@ -379,6 +380,10 @@ def _check_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, 
 _SHARD_IGNORED = np.int64(SHARD_LABEL_IGNORED)
 _N_SUM1 = K.S_KP - K.N_MAX  # the first round of sums
 _N_SUM2 = K.N_STATS - K.S_KP  # the mixtures' and TVD's second pass
+# each round's check entries after its rows' numbers (fastdistill._shard_check); the exchanged values
+# take rows * _N_SUM1 + _N_CHECK1 doubles at most, FD_SHARD_WORK's 4 doubles per row beyond the
+# exchanged and statistics ones cover the check entries for any rows >= 1
+_N_CHECK0, _N_CHECK1, _N_CHECK2 = SC.N_CHECK_MAX, SC.N_CHECK_SUM, SC.N_CHECK_MIX
 
 
 @njit(**JIT)
@@ -402,14 +407,20 @@ def _shard_labels(lp, rows, has_labels, offset, n, ignore_index):  # type: ignor
 def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has_labels, ignore_index, P,  # type: ignore[no-untyped-def]  # noqa: E501
                reduction, want_grad, wp, qp, lossp):
     """One step of ``fd_vocab_shard_*`` (every storage: the logits come as their addresses). ``work``:
-    the exchanged values (``rows x 12`` at most, at its start), then the ``rows x N_STATS`` statistics;
-    ``request``: what the caller combines next. Returns FD_BAD_PARAM for a step past the last."""
+    the exchanged values (``rows x 12 + 4`` at most, at its start: a round's numbers per row, then its
+    check entries), then the ``rows x N_STATS`` statistics; ``request``: what the caller combines next.
+    Returns FD_BAD_PARAM for a step past the last, FD_BAD_SHAPE when the combined check entries of the
+    round it reads show shards that do not tile ``[0, classes)`` or a round that was not combined."""
     work = carray(wp, (rows * FD_SHARD_WORK,))
-    exch = work[: rows * _N_SUM1]  # (the three rounds' numbers, one round at a time)
+    n_exch = rows * _N_SUM1 + _N_CHECK1
+    exch = work[:n_exch]  # (the three rounds' numbers, one round at a time)
     local_max = exch[: rows * K.N_MAX].reshape((rows, K.N_MAX))
-    sums = exch.reshape((rows, _N_SUM1))
+    sums = exch[: rows * _N_SUM1].reshape((rows, _N_SUM1))
     mix = exch[: rows * _N_SUM2].reshape((rows, _N_SUM2))
-    stats = work[rows * _N_SUM1:].reshape((rows, K.N_STATS))
+    check0 = exch[rows * K.N_MAX: rows * K.N_MAX + _N_CHECK0]
+    check1 = exch[rows * _N_SUM1: rows * _N_SUM1 + _N_CHECK1]
+    check2 = exch[rows * _N_SUM2: rows * _N_SUM2 + _N_CHECK2]
+    stats = work[n_exch: n_exch + rows * K.N_STATS].reshape((rows, K.N_STATS))
     labels = _shard_labels(lp, rows, has_labels, offset, n, ignore_index)
     scale = _count_and_scale(lp, rows, ignore_index, reduction)
     out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
@@ -419,22 +430,31 @@ def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has
     if step == 0:  # this shard's maxima (and its sums relative to them): the caller takes the max
         K.drive_shard(worker, K.SHARD_STATS, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
                       stats, local_max, classes)
-        qp[0], qp[1] = rows * K.N_MAX, FD_SHARD_MAX
+        SC.check_entries(SC.ROUND_MAX, offset, n, classes, check0)
+        qp[0], qp[1] = rows * K.N_MAX + _N_CHECK0, FD_SHARD_MAX
         return FD_OK
     if step == 1:  # the sums, moved to the combined maxima: the caller sums them
+        if not SC.combined_ok(SC.ROUND_MAX, check0, classes):
+            return FD_BAD_SHAPE
         K.rescale_shard_sums(stats, local_max, P[P_TAU])
         sums[:, :] = stats[:, K.N_MAX:K.S_KP]
-        qp[0], qp[1] = rows * _N_SUM1, FD_SHARD_SUM
+        SC.check_entries(SC.ROUND_SUM, offset, n, classes, check1)
+        qp[0], qp[1] = rows * _N_SUM1 + _N_CHECK1, FD_SHARD_SUM
         return FD_OK
     if step == 2:
+        if not SC.combined_ok(SC.ROUND_SUM, check1, classes):
+            return FD_BAD_SHAPE
         stats[:, K.N_MAX:K.S_KP] = sums
         if two_pass:  # the second pass's sums
             K.drive_shard(worker, K.SHARD_DIV2, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad,
                           out, stats, local_max, classes)
             mix[:, :] = stats[:, K.S_KP:]
-            qp[0], qp[1] = rows * _N_SUM2, FD_SHARD_SUM
+            SC.check_entries(SC.ROUND_MIX, offset, n, classes, check2)
+            qp[0], qp[1] = rows * _N_SUM2 + _N_CHECK2, FD_SHARD_SUM
             return FD_OK
     if step == 3:
+        if not SC.combined_ok(SC.ROUND_MIX, check2, classes):
+            return FD_BAD_SHAPE
         stats[:, K.S_KP:] = mix
     # the row losses (the same on every shard) and this shard's gradient
     K.drive_shard(worker, K.SHARD_FINISH, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,

@@ -34,7 +34,7 @@
 extern "C" {
 #endif
 
-#define FD_ABI_VERSION 3
+#define FD_ABI_VERSION 4
 
 /* Status codes returned by every entry point. */
 enum fd_status {
@@ -70,8 +70,9 @@ enum fd_shard_op {
     FD_SHARD_DONE = 2
 };
 
-/* doubles per row of fd_vocab_shard_*'s work buffer */
-#define FD_SHARD_WORK 31
+/* doubles per row of fd_vocab_shard_*'s work buffer (the exchanged numbers, the row statistics, and 4
+ * per row that cover a round's check entries) */
+#define FD_SHARD_WORK 35
 
 /* Soft (teacher-matching) loss of fd_response_*: p = softmax(teacher / T), q = softmax(student / T). */
 enum fd_loss_kind {
@@ -193,11 +194,16 @@ typedef int32_t (*fd_response_sparse_h16_fn)(const uint16_t *student, const int6
  *     }
  *
  * Two exchanges (3 for FD_JSD, FD_SKEW_KL, FD_SKEW_REVERSE_KL and FD_TVD with soft_weight != 0): 2
- * doubles per row (max), 12 (sum), then 5 (sum); never rows x classes. Then every shard holds the same
- * loss (loss_out as in fd_response_*) and the gradient of its own columns (grad: rows x n, or NULL), equal
- * to fd_response_* on the whole rows. `work`: rows * FD_SHARD_WORK doubles owned by the caller, kept
- * between the steps of one loss (the row statistics live there). The other arguments as fd_response_*;
- * FD_LABEL_OUT_OF_RANGE against `classes`; FD_BAD_SHAPE also when the columns do not lie in [0, classes);
+ * doubles per row and 6 more (max), 12 per row and 4 more (sum), then 5 per row and 1 more (sum); never
+ * rows x classes. The few after the rows are the round's check entries (the shard's place in the row,
+ * as fastdistill.sharded's): the step that reads a combined round returns FD_BAD_SHAPE, on every shard,
+ * when they show shards that do not tile [0, classes) (a gap, an overlap, a wrong class_offset, shards
+ * disagreeing on classes) or a round that was not combined (or combined twice). Then every shard holds
+ * the same loss (loss_out as in fd_response_*) and the gradient of its own columns (grad: rows x n, or
+ * NULL), equal to fd_response_* on the whole rows. `work`: rows * FD_SHARD_WORK doubles owned by the
+ * caller, kept between the steps of one loss (the row statistics live there). The other arguments as
+ * fd_response_*; FD_LABEL_OUT_OF_RANGE against `classes`; FD_BAD_SHAPE also when the columns do not lie
+ * in [0, classes) or the shards do not tile it;
  * FD_BAD_PARAM also for a step outside [0, 3] or past the last. */
 typedef int32_t (*fd_vocab_shard_f32_fn)(int32_t step, const float *student, const float *teacher,
                                          const int64_t *labels, int64_t rows, int64_t n, int64_t class_offset,
