@@ -1,0 +1,549 @@
+"""Differential fuzzing: generated adversarial cases through every front door (the NumPy API, the C ABI,
+``fastdistill.torch`` eager and compiled, vocabulary shards, the fused linear head, the CUDA simulator),
+each against the float64 references of ``fuzzing.py`` and against the other doors.
+
+A bounded profile (a few examples per door, derandomized, no example database) runs with the suite.
+``make fuzz`` runs a long one (``FASTDISTILL_FUZZ_EXAMPLES`` examples per door, mismatches collected
+instead of stopping at the first) and prints the number of cases and mismatches per door. A mismatch in
+the ordinary run stops the test and hypothesis shrinks it; the falsifying example is printed as Python
+(``Case(...)``) that rebuilds it. Regression tests of what the fuzzer found are at the end.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("hypothesis")
+torch = pytest.importorskip("torch")
+
+from hypothesis import HealthCheck, given, note, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fastdistill as fd  # noqa: E402
+import fuzzing as fz  # noqa: E402
+from fuzzing import Case, Mismatch, SparseSpec, nan, inf  # noqa: E402,F401  (names of the reproductions)
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+EXAMPLES = int(os.environ.get("FASTDISTILL_FUZZ_EXAMPLES", "0") or 0)  # > 0: the long profile
+COLLECT = os.environ.get("FASTDISTILL_FUZZ_COLLECT") == "1"  # count mismatches instead of stopping
+SEED = os.environ.get("FASTDISTILL_FUZZ_SEED")
+IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and os.environ.get("NUMBA_FASTDISTILL_ALLOW_SIM") == "1"
+
+STATS: dict[str, list[int]] = {}
+FOUND: list[tuple[str, str, str]] = []
+
+
+def fuzz(bounded: int, long_share: float = 1.0):
+    """``@given`` settings of a door: ``bounded`` examples in the suite, the long profile's share otherwise."""
+    n = max(1, int(EXAMPLES * long_share)) if EXAMPLES else bounded
+
+    def wrap(f):
+        f = settings(max_examples=n, deadline=None, derandomize=SEED is None, database=None, print_blob=False,
+                     suppress_health_check=list(HealthCheck))(f)
+        return seed(int(SEED))(f) if SEED is not None else f
+
+    return wrap
+
+
+def run_case(door: str, check, case, *args) -> None:
+    """Run one case's checks; count it; in the long profile's collecting mode record a mismatch and go on."""
+    counts = STATS.setdefault(door, [0, 0, 0])
+    if isinstance(case, Case) and fz.known_defect(case, door):
+        counts[2] += 1
+        return
+    counts[0] += 1
+    note(f"case = {case!r}")
+    try:
+        check(case, *args)
+    except Exception as exc:  # noqa: BLE001 (an unexpected error of a front door is a mismatch too)
+        counts[1] += 1
+        if not COLLECT:
+            raise
+        FOUND.append((door, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", repr(case)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    yield
+    if not STATS:
+        return
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["", "fuzz: cases and mismatches per front door"]
+    for door, (n, bad, known) in sorted(STATS.items()):
+        lines.append(f"  {door:<14} {n:>6} cases {bad:>4} mismatches"
+                     + (f" ({known} cases of a known open defect skipped)" if known else ""))
+    total = sum(v[0] for v in STATS.values())
+    bad = sum(v[1] for v in STATS.values())
+    lines.append(f"fuzz: {total} cases, {bad} mismatches")
+    seen = set()
+    for door, msg, code in FOUND:  # one of each kind of message (numbers aside)
+        key = (door, re.sub(r"[-+0-9.e]+|np\.float\d+|nan|inf", "#", msg))
+        if key in seen or len(seen) >= 40:
+            continue
+        seen.add(key)
+        lines.append(f"  [{door}] {msg}\n      {code}")
+    text = "\n".join(lines)
+    if tr is not None:
+        tr.write_line(text)
+    else:  # pragma: no cover
+        print(text)
+    if COLLECT and bad:
+        pytest.fail(f"{bad} fuzz mismatches (listed above)", pytrace=False)
+
+
+def bounded_cases(**kw):
+    """Cases whose kernel variants the rest of the suite compiles too (the bounded profile's compile bill);
+    the long profile draws from everything."""
+    strategy = fz.cases(**kw)
+    return strategy if EXAMPLES else strategy.map(fz.make_cheap)
+
+
+# ------------------------------------------------------------------ the NumPy API
+
+
+def check_numpy(case: Case) -> None:
+    ref = fz.references(case)
+    loss, grad = fz.run_numpy(case)
+    fz.check_against_reference(case, loss, grad, ref, "ResponseDistiller.loss_and_grad")
+    # the loss alone: the same number
+    kw = {"num_items": case.num_items} if case.num_items is not None else {}
+    alone = case.distiller().loss(case.student(), case.teacher(), case.labels, reduction=case.reduction, **kw)
+    fz.check_against_reference(case, alone, None, ref, "ResponseDistiller.loss")
+    if case.soft_only and case.labels is None:  # DistilLoss: the same kernel, the same bits
+        loss2, grad2 = fz.run_numpy(case, api="distil_loss")
+        fz.check_bitwise(loss2, loss, "DistilLoss.compute_with_grad vs ResponseDistiller: loss")
+        fz.check_bitwise(grad2, grad, "DistilLoss.compute_with_grad vs ResponseDistiller: gradient")
+
+
+@fuzz(bounded=40, long_share=1.0)
+@given(bounded_cases(wide=4100))
+def test_numpy_api(case):
+    run_case("numpy", check_numpy, case)
+
+
+# ------------------------------------------------------------------ the C ABI
+
+
+_C = {}
+
+
+def c_entry(name: str):
+    """A ctypes function of a C entry point (its prototype in fastdistill.h)."""
+    if name not in _C:
+        from fastdistill import capi
+
+        syms = capi.symbols(jobs=1)
+        vp, i32, i64, dbl = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double
+        if name.startswith("fd_response_sparse"):
+            proto = ctypes.CFUNCTYPE(i32, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64, i32, i32,
+                                     vp, vp, i32)
+        else:
+            proto = ctypes.CFUNCTYPE(i32, vp, vp, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64, i32, vp, vp, i32)
+        _C[name] = proto(syms[name])
+    return _C[name]
+
+
+C_SUFFIX = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+
+
+def c_cases():
+    return bounded_cases(mixed=False, grad_modes=("new", "inplace")).filter(
+        lambda c: (c.t2 or c.kind in ("tvd", "mse", "cosine")) and c.num_items is None)
+
+
+def check_capi(case: Case) -> None:
+    from fastdistill import capi
+
+    s = np.ascontiguousarray(case.student())
+    n = s.shape[-1]
+    rows = int(np.prod(s.shape[:-1], dtype=np.int64))
+    s2 = s.reshape(rows, n)
+    kind = capi.FD_CE_ONLY if case.kind == "ce_only" else capi.LOSS_KINDS[case.kind]
+    param = case.param
+    labels = None if case.labels is None else np.ascontiguousarray(case.labels.reshape(-1), np.int64)
+    red = capi.REDUCTIONS[case.reduction]
+    loss = np.full(rows if case.reduction == "none" else 1, -7.0)
+    s_c = s2.copy()  # the C call's own student (the in-place case overwrites it)
+    grad = s_c if case.grad == "inplace" else np.full_like(s2, 7.0)
+    ptr = (lambda a: None if a is None else a.ctypes.data)
+    suffix = C_SUFFIX[case.s_dtype]
+    if case.sparse is not None:
+        sp = case.sparse
+        idx = np.ascontiguousarray(sp.indices.reshape(rows, -1), np.int64)
+        vals = np.ascontiguousarray(sp.values_as_given().reshape(rows, -1), np.float32)
+        status = c_entry(f"fd_response_sparse_{suffix}")(
+            ptr(s_c), ptr(idx), ptr(vals), idx.shape[1], ptr(labels), rows, n, kind, case.tau, case.hard_w,
+            case.effective_soft_w(), param, case.eps, case.ignore_index, fz.TAILS.index(sp.tail), red, ptr(loss),
+            ptr(grad), 0)
+        # the NumPy API on the same float32 values
+        np_case = Case(**{**case.__dict__, "sparse": SparseSpec(sp.indices, vals.astype(np.float64).reshape(
+            sp.values.shape), "float32", sp.kind, sp.tail)})
+    else:
+        t2 = np.ascontiguousarray(case.teacher().reshape(rows, n))
+        status = c_entry(f"fd_response_{suffix}")(
+            ptr(s_c), ptr(t2), ptr(labels), rows, n, kind, case.tau, case.hard_w, case.effective_soft_w(), param,
+            case.eps, case.ignore_index, red, ptr(loss), ptr(grad), 0)
+        np_case = case
+    if status != capi.FD_OK:
+        raise Mismatch(f"C ABI: status {capi.status_message(status)}")
+    py_loss, py_grad = fz.run_numpy(np_case)
+    # the same kernel as the NumPy API: the same bits (the reduced loss up to the order of the row sum)
+    fz.check_bitwise(grad.reshape(s.shape), py_grad, "C ABI vs NumPy API: gradient")
+    if case.reduction == "none":
+        fz.check_bitwise(loss.reshape(s.shape[:-1]).astype(py_loss.dtype), py_loss, "C ABI vs NumPy API: rows")
+    else:
+        a, b = float(loss[0]), py_loss
+        close = (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= 1e-12 * abs(b)
+        if not close:
+            raise Mismatch(f"C ABI vs NumPy API: loss {a!r} vs {b!r}")
+    ref = fz.references(np_case)
+    rl = loss.reshape(s.shape[:-1]).astype(np.float32 if case.s_dtype in fz.HALF else s.dtype) \
+        if case.reduction == "none" else float(loss[0])
+    fz.check_against_reference(np_case, rl, grad.reshape(s.shape), ref, "C ABI")
+
+
+@fuzz(bounded=25, long_share=0.5)
+@given(c_cases())
+def test_c_abi(case):
+    run_case("c-abi", check_capi, case)
+
+
+# ------------------------------------------------------------------ fastdistill.torch
+
+
+TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+               "bfloat16": torch.bfloat16}
+
+
+def _tensor(x: np.ndarray, storage: str) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64).to(TORCH_DTYPE[storage])
+
+
+def torch_inputs(case: Case):
+    s = _tensor(case.s, case.s_dtype).requires_grad_(True)
+    if case.sparse is not None:
+        sp = case.sparse
+        vals = sp.values_as_given()
+        teacher = fd.SparseTeacher(torch.tensor(sp.indices), torch.from_numpy(np.ascontiguousarray(vals)),
+                                   kind=sp.kind, tail=sp.tail)
+    else:
+        teacher = _tensor(case.t, case.t_dtype)
+    labels = None if case.labels is None else torch.tensor(case.labels)
+    return s, teacher, labels
+
+
+def criterion(case: Case):
+    from fastdistill.torch import DistillationLoss
+
+    return DistillationLoss(hard_label_weight=case.hard_w, soft_label_weight=case.effective_soft_w(),
+                            soft_loss=case.soft_loss(), ignore_index=case.ignore_index, reduction=case.reduction,
+                            label_smoothing=case.eps)
+
+
+def torch_loss_and_grad(case: Case, fn=None):
+    s, teacher, labels = torch_inputs(case)
+    crit = criterion(case)
+    out = (fn or crit)(s, teacher, labels, case.num_items)
+    (out.sum() if case.reduction == "none" else out).backward()
+    return out.detach(), s.grad
+
+
+def numpy_twin(case: Case) -> Case:
+    """The NumPy API call that the torch op makes: a fresh gradient (float32 for a float16 student)."""
+    return Case(**{**case.__dict__, "grad": "float32" if case.s_dtype == "float16" else "new"})
+
+
+def check_torch(case: Case) -> None:
+    out, g = torch_loss_and_grad(case)
+    want_loss = torch.float32 if case.s_dtype in fz.HALF else TORCH_DTYPE[case.s_dtype]
+    if out.dtype != want_loss or g.dtype != TORCH_DTYPE[case.s_dtype]:
+        raise Mismatch(f"torch: loss dtype {out.dtype}, gradient dtype {g.dtype}")
+    twin = numpy_twin(case)
+    py_loss, py_grad = fz.run_numpy(twin)
+    # the same kernel call: the same bits (the loss as the tensor's dtype, a float16 gradient rounded once)
+    want = torch.from_numpy(np.asarray(py_loss)).to(want_loss) if case.reduction == "none" else \
+        torch.tensor(py_loss, dtype=torch.float64).to(want_loss)
+    fz.check_bitwise(_np(out), _np(want), "torch vs NumPy API: loss")
+    pg = py_grad if case.s_dtype != "bfloat16" else py_grad
+    fz.check_bitwise(_np(g), _np(torch.from_numpy(np.asarray(pg).astype(np.float64)).to(g.dtype))
+                     if case.s_dtype in fz.HALF else np.asarray(pg), "torch vs NumPy API: gradient")
+    ref = fz.references(case)
+    loss = _np(out).astype(np.float64) if case.reduction == "none" else float(out)
+    if case.reduction == "none":
+        loss = _np(out)
+    fz.check_against_reference(case, loss, _np(g), ref, "torch", grad_storage=case.s_dtype)
+
+
+def _np(x):
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(fz.BF16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+@fuzz(bounded=20, long_share=0.5)
+@given(bounded_cases(grad_modes=("new",)))
+def test_torch_eager(case):
+    run_case("torch", check_torch, case)
+
+
+# torch.compile: one graph per configuration (the loss's parameters are constants of the graph, shapes and
+# dtypes its guards): the values are fuzzed, the rest fixed
+COMPILED = {}
+COMPILE_CONFIGS = [
+    dict(kind="kl_divergence", param=0.0, tau=2.0, t2=True, hard_w=0.5, soft_w=0.5, eps=0.0, reduction="mean",
+         s_dtype="float32", shape=(2, 3, 17), sparse=False),
+    dict(kind="jsd", param=0.3, tau=1.0, t2=True, hard_w=0.0, soft_w=1.0, eps=0.0, reduction="none",
+         s_dtype="bfloat16", shape=(4, 9), sparse=True),
+]
+
+
+@st.composite
+def compile_cases(draw):
+    cfg = dict(draw(st.sampled_from(COMPILE_CONFIGS)))
+    shape = cfg.pop("shape")
+    is_sparse = cfg.pop("sparse")
+    lead = shape[:-1]
+    n = shape[-1]
+    rows = int(np.prod(lead))
+    s = draw(fz.values(shape, 5.0))
+    spec = None
+    t = None
+    if is_sparse:
+        spec = draw(fz.sparse_teacher(s, shape, dict(cfg)))
+        k = 4  # one shape of the teacher's tensors
+        idx = np.argsort(np.random.default_rng(draw(st.integers(0, 99))).random((rows, n)), 1)[:, :k]
+        spec = SparseSpec(idx.reshape(lead + (k,)).astype(np.int64), draw(fz.values(lead + (k,), 3.0)) - 5.0,
+                          "float32", "logprobs", "support")
+    else:
+        t = draw(fz.values(shape, 5.0))
+    labels = None
+    if cfg["hard_w"]:
+        lab = np.asarray(draw(st.lists(st.integers(0, n - 1), min_size=rows, max_size=rows)), np.int64)
+        ign = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+        labels = np.where(ign, fz.IGNORE, lab).reshape(lead)
+    return Case(num_items=None, s=s, t=t, t_dtype=cfg["s_dtype"], sparse=spec, labels=labels,
+                ignore_index=fz.IGNORE, grad="new", **cfg)
+
+
+def check_compiled(case: Case) -> None:
+    key = (case.kind, case.s_dtype, case.sparse is None)
+    if key not in COMPILED:
+        crit = criterion(case)
+        COMPILED[key] = torch.compile(lambda s, t, y, n: crit(s, t, y, n), fullgraph=True)
+    out, g = torch_loss_and_grad(case, COMPILED[key])
+    out_e, g_e = torch_loss_and_grad(case)
+    fz.check_bitwise(_np(out), _np(out_e), "torch.compile vs eager: loss")
+    fz.check_bitwise(_np(g), _np(g_e), "torch.compile vs eager: gradient")
+    ref = fz.references(case)
+    fz.check_against_reference(case, _np(out) if case.reduction == "none" else float(out), _np(g), ref,
+                               "torch.compile", grad_storage=case.s_dtype)
+
+
+@fuzz(bounded=6, long_share=0.1)
+@given(compile_cases())
+def test_torch_compile(case):
+    run_case("torch.compile", check_compiled, case)
+
+
+# ------------------------------------------------------------------ vocabulary shards
+
+
+def combine_in_process(shards):
+    """Every shard's rounds side by side, combined with NumPy (what an all-reduce does)."""
+    gens = [sh.exchanges() for sh in shards]
+    for items in zip(*gens):
+        ops = {op for _, op in items}
+        if len(ops) != 1:
+            raise Mismatch(f"vocab shards: rounds of different operations {ops}")
+        bufs = [b for b, _ in items]
+        combined = np.max(bufs, axis=0) if ops == {"max"} else np.sum(bufs, axis=0)
+        for b in bufs:
+            b[...] = combined
+    return [sh.result() for sh in shards]
+
+
+@st.composite
+def shard_cases(draw):
+    storages = fz.STORAGES if EXAMPLES else ("float32", "float64")
+    case = draw(fz.cases(storages=storages, mixed=False, sparse=False, grad_modes=("new", "buffer"),
+                         widths=(2, 3, 5, 9, 17, 40), wide=0))
+    if not EXAMPLES:
+        case = fz.make_cheap(case)
+    n = case.s.shape[-1]
+    k = draw(st.integers(1, min(4, n)))
+    cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1)))) if n > 1 else []
+    return case, [0, *cuts, n]
+
+
+def check_shards(case: Case, cuts) -> None:
+    ref = fz.references(case)
+    s, t = case.student(), case.teacher()
+    d = case.distiller()
+    kw = {"num_items": case.num_items} if case.num_items is not None else {}
+    bufs = []
+    shards = []
+    for a, b in zip(cuts, cuts[1:]):
+        g = np.full(s.shape[:-1] + (b - a,), 7.0).astype(s.dtype) if case.grad == "buffer" else None
+        bufs.append(g)
+        shards.append(d.vocab_shard(np.ascontiguousarray(s[..., a:b]), np.ascontiguousarray(t[..., a:b]), case.labels,
+                                    class_offset=a, classes=s.shape[-1], reduction=case.reduction, grad_out=g, **kw))
+    results = combine_in_process(shards)
+    grad = np.concatenate([np.asarray(g) for _, g in results], axis=-1)
+    for i, (loss, g) in enumerate(results):
+        if bufs[i] is not None and g is not bufs[i]:
+            raise Mismatch("vocab shards: grad_out not returned")
+        fz.check_against_reference(case, loss, grad if i == 0 else None, ref, f"vocab shard {i} of {len(cuts) - 1}")
+        if i:  # every shard's loss: the same number
+            fz.check_bitwise(loss, results[0][0], "vocab shards: the shards' losses")
+
+
+@fuzz(bounded=12, long_share=0.3)
+@given(shard_cases())
+def test_vocab_shards(arg):
+    case, cuts = arg
+    note(f"cuts = {cuts}")
+    run_case("vocab-shards", check_shards, case, cuts)
+
+
+# ------------------------------------------------------------------ the fused linear head
+
+
+@st.composite
+def fused_cases(draw):
+    dtype = draw(st.sampled_from(["float32", "float64"] if not EXAMPLES else ["float32", "float64", "bfloat16"]))
+    rows = draw(st.integers(1, 9))
+    hidden = draw(st.sampled_from([1, 3, 8]))
+    n = draw(st.sampled_from([1, 2, 7, 19]))
+    cfg = draw(fz.loss_config(sparse=False))
+    if cfg["kind"] in ("mse", "cosine", "combined"):
+        cfg["kind"] = "kl_divergence"
+    cfg["eps"] = 0.0  # (the fused head has no label smoothing)
+    seedv = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seedv)
+    scale = draw(st.sampled_from([0.3, 1.0, 10.0]))
+    x = rng.normal(size=(rows, hidden))
+    w = rng.normal(scale=scale, size=(n, hidden))
+    bias = rng.normal(size=n) if draw(st.booleans()) else None
+    if bias is not None and n > 1 and draw(st.booleans()):
+        bias[draw(st.integers(0, n - 1))] = draw(st.sampled_from([-np.inf, -1e9, 50.0]))
+    teacher = draw(fz.values((rows, n), scale))
+    labels = None
+    if cfg["hard_w"]:
+        lab = np.asarray(draw(st.lists(st.integers(0, n - 1), min_size=rows, max_size=rows)), np.int64)
+        ign = np.asarray(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)))
+        labels = np.where(ign, fz.IGNORE, lab)
+    else:
+        cfg["eps"] = 0.0
+    if cfg["kind"] == "ce_only" and labels is None:
+        cfg["kind"] = "kl_divergence"
+    chunk = draw(st.sampled_from([1, 2, 3, 1024]))
+    return dict(cfg=cfg, dtype=dtype, x=x, w=w, bias=bias, teacher=teacher, labels=labels, chunk=chunk)
+
+
+def check_fused(arg) -> None:
+    from fastdistill.torch import DistillationLoss, FusedLinearDistillationLoss
+
+    cfg = arg["cfg"]
+    dt = TORCH_DTYPE[arg["dtype"]]
+    case = Case(reduction="mean", num_items=None, s=np.zeros((1, 1)), s_dtype=arg["dtype"], t=None,
+                t_dtype=arg["dtype"], sparse=None, labels=None, ignore_index=fz.IGNORE, grad="new", **cfg)
+    soft = case.soft_loss()
+    kw = dict(hard_label_weight=case.hard_w, soft_label_weight=case.effective_soft_w(), ignore_index=fz.IGNORE)
+
+    def leaf(a):
+        return None if a is None else torch.tensor(a).to(dt).requires_grad_(True)
+
+    x, w, b = leaf(arg["x"]), leaf(arg["w"]), leaf(arg["bias"])
+    t = torch.tensor(arg["teacher"]).to(dt)
+    y = None if arg["labels"] is None else torch.tensor(arg["labels"])
+    fused = FusedLinearDistillationLoss(soft_loss=soft, chunk_size=arg["chunk"], **kw)
+    loss = fused(x, w, t, labels=y, student_bias=b)
+    loss.backward()
+    got = [loss.detach().double()] + [a.grad.double() for a in (x, w, b) if a is not None]
+    for a in (x, w, b):
+        if a is not None:
+            a.grad = None
+    logits = x @ w.t() + (b if b is not None else 0)
+    ref = DistillationLoss(soft_loss=soft, **kw)(logits, t, y)
+    ref.backward()
+    want = [ref.detach().double()] + [a.grad.double() for a in (x, w, b) if a is not None]
+    rtol = fz.RTOL["float64" if arg["dtype"] == "float64" else "float32"]
+    if arg["dtype"] == "bfloat16":
+        rtol = 2.0**-7  # products of bfloat16 operands
+    # the logits' gradient G = dL/dlogits: grad x = G @ W, grad W = G^T @ x; their error bounded by |G| |W|, ...
+    G = torch.autograd.functional.jacobian if False else None  # noqa: F841
+    names = ["loss", "grad x", "grad W", "grad bias"]
+    for name, a, r in zip(names, got, want):
+        an, rn = a.numpy(), r.numpy()
+        if (np.isnan(an) != np.isnan(rn)).any():
+            raise Mismatch(f"fused head {name}: NaN pattern differs: {an} vs {rn}")
+        m = np.isfinite(rn)
+        scale = np.abs(rn[m]).max() if m.any() else 0.0
+        if not np.all((an[m] == rn[m]) | (np.abs(an[m] - rn[m]) <= rtol * max(scale, 1e-300) * 4)):
+            raise Mismatch(f"fused head {name}: {an} vs {rn} (rtol {rtol} of {scale})")
+        if not np.array_equal(np.isinf(an), np.isinf(rn)):
+            raise Mismatch(f"fused head {name}: infinities differ")
+
+
+@fuzz(bounded=8, long_share=0.2)
+@given(fused_cases())
+def test_fused_linear_head(arg):
+    run_case("fused-head", check_fused, arg)
+
+
+# ------------------------------------------------------------------ the CUDA simulator
+
+
+def check_sim(case: Case) -> None:
+    ref = fz.references(case)
+    s = case.student()
+    kw: dict = dict(reduction=case.reduction, backend="cuda")
+    if case.num_items is not None:
+        kw["num_items"] = case.num_items
+    if case.grad == "float32":
+        kw["grad_out"] = np.full(s.shape, 7.0, np.float32)
+    loss, grad = case.distiller().loss_and_grad(s, case.teacher(), case.labels, **kw)
+    fz.check_against_reference(case, loss, grad, ref, "CUDA simulator")
+
+
+@pytest.mark.skipif(not IN_SIM, reason="runs inside the simulator subprocess (test_cuda_simulator)")
+@fuzz(bounded=6, long_share=0.05)
+@given(fz.cases(max_rows=3, widths=(1, 2, 5, 9), grad_modes=("new", "float32")))
+def test_sim_cases(case):
+    run_case("cuda-sim", check_sim, case)
+
+
+@pytest.mark.skipif(IN_SIM, reason="the launcher")
+def test_cuda_simulator():
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None and importlib.util.find_spec("numba.cuda") is None:
+        pytest.skip("numba-cuda is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "NUMBA_FASTDISTILL_ALLOW_SIM")}
+    env.update(NUMBA_ENABLE_CUDASIM="1", NUMBA_FASTDISTILL_ALLOW_SIM="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE.parent), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_sim_cases",
+                        str(HERE)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = r.stdout + r.stderr
+    print(out[-3000:])
+    for line in r.stdout.splitlines():  # the subprocess's counts join this process's summary
+        parts = line.split()
+        if len(parts) >= 5 and parts[0] == "cuda-sim" and parts[2] == "cases":
+            c = STATS.setdefault("cuda-sim", [0, 0, 0])
+            c[0] += int(parts[1])
+            c[1] += int(parts[3])
+    assert r.returncode == 0, out[-6000:]
+
+
+# ------------------------------------------------------------------ regression tests (shrunk examples)
