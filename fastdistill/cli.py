@@ -1,4 +1,4 @@
-"""The ``fastdistill`` command line: ``bench``, ``demo``, ``capi``, ``warmup``."""
+"""The ``fastdistill`` command line: ``bench``, ``demo``, ``capi``, ``warmup``, ``teacher``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ COMMANDS = {
              "('demo lm': a GPT student through the fused linear head)"),
     "capi": ("fastdistill.capi", "print the C header path and the C entry points' addresses"),
     "warmup": ("fastdistill._warmup", "compile kernel variants ahead of a job (into the on-disk cache)"),
+    "teacher": ("fastdistill.teachers._cli", "capture a teacher store from a vLLM or SGLang server "
+                "('teacher capture'), or describe one ('teacher info')"),
 }
 
 
