@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 # everything the test suite needs, the optional packages included: `make test` runs every test
 $(TEST_STAMP): $(STAMP) Makefile
 	$(PY) -m pip install -q "$(TORCH)"
+# the teachers extra (pyarrow, httpx, tqdm, msgspec) and HF datasets, whose reading of a teacher store is
+# tested (about 20 s from an empty pip cache); the pinned torch kept
+	$(PY) -m pip install -q -e ".[teachers]" "datasets>=2.14" "$(TORCH)"
 	touch $(TEST_STAMP)
 
 venv: $(TEST_STAMP)

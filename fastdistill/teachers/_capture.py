@@ -104,11 +104,10 @@ def _read_input(path: Any) -> Iterator[tuple[int, list[int]]]:
 
 
 def _count_lines(path: Any) -> int:
+    """The number of sequences of the input, every line checked (before any request is sent)."""
     n = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                n += 1
+    for _ in _read_input(path):
+        n += 1
     return n
 
 
@@ -373,10 +372,9 @@ def _check_resume(man: dict, out: Any, input: Any, engine: str, k: int, temperat
         raise CaptureError(f"the store {out} has k={meta.get('k')!r}, this run asks for {k}")
     shards = man["shards"]
     done = sum(s["sequences"] for s in shards)
-    if not done:
-        return 0
-    lengths = None
     src = _read_input(input)
+    stored_lengths = None
+    pos = 0
     for s in shards:
         h = hashlib.sha256()
         lens = []
@@ -387,26 +385,19 @@ def _check_resume(man: dict, out: Any, input: Any, engine: str, k: int, temperat
             _digest_update(h, item[1])
             lens.append(len(item[1]))
         if "input_sha256" in s:
-            if h.hexdigest() != s["input_sha256"]:
-                raise CaptureError(
-                    f"the input {input} is not the one the store {out} was captured from (the token ids of "
-                    f"the sequences in {s['file']} differ): use another --out"
-                )
-        else:
-            if lengths is None:
+            same = h.hexdigest() == s["input_sha256"]
+        else:  # a shard written by save(): its lengths at least
+            if stored_lengths is None:
                 from ._store import load
 
-                lengths = iter(load(out).lengths.tolist())
-            stored = [next(lengths) for _ in range(s["sequences"])]
-            if stored != lens:
-                raise CaptureError(
-                    f"the input {input} is not the one the store {out} holds (sequence lengths differ in "
-                    f"{s['file']}): use another --out"
-                )
-            continue
-        if lengths is not None:
-            for _ in range(s["sequences"]):
-                next(lengths)
+                stored_lengths = load(out).lengths
+            same = stored_lengths[pos:pos + len(lens)].tolist() == lens
+        if not same:
+            raise CaptureError(
+                f"the input {input} is not the one the store {out} was captured from (the token ids of the "
+                f"sequences in {s['file']} differ): use another --out"
+            )
+        pos += s["sequences"]
     return done
 
 
