@@ -273,6 +273,7 @@ BAD_VLLM = {
     "positive": ([None, {1: Logprob(-1.0)}, {2: Logprob(0.25)}], 2, r"0.25 \(above 0"),
     "a repeated id": ([None, {"7": {"logprob": -1.0}, "07": {"logprob": -2.0}}], 1, "token id 7 is listed twice"),
     "a non-integer id": ([None, {"x7": {"logprob": -1.0}}], 1, "'x7' at position 1 is not an integer"),
+    "a fractional id": ([None, {3: Logprob(-1.0), 2.5: Logprob(-2.0)}], 1, "2.5 at position 1 is not an integer"),
     "first entry": ([{1: Logprob(-1.0)}, {1: Logprob(-1.0)}], 0, "position 0"),
 }
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,10 @@ from ..sparse import SparseTeacher
 from ._errors import TeacherFormatError
 
 INT32_MAX = 2**31 - 1
+_LOGPROB_ATTR = attrgetter("logprob")  # vLLM's Logprob
+_LOGPROB_ITEM = itemgetter("logprob")  # the server JSON's {"logprob": ...}
+_VALUES = methodcaller("values")
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)  # SGLang's [logprob, token_id, text]
 
 
 def _check_k(k: Any) -> int | None:
@@ -319,21 +325,14 @@ def from_vllm(prompt_logprobs: Any, *, k: int | None = None, prompt_token_ids: A
             0,
         )
     toks = _token_list(prompt_token_ids, T, what)
-    counts = np.empty(T - 1, np.int64)
-    keys: list = []
-    vs: list = []
-    int_keys = True
-    for j in range(1, T):
-        d = pl[j]
+    body = pl[1:]
+    for j, d in enumerate(body, 1):
         if not d:
             raise TeacherFormatError(f"{what}: position {j} has no entries (None or empty): a missing position", j)
         if not isinstance(d, Mapping):
             raise TeacherFormatError(
                 f"{what}: position {j} is a {type(d).__name__}, not a dict {{token_id: Logprob}}", j
             )
-        counts[j - 1] = len(d)
-        keys.extend(d)
-        vs.extend(d.values())
         if toks is not None:
             t = toks[j]
             if t not in d and str(t) not in d:
@@ -342,18 +341,25 @@ def from_vllm(prompt_logprobs: Any, *, k: int | None = None, prompt_token_ids: A
                     "position): the log-probabilities are not those of these tokens",
                     j,
                 )
+    counts = np.fromiter(map(len, body), np.int64, T - 1)
+    n = int(counts.sum())
     rows = np.repeat(np.arange(T - 1, dtype=np.int64), counts)
-    if keys and type(keys[0]) is int:
-        try:
-            ids = np.asarray(keys, np.int64)
-        except (TypeError, ValueError, OverflowError):
-            ids = keys
-            int_keys = False
-    else:
+    keys = list(chain.from_iterable(body))
+    ids: Any = np.asarray(keys) if n else np.zeros(0, np.int64)
+    # integer keys of dicts cannot repeat; string ids ("7", "07") can, and are checked
+    unique = ids.dtype.kind in "iu" and ids.dtype != np.uint64
+    if not unique:
         ids = keys
-        int_keys = False
-    vals = _logprob_values(vs, rows, what, 1)
-    return _assemble(T, rows, ids, vals, k, what=what, pos_offset=1, unique=int_keys)
+    vals: Any = None
+    for get in (_LOGPROB_ATTR, _LOGPROB_ITEM):
+        try:
+            vals = np.fromiter(map(get, chain.from_iterable(map(_VALUES, body))), np.float64, n)
+            break
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+            pass
+    if vals is None:
+        vals = _logprob_values(list(chain.from_iterable(map(_VALUES, body))), rows, what, 1)
+    return _assemble(T, rows, ids, vals, k, what=what, pos_offset=1, unique=unique)
 
 
 def _from_vllm_flat(fl: Any, k: int | None, prompt_token_ids: Any, what: str) -> SparseTeacher:
@@ -495,17 +501,19 @@ def from_sglang(meta_info: Any, *, k: int | None = None, prompt_token_ids: Any =
                                      "[logprob, token_id, text]", j)
         counts[j - 1] = len(e)
     rows = np.repeat(np.arange(T - 1, dtype=np.int64), counts)
-    flat = [t for j in range(1, T) for t in itl[j]]
+    n = int(counts.sum())
+    body = itl[1:]
     try:
-        vs = [t[0] for t in flat]
-        ids = [t[1] for t in flat]
-    except (TypeError, IndexError, KeyError):
+        ids = np.asarray(list(map(_SECOND, chain.from_iterable(body))))
+        vs = np.fromiter(map(_FIRST, chain.from_iterable(body)), np.float64, n)
+    except (TypeError, IndexError, KeyError, ValueError):
+        flat = list(chain.from_iterable(body))
         for e, t in enumerate(flat):
             if isinstance(t, (str, bytes, Mapping)) or not isinstance(t, Sequence) or len(t) < 2:
                 pos = int(rows[e]) + 1
                 raise TeacherFormatError(f"{what}: entry {t!r} at position {pos} is not [logprob, token_id, "
                                          "text]", pos)
-        raise
+        ids, vs = [t[1] for t in flat], [t[0] for t in flat]
     return _assemble(T, rows, ids, vs, k, what=what, pos_offset=1)
 
 
