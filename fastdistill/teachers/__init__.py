@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ._capture import CaptureResult, capture
 from ._errors import CaptureError, TeacherFormatError, TeacherStoreError
 from ._readers import from_axolotl, from_sglang, from_vllm
 
@@ -30,6 +31,7 @@ __all__ = [
     "save",
     "load",
     "capture",
+    "CaptureResult",
     "TeacherStore",
     "TeacherFormatError",
     "TeacherStoreError",
@@ -59,14 +61,6 @@ def load(path: Any, *, tail: str = "renormalize", verify: bool = False) -> "Teac
     from ._store import load as _load
 
     return _load(path, tail=tail, verify=verify)
-
-
-def capture(*args: Any, **kwargs: Any) -> Any:
-    """Score token sequences with a running vLLM or SGLang server into a teacher store (the
-    ``fastdistill teacher capture`` command; see :func:`fastdistill.teachers._capture.capture`)."""
-    from ._capture import capture as _capture
-
-    return _capture(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -307,10 +307,31 @@ def capture(
     shard_mb: float = 64.0,
     meta: dict | None = None,
     progress: bool = True,
+    handle_sigterm: bool = False,
 ) -> CaptureResult:
-    """Score the token sequences of ``input`` (JSON lines) with the ``engine`` server at ``server`` and
-    append them to the teacher store ``out`` (resuming after what it already holds). See the module's
-    docstring; every failure raises :class:`CaptureError` (or ``TeacherStoreError`` for the store)."""
+    """Score the token sequences of ``input`` with the ``engine`` server at ``server`` into the teacher
+    store ``out``; returns a :class:`CaptureResult`. The command ``fastdistill teacher capture`` calls it.
+
+    ``input``: JSON lines, one sequence per non-blank line (a list of token ids, or an object with
+    ``input_ids``); every line is checked before the first request. ``engine``: ``"vllm"`` (an
+    OpenAI-compatible vLLM server: ``POST /v1/completions``; ``model`` defaults to the first of
+    ``GET /v1/models``) or ``"sglang"`` (``POST /generate``). ``k``: log-probabilities per position (the
+    store's rows have exactly ``k`` slots). ``out``: the store (a directory); if it holds sequences
+    already, the run resumes after them, once the input's first sequences are checked to be the stored
+    ones and ``k``, ``engine``, ``temperature`` (and ``model`` when given) to be the store's.
+
+    ``concurrency`` requests in flight; a failed one (connection error, no answer for ``timeout``
+    seconds, HTTP 408/425/429/5xx) is retried ``retries`` times, after ``backoff`` seconds doubled on
+    each retry (at most 30, with jitter); any other answer that is not the engine's format is an error
+    at once. Results are appended in input order, a shard every ``shard_sequences`` sequences or
+    ``shard_mb`` MiB (the unit of resuming). ``temperature`` is sent with each request and recorded as
+    the store's ``temperature``; ``meta`` adds to the store's meta (``tokenizer``, ``vocab_size``, ...).
+    ``progress``: a tqdm bar on stderr. ``handle_sigterm``: SIGTERM stops the run as Ctrl-C does (whole
+    shards kept); the command line sets it (asyncio leaves the default handler behind afterwards).
+
+    Every failure raises :class:`CaptureError` (``TeacherStoreError`` when ``out`` is not a store);
+    an interrupted run raises :class:`CaptureInterrupted` after writing what came back in order.
+    """
     if engine not in ENGINES:
         raise CaptureError(f"--engine must be one of {ENGINES}, got {engine!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -340,7 +361,8 @@ def capture(
         raise CaptureError(f"the store {out} holds {done} sequences but the input has only {total}")
     run = _Run(eng, server.rstrip("/"), input, out, k, done, total, concurrency=concurrency, retries=retries,
                timeout=timeout, backoff=backoff, shard_sequences=shard_sequences,
-               shard_bytes=int(shard_mb * 2**20), meta=dict(meta or {}), progress=progress, httpx=httpx)
+               shard_bytes=int(shard_mb * 2**20), meta=dict(meta or {}), progress=progress, httpx=httpx,
+               handle_sigterm=handle_sigterm)
     t0 = time.perf_counter()
     try:
         asyncio.run(run.main())
@@ -404,7 +426,7 @@ def _check_resume(man: dict, out: Any, input: Any, engine: str, k: int, temperat
 class _Run:
     def __init__(self, eng: _Engine, server: str, input: Any, out: Any, k: int, done: int, total: int, *,  # noqa: A002
                  concurrency: int, retries: int, timeout: float, backoff: float, shard_sequences: int,
-                 shard_bytes: int, meta: dict, progress: bool, httpx: Any) -> None:
+                 shard_bytes: int, meta: dict, progress: bool, httpx: Any, handle_sigterm: bool = False) -> None:
         self.eng, self.server, self.input, self.out, self.k = eng, server, input, out, k
         self.written = done
         self.total = total
@@ -419,6 +441,7 @@ class _Run:
         self.buffer_bytes = 0
         self.bar: Any = None
         self.terminated = False
+        self.handle_sigterm = handle_sigterm
 
     # -- HTTP
     async def _request(self, client: Any, method: str, path: str, body: bytes | None, what: str) -> bytes:
@@ -508,12 +531,11 @@ class _Run:
                             dynamic_ncols=True, file=sys.stderr)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         tmo = httpx.Timeout(self.timeout, connect=min(self.timeout, 30.0))
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        try:
-            loop.add_signal_handler(signal.SIGTERM, self._terminate, me)
-        except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - not the main thread
-            pass
+        if self.handle_sigterm:
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate, asyncio.current_task())
+            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover - not the main thread
+                pass
         async with httpx.AsyncClient(base_url=self.server, timeout=tmo, limits=limits, trust_env=False) as client:
             async def get(path: str) -> bytes:
                 return await self._request(client, "GET", path, None, f"GET {path}")
@@ -588,7 +610,7 @@ def main_capture(args: Any) -> int:
     res = capture(args.server, args.engine, args.input, args.k, args.out, model=args.model,
                   concurrency=args.concurrency, retries=args.retries, timeout=args.timeout, backoff=args.backoff,
                   temperature=args.temperature, shard_sequences=args.shard_sequences, shard_mb=args.shard_mb,
-                  meta=meta, progress=not args.quiet)
+                  meta=meta, progress=not args.quiet, handle_sigterm=True)
     note = f" (resumed after {res.resumed_from})" if res.resumed_from else ""
     print(f"{args.out}: {res.sequences} sequences; this run captured {res.captured}{note}, {res.tokens} tokens "
           f"in {res.seconds:.1f} s ({res.requests} requests)", file=sys.stderr if args.quiet else sys.stdout)
