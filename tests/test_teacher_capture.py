@@ -84,8 +84,8 @@ def test_capture_matches_the_teacher(tmp_path, engine):
 def test_capture_retries_http_500_then_succeeds(tmp_path):
     inp, seqs = _input(tmp_path, n=4)
     with StubServer("vllm", faults=["500", "503", "500"]) as stub:
-        res = T.capture(stub.url, "vllm", inp, K, tmp_path / "s", concurrency=1, retries=3, backoff=0.01,
-                        progress=False)
+        res = T.capture(stub.url + "/v1", "vllm", inp, K, tmp_path / "s", concurrency=1, retries=3,  # a base URL
+                        backoff=0.01, progress=False)
     assert res.requests == 1 + 4 + 3  # the model list, the sequences, the retried failures
     _expect_store(tmp_path / "s", seqs)
 
@@ -247,6 +247,10 @@ def test_resume_refuses_another_input_or_other_options(tmp_path):
         short.write_text(json.dumps(seqs[0]) + "\n")
         with pytest.raises(CaptureError, match="holds 4 sequences but the input"):
             T.capture(stub.url, "vllm", short, K, out, **FAST)
+    with StubServer("vllm", model="another-teacher") as stub:  # the server now serves another model
+        with pytest.raises(CaptureError, match="captured with model='stub-teacher', this run has 'another-teacher'"):
+            T.capture(stub.url, "vllm", inp, K, out, **FAST)
+    assert stub.requests == 1  # found before any sequence was sent
     (tmp_path / "file").write_text("x")
     with pytest.raises(T.TeacherStoreError, match="is a file"):
         T.capture("http://127.0.0.1:9", "vllm", inp, K, tmp_path / "file", **FAST)

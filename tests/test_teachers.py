@@ -187,6 +187,12 @@ def test_axolotl_columns():
         from_axolotl([[-1.0]] * 3, [[1]] * 2)
 
 
+def test_a_certain_token():
+    t = from_vllm([None, {4: Logprob(-1e-9), 1: Logprob(0.0), 2: Logprob(-30.0)}], k=2)
+    _check(t, [[1, 4], [-1, -1]], [[0.0, -1e-9], [NEG, NEG]])
+    assert not np.signbit(np.asarray(t.values)[0, 0])
+
+
 def test_truncation_by_rank_ties_to_the_lower_id():
     pl = [None, {9: Logprob(-1.0), 3: Logprob(-1.0), 5: Logprob(-0.5), 1: Logprob(-4.0)}]
     _check(from_vllm(pl, k=2), [[5, 3], [-1, -1]], [[-0.5, -1.0], [NEG, NEG]])

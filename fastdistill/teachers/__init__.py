@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ._capture import CaptureResult, capture
+from ._capture import CaptureInterrupted, CaptureResult, capture
 from ._errors import CaptureError, TeacherFormatError, TeacherStoreError
 from ._readers import from_axolotl, from_sglang, from_vllm
 
@@ -36,6 +36,7 @@ __all__ = [
     "TeacherFormatError",
     "TeacherStoreError",
     "CaptureError",
+    "CaptureInterrupted",
 ]
 
 

@@ -359,10 +359,13 @@ def capture(
     total = _count_lines(input)
     if done > total:
         raise CaptureError(f"the store {out} holds {done} sequences but the input has only {total}")
-    run = _Run(eng, server.rstrip("/"), input, out, k, done, total, concurrency=concurrency, retries=retries,
+    base = server.rstrip("/")
+    if engine == "vllm" and base.endswith("/v1"):  # the OpenAI client's base URL
+        base = base[:-3]
+    run = _Run(eng, base, input, out, k, done, total, concurrency=concurrency, retries=retries,
                timeout=timeout, backoff=backoff, shard_sequences=shard_sequences,
                shard_bytes=int(shard_mb * 2**20), meta=dict(meta or {}), progress=progress, httpx=httpx,
-               handle_sigterm=handle_sigterm)
+               handle_sigterm=handle_sigterm, stored_meta=man["meta"] if man is not None else None)
     t0 = time.perf_counter()
     try:
         asyncio.run(run.main())
@@ -426,7 +429,8 @@ def _check_resume(man: dict, out: Any, input: Any, engine: str, k: int, temperat
 class _Run:
     def __init__(self, eng: _Engine, server: str, input: Any, out: Any, k: int, done: int, total: int, *,  # noqa: A002
                  concurrency: int, retries: int, timeout: float, backoff: float, shard_sequences: int,
-                 shard_bytes: int, meta: dict, progress: bool, httpx: Any, handle_sigterm: bool = False) -> None:
+                 shard_bytes: int, meta: dict, progress: bool, httpx: Any, handle_sigterm: bool = False,
+                 stored_meta: dict | None = None) -> None:
         self.eng, self.server, self.input, self.out, self.k = eng, server, input, out, k
         self.written = done
         self.total = total
@@ -442,6 +446,7 @@ class _Run:
         self.bar: Any = None
         self.terminated = False
         self.handle_sigterm = handle_sigterm
+        self.stored_meta = stored_meta
 
     # -- HTTP
     async def _request(self, client: Any, method: str, path: str, body: bytes | None, what: str) -> bytes:
@@ -496,12 +501,8 @@ class _Run:
         h = hashlib.sha256()
         for toks, _ in self.buffer:
             _digest_update(h, toks)
-        meta = {**self.meta, "k": self.k, "kind": "logprobs", "source": self.eng.name,
-                "temperature": self.eng.temperature}
-        if self.eng.model is not None:
-            meta["model"] = self.eng.model
         try:
-            n = _store.save(self.out, [t for _, t in self.buffer], meta=meta,
+            n = _store.save(self.out, [t for _, t in self.buffer], meta=self._store_meta(),
                             shard_info={"input_sha256": h.hexdigest()})
         except TeacherStoreError as e:
             raise CaptureError(f"cannot write the store {self.out}: {e}")
@@ -511,6 +512,25 @@ class _Run:
         self.written = n
         self.buffer = []
         self.buffer_bytes = 0
+
+    def _store_meta(self) -> dict:
+        meta = {**self.meta, "k": self.k, "kind": "logprobs", "source": self.eng.name,
+                "temperature": self.eng.temperature}
+        if self.eng.model is not None:
+            meta["model"] = self.eng.model
+        return meta
+
+    def _check_stored_meta(self) -> None:
+        """Before the first request of a resumed run: the meta this run would write agrees with the
+        store's (the server may now serve another model)."""
+        if not self.stored_meta:
+            return
+        for key, v in self._store_meta().items():
+            if key in self.stored_meta and self.stored_meta[key] != v:
+                raise CaptureError(
+                    f"the store {self.out} was captured with {key}={self.stored_meta[key]!r}, this run has "
+                    f"{v!r}: use another --out, or the same server, model and options to resume"
+                )
 
     def _terminate(self, task: Any) -> None:
         self.terminated = True
@@ -542,6 +562,7 @@ class _Run:
 
             self.meta.update({k_: v for k_, v in (await self.eng.preflight(get)).items()
                               if k_ not in self.meta})
+            self._check_stored_meta()
             await self._loop(client)
 
     async def _loop(self, client: Any) -> None:

@@ -132,7 +132,7 @@ def _ranked(n_rows: int, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray, k:
     starts = np.zeros(n_rows, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     col = np.arange(rows.size, dtype=np.int64) - starts[rows]
-    neg = (-vals).astype(np.float32)  # >= 0 (values are <= 0 and not -inf here)
+    neg = (0.0 - vals).astype(np.float32)  # >= 0 and never -0.0 (values are <= 0 and not -inf here)
     key = (neg.view(np.int32).astype(np.int64) << 31) | ids
     empty = np.iinfo(np.int64).max
     mat = np.full((n_rows, widest), empty, np.int64)
@@ -144,7 +144,7 @@ def _ranked(n_rows: int, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray, k:
     n = mat.shape[1]
     out_idx[:, :n] = np.where(used, mat & INT32_MAX, -1)
     bits = (mat >> 31).astype(np.int32)
-    out_val[:, :n] = np.where(used, -bits.view(np.float32), -np.inf)
+    out_val[:, :n] = np.where(used, np.float32(0.0) - bits.view(np.float32), -np.inf)
     return SparseTeacher(out_idx, out_val, kind="logprobs")
 
 
