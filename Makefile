@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU build (an unpinned torch pulls gigabytes of CUDA wheels)
 TORCH ?= torch==2.13.0
 
-.PHONY: all venv test demo bench c-example gpu-check clean
+.PHONY: all venv test fuzz demo bench c-example gpu-check clean
 
 all: test
 
@@ -30,6 +30,13 @@ venv: $(TEST_STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
+
+# the differential fuzzer's long profile: FUZZ_EXAMPLES cases per front door, mismatches counted (not
+# stopped at), the counts printed at the end; `make test` runs a bounded profile of the same tests
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(TEST_STAMP)
+	FASTDISTILL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FASTDISTILL_FUZZ_COLLECT=1 $(PY) -m pytest -q -p no:cacheprovider \
+		-W ignore::RuntimeWarning tests/test_fuzz.py
 
 demo: $(STAMP)
 	$(PY) -m fastdistill demo
