@@ -56,8 +56,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("decoder", ["msgspec", "json"])
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_capture_matches_the_teacher(tmp_path, engine):
+def test_capture_matches_the_teacher(tmp_path, monkeypatch, engine, decoder):
+    if decoder == "json":  # without msgspec: the standard library's json and the readers' generic paths
+        from fastdistill.teachers import _capture
+
+        monkeypatch.setattr(_capture, "_msgspec", lambda: None)
+    else:
+        pytest.importorskip("msgspec")
     inp, seqs = _input(tmp_path)
     out = tmp_path / "store"
     with StubServer(engine) as stub:
@@ -171,34 +178,37 @@ def test_capture_progress_bar(tmp_path, capsys):
     assert "3 sequences; this run captured 3" in cap.out
 
 
+def _wait_for(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
 def test_capture_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
-    """A capture process killed (SIGKILL) after some shards, then the same command again: the store holds
+    """A capture process killed (SIGKILL) after two shards, then the same command again: the store holds
     every sequence once, in input order, as an uninterrupted run's."""
     inp, seqs = _input(tmp_path, n=16, seed=4)
     out = tmp_path / "killed"
-    with StubServer("vllm", delay=0.05, max_requests=200, lifetime=60) as stub:
+    # the server answers 8 sequences, then holds the next requests: the client has written 2 shards of 3
+    # and holds 2 more sequences in memory when it is killed
+    with StubServer("vllm", hold_after=8, max_requests=200, lifetime=60) as stub:
         cmd = [sys.executable, "-m", "fastdistill", "teacher", "capture", "--server", stub.url, "--engine", "vllm",
                "--input", str(inp), "--k", str(K), "--out", str(out), "--concurrency", "2",
                "--shard-sequences", "3", "--quiet"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        manifest = out / "fastdistill-teachers.json"
-        deadline = time.monotonic() + 30
         try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if manifest.exists():
-                    try:
-                        if len(json.loads(manifest.read_text())["shards"]) >= 2:
-                            break
-                    except (ValueError, KeyError):
-                        pass
-                time.sleep(0.01)
+            manifest = out / "fastdistill-teachers.json"
+            _wait_for(lambda: proc.poll() is not None or (manifest.exists() and stub.posts > 8
+                                                           and len(T.load(out)) == 6), "two shards")
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
-        done = len(T.load(out))
-        assert 6 <= done < 16, proc.stderr.read().decode()
+        assert len(T.load(out)) == 6, proc.stderr.read().decode()
+        stub.release.set()
         res = T.capture(stub.url, "vllm", inp, K, out, concurrency=3, shard_sequences=3, **FAST)
-        assert (res.resumed_from, res.captured, res.sequences) == (done, 16 - done, 16)
+        assert (res.resumed_from, res.captured, res.sequences) == (6, 10, 16)
         T.capture(stub.url, "vllm", inp, K, tmp_path / "whole", concurrency=3, shard_sequences=3, **FAST)
         again = T.capture(stub.url, "vllm", inp, K, out, **FAST)  # complete: nothing to do
         assert again.captured == 0 and again.sequences == 16
@@ -213,20 +223,23 @@ def test_capture_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
 def test_capture_sigterm_keeps_whole_shards(tmp_path):
     inp, seqs = _input(tmp_path, n=12, seed=5)
     out = tmp_path / "s"
-    with StubServer("sglang", delay=0.05, lifetime=60) as stub:
+    with StubServer("sglang", hold_after=5, lifetime=60) as stub:  # 5 answers, then the 6th is held
         cmd = [sys.executable, "-m", "fastdistill", "teacher", "capture", "--server", stub.url, "--engine",
                "sglang", "--input", str(inp), "--k", str(K), "--out", str(out), "--concurrency", "1",
                "--shard-sequences", "100", "--quiet"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and stub.requests < 4:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=20)
+        try:
+            _wait_for(lambda: proc.poll() is not None or stub.posts > 5, "the held request")
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
         err = proc.stderr.read().decode()
-        assert rc == 143 and "Traceback" not in err and "run the same command again to resume" in err
-        done = len(T.load(out))
-        assert done >= 2  # what had come back was written although no shard was full
+        assert rc == 143 and "Traceback" not in err and "run the same command again to resume" in err, err
+        assert len(T.load(out)) == 5  # what had come back was written although no shard was full
+        stub.release.set()
         T.capture(stub.url, "sglang", inp, K, out, **FAST)
     _expect_store(out, seqs)
 

@@ -157,11 +157,13 @@ class StubServer:
     ``answer``: a function ``(tokens, k) -> bytes`` replacing the built-in teacher (pre-built payloads);
     ``faults``: a list of fault names taken one per POST request; ``delay``: seconds before every POST
     answer; ``max_requests``: the server stops after serving this many; ``lifetime``: it stops after this
-    many seconds whatever happens."""
+    many seconds whatever happens. ``hold_after``: POST requests after that many wait until
+    ``release`` is set (or the server stops): a client is then stopped at a known point."""
 
     def __init__(self, engine: str, *, teacher: TinyTeacher | None = None, model: str = "stub-teacher",
                  answer: Callable[[list[int], int], bytes] | None = None, faults: list[str] | None = None,
-                 delay: float = 0.0, slow_s: float = 2.0, max_requests: int = 500, lifetime: float = 60.0) -> None:
+                 delay: float = 0.0, slow_s: float = 2.0, max_requests: int = 500, lifetime: float = 60.0,
+                 hold_after: int | None = None) -> None:
         if engine not in ("vllm", "sglang"):
             raise ValueError(engine)
         self.engine = engine
@@ -174,6 +176,9 @@ class StubServer:
         self.max_requests = max_requests
         self.lifetime = lifetime
         self.requests = 0
+        self.posts = 0
+        self.hold_after = hold_after
+        self.release = threading.Event()
         self.bodies: list[dict] = []
         self.keep_bodies = answer is None
         self._lock = threading.Lock()
@@ -190,10 +195,13 @@ class StubServer:
     def _next_fault(self) -> str | None:
         with self._lock:
             self.requests += 1
-            n = self.requests
+            self.posts += 1
+            n, posts = self.requests, self.posts
             fault = self.faults.pop(0) if self.faults else None
         if n >= self.max_requests:
             threading.Thread(target=self.stop, daemon=True).start()
+        if self.hold_after is not None and posts > self.hold_after:
+            self.release.wait(self.lifetime)
         return fault
 
     def _payload(self, req: dict) -> bytes:
@@ -303,6 +311,7 @@ class StubServer:
             if self._stopped or self._httpd is None:
                 return
             self._stopped = True
+        self.release.set()
         if self._timer is not None:
             self._timer.cancel()
         self._httpd.shutdown()
