@@ -90,7 +90,8 @@ def _check(t, idx, val):
 
 def test_import_is_light():
     code = ("import sys, fastdistill.teachers as T; "
-            "print(sorted(m for m in ('pyarrow', 'httpx', 'tqdm', 'msgspec', 'datasets') if m in sys.modules))")
+            "print(sorted(m for m in ('pyarrow', 'httpx', 'tqdm', 'msgspec', 'datasets', 'numba', 'torch', 'asyncio') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ._capture import CaptureInterrupted, CaptureResult, capture
 from ._errors import CaptureError, TeacherFormatError, TeacherStoreError
 from ._readers import from_axolotl, from_sglang, from_vllm
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..sparse import SparseTeacher
+    from ._capture import CaptureInterrupted, CaptureResult, capture
     from ._store import TeacherStore
 
 __all__ = [
@@ -65,8 +65,13 @@ def load(path: Any, *, tail: str = "renormalize", verify: bool = False) -> "Teac
 
 
 def __getattr__(name: str) -> Any:
+    # imported on first use: the store needs pyarrow, the capture asyncio (and httpx when it runs)
     if name == "TeacherStore":
         from ._store import TeacherStore
 
         return TeacherStore
+    if name in ("capture", "CaptureResult", "CaptureInterrupted"):
+        from . import _capture
+
+        return getattr(_capture, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
