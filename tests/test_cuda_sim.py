@@ -443,7 +443,7 @@ def test_float64_arithmetic_for_float32_at_high_temperature(tau):
     v32, g32 = loss.compute_with_grad(s.astype(np.float32), t.astype(np.float32), backend="cuda")
     assert v32 == pytest.approx(v64, rel=1e-5) and rel_err(g32, g64) < 1e-5
     assert np.all(loss.compute(s.astype(np.float32), t.astype(np.float32), reduction="none", backend="cuda") >= 0)
-    assert np.all(fd.DistilLoss.kl_divergence(1e8).compute(s, t, reduction="none", backend="cuda") >= 0)
+    assert np.all(fd.DistilLoss.kl_divergence(1e4).compute(s, t, reduction="none", backend="cuda") >= 0)
 
 
 @sim
