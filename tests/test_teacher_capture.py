@@ -197,15 +197,16 @@ def test_capture_killed_then_resumed_equals_an_uninterrupted_run(tmp_path):
         cmd = [sys.executable, "-m", "fastdistill", "teacher", "capture", "--server", stub.url, "--engine", "vllm",
                "--input", str(inp), "--k", str(K), "--out", str(out), "--concurrency", "2",
                "--shard-sequences", "3", "--quiet"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            manifest = out / "fastdistill-teachers.json"
-            _wait_for(lambda: proc.poll() is not None or (manifest.exists() and stub.posts > 8
-                                                           and len(T.load(out)) == 6), "two shards")
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-        assert len(T.load(out)) == 6, proc.stderr.read().decode()
+        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+            try:
+                manifest = out / "fastdistill-teachers.json"
+                _wait_for(lambda: proc.poll() is not None or (manifest.exists() and stub.posts > 8
+                                                               and len(T.load(out)) == 6), "two shards")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+            err = proc.stderr.read().decode()
+        assert len(T.load(out)) == 6, err
         stub.release.set()
         res = T.capture(stub.url, "vllm", inp, K, out, concurrency=3, shard_sequences=3, **FAST)
         assert (res.resumed_from, res.captured, res.sequences) == (6, 10, 16)
@@ -227,16 +228,16 @@ def test_capture_sigterm_keeps_whole_shards(tmp_path):
         cmd = [sys.executable, "-m", "fastdistill", "teacher", "capture", "--server", stub.url, "--engine",
                "sglang", "--input", str(inp), "--k", str(K), "--out", str(out), "--concurrency", "1",
                "--shard-sequences", "100", "--quiet"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _wait_for(lambda: proc.poll() is not None or stub.posts > 5, "the held request")
-            time.sleep(0.1)
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        err = proc.stderr.read().decode()
+        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+            try:
+                _wait_for(lambda: proc.poll() is not None or stub.posts > 5, "the held request")
+                time.sleep(0.1)
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(timeout=20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            err = proc.stderr.read().decode()
         assert rc == 143 and "Traceback" not in err and "run the same command again to resume" in err, err
         assert len(T.load(out)) == 5  # what had come back was written although no shard was full
         stub.release.set()
