@@ -5,7 +5,6 @@ JSON, another engine's server, and a client killed in the middle followed by a r
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
