@@ -598,8 +598,8 @@ class _Run:
                     next_out += 1
                     if self.bar is not None:
                         self.bar.update(1)
-                if len(self.buffer) >= self.shard_sequences or self.buffer_bytes >= self.shard_bytes:
-                    self._flush()
+                    if len(self.buffer) >= self.shard_sequences or self.buffer_bytes >= self.shard_bytes:
+                        self._flush()  # a shard of exactly shard_sequences (or shard_mb)
             self._flush()
         except BaseException:
             for task in pending:
