@@ -98,9 +98,9 @@ def test_capture_retries_http_500_then_succeeds(tmp_path):
 
 def test_capture_retries_an_answer_slower_than_the_timeout(tmp_path):
     inp, seqs = _input(tmp_path, n=3)
-    with StubServer("sglang", faults=["slow"], slow_s=1.0) as stub:
-        res = T.capture(stub.url, "sglang", inp, K, tmp_path / "s", concurrency=1, timeout=0.3, **FAST)
-    assert res.requests == 1 + 3 + 1
+    with StubServer("sglang", faults=["slow"], slow_s=3.0) as stub:
+        res = T.capture(stub.url, "sglang", inp, K, tmp_path / "s", concurrency=1, timeout=0.6, **FAST)
+    assert res.requests >= 1 + 3 + 1  # the slow answer was given up and asked again (a loaded machine may add one)
     _expect_store(tmp_path / "s", seqs)
     with StubServer("sglang", faults=["slow"] * 3, slow_s=0.6) as stub:
         with pytest.raises(CaptureError, match=r"after 2 tries; last: no answer within 0.2 s"):
