@@ -102,6 +102,14 @@ def sorted_used_ids(ids, out):  # type: ignore[no-untyped-def]
     return m
 
 
+# the student's mass outside a sparse teacher's support is summed relative to the row's maximum first
+# (on the CPU from the statistics' kept float32 exponentials, no exponential per column); a sum below this
+# floor is summed again relative to the outside columns' own maximum. Kept exponentials are 0 at and below
+# 2**-126, so at the floor the terms they drop weigh at most n * 1.2e-38 / 1e-20 of it (1e-11 at 1e7
+# columns), and the dense write's coefficient (about 1 / the sum) stays far inside float32.
+REST_FLOOR = 1e-20
+
+
 def reads_rest_bin(tail, div):  # type: ignore[no-untyped-def]
     """Whether the divergence reads the student's mass outside a sparse teacher's support, summed
     directly over those columns (``1 - sum_S q`` cancels for a confident student): the ``"bucket"``

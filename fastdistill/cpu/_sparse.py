@@ -28,7 +28,7 @@ from numba import get_thread_id, njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .._scalar import logaddexp, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
+from .._scalar import REST_FLOOR, logaddexp, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
 from .._spec import (
     CE_NONE,
     CE_SHARED,
@@ -416,7 +416,8 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         h_out = 0.0
         if _reads_rest_bin(tail, div) and not nan and ms != -np.inf and not undefined:
             srt = borrowed(srt_rows, tid, 0, k)
-            m_rest, rest_sum = _rest_sums(s_row, srt, _sorted_used_ids(ids, srt), invt)
+            m_rest, rest_sum = _rest_sums(s_row, srt, _sorted_used_ids(ids, srt), ms, invt, not f64_math, e_row,
+                                          refs)
             lq_out = -np.inf
             if rest_sum > 0.0:
                 ref = m_rest
@@ -502,11 +503,53 @@ def _support_lse(s_row, ids, ms, invt):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _rest_sums(s_row, srt, m, invt):  # type: ignore[no-untyped-def]
-    """(m_rest, R): the maximum of the row's columns outside the support (``srt[:m]``, its ids in
-    increasing order) and ``R = sum exp((s_j - m_rest) / tau)`` over them, summed directly segment by
-    segment (0 when there is no such column or all are ``-inf``)."""
+def _kept_rest_sum(e_row, refs, srt, m, ms, invt):  # type: ignore[no-untyped-def]
+    """``sum exp((s_j - ms) / tau)`` over the columns outside the support (``srt[:m]``) from the
+    statistics' kept exponentials (``e_row[j] = exp((s_j - refs[span]) / tau)``): the support's entries
+    set to 0 first (the dense write reads them, but the support's columns are stored over it), then
+    each span summed whole (vectorized) and rescaled."""
+    for i in range(m):
+        e_row[srt[i]] = np.float32(0.0)
+    n = e_row.shape[0]
+    total = 0.0
+    for j0 in range(0, n, SPAN):
+        total += _plain_sum(e_row, j0, min(n, j0 + SPAN)) * math.exp((refs[j0 // SPAN] - ms) * invt)
+    return total
+
+
+@njit(**JIT_INNER)
+def _plain_sum(x, j0, j1):  # type: ignore[no-untyped-def]
+    """``sum(x[j0:j1])`` in float64 (vectorized)."""
+    wide_vectors()
+    inline_into_callers()
+    acc = 0.0
+    for j in range(j0, j1):
+        acc += np.float64(x[j])
+    return acc
+
+
+@njit(**JIT_INNER)
+def _rest_sums(s_row, srt, m, ms, invt, kept, e_row, refs):  # type: ignore[no-untyped-def]
+    """(ref, R): ``R = sum exp((s_j - ref) / tau)`` over the row's columns outside the support (``srt[:m]``,
+    its ids in increasing order), summed directly segment by segment; ``ref`` the row's maximum ``ms``,
+    or where that sum falls below ``REST_FLOOR`` the outside columns' own maximum (R = 0 when there is
+    no such column or all are ``-inf``). ``kept``: the statistics' exponentials ``e_row`` (spans'
+    references ``refs``; float32 arithmetic) are there to sum (their support entries are zeroed)."""
     n = s_row.shape[0]
+    ct = arithmetic_zero(s_row)
+    it = as_type_of(ct, invt)
+    total = 0.0
+    if kept:
+        total = _kept_rest_sum(e_row, refs, srt, m, ms, invt)
+    else:
+        lo = 0
+        for i in range(m + 1):
+            hi = srt[i] if i < m else n
+            if hi > lo:
+                total += _expsum(s_row[lo:hi], as_type_of(ct, ms), it, 0)
+            lo = hi + 1
+    if total >= REST_FLOOR:
+        return ms, total
     m_rest = -np.inf
     lo = 0
     for i in range(m + 1):
@@ -517,9 +560,7 @@ def _rest_sums(s_row, srt, m, invt):  # type: ignore[no-untyped-def]
         lo = hi + 1
     if m_rest == -np.inf:
         return m_rest, 0.0
-    ct = arithmetic_zero(s_row)
     mr = as_type_of(ct, m_rest)
-    it = as_type_of(ct, invt)
     total = 0.0
     lo = 0
     for i in range(m + 1):

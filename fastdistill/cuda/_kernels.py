@@ -42,7 +42,15 @@ except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
 from .. import _cache
-from .._scalar import logaddexp, mix_ratio, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
+from .._scalar import (
+    REST_FLOOR,
+    logaddexp,
+    mix_ratio,
+    reads_rest_bin,
+    sorted_used_ids,
+    sparse_bin,
+    teacher_weights,
+)
 from .._spec import (
     CE_NONE,
     CE_OWN,
@@ -576,7 +584,7 @@ def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
         if LIN:
             a64 = 2.0 * P[P_MSE_W] / nf
             b64 = -a64
-            if den > 0.0:
+            if den > 0.0 or den != den:  # (a NaN norm: a NaN gradient)
                 a64 += P[P_COS_W] * cos / DSS
                 b64 -= P[P_COS_W] / den
             a_s = ft(scale * a64)
@@ -679,16 +687,16 @@ def _make_row_loss(DIV, CE, LIN, LAB_GIVEN):  # type: ignore[no-untyped-def]
         elif DIV == DIV_TVD:
             loss += dw * 0.5 * KP
         if CE != CE_NONE and hard:
-            lse1 = MS + math.log(S1)
-            h = (1.0 - eps) * (lse1 - (lab_logit if LAB_GIVEN else float64(load(s[r, lab]))))
+            ls1 = math.log(S1)  # (max - s_label) + log sum: the maximum cancels first
+            h = (1.0 - eps) * ((MS - (lab_logit if LAB_GIVEN else float64(load(s[r, lab])))) + ls1)
             if eps != 0.0:
-                h += eps * (lse1 - SSUM / nf)
+                h += eps * ((MS - SSUM / nf) + ls1)
             loss += P[P_HARD_W] * h
         cos = 0.0
         den = 0.0
         if LIN:
             den = math.sqrt(DSS) * math.sqrt(DTT)
-            cos = DST / den if den > 0.0 else 0.0
+            cos = DST / den if den > 0.0 or den != den else 0.0  # (a NaN norm: a NaN similarity)
             loss += P[P_MSE_W] * D2 / nf + P[P_COS_W] * (1.0 - cos)
         if NAN != 0.0:
             loss = np.nan
@@ -1287,15 +1295,34 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
             # the bin outside the support: its maximum m_rest and R = sum exp((s_j - m_rest) / tau) over
             # the columns outside, summed directly (1 - sum_S q cancels for a confident student); each
             # thread skips the support's columns along the row's sorted ids
+            # the bin outside the support: R = sum exp((s_j - ref) / tau) over the columns outside,
+            # summed directly (1 - sum_S q cancels for a confident student), each thread skipping the
+            # support's columns along the row's sorted ids; ref the row's maximum, or where that sum
+            # falls below REST_FLOOR the outside columns' own maximum m_rest (cpu._sparse._rest_sums)
             m_rest = NEG_INF
             rest_sum = 0.0
             if rest:
                 if lane == 0 and counted:
                     srt[r, kk] = _sorted_used_ids(idx[r], srt[r])
                 cuda.syncthreads()
-                mr = ft(NEG_INF)
                 n_ids = srt[r, kk] if counted else int64(0)
-                if counted:
+                live = counted and M != NEG_INF and M == M
+                acc = 0.0
+                if live:
+                    mf = ft(M)
+                    p = int64(0)
+                    for j in range(lane, n, G):
+                        while p < n_ids and srt[r, p] < j:
+                            p += 1
+                        if p == n_ids or srt[r, p] != j:
+                            acc += math.exp((ft(load(s[r, j])) - mf) * invt)
+                v[0] = acc
+                _group_reduce(v, 1, False, sh, G)
+                m_rest = M
+                rest_sum = v[0] if live else 0.0
+                again = live and rest_sum < REST_FLOOR  # (the passes below: every thread reaches their reductions)
+                mr = ft(NEG_INF)
+                if again:
                     p = int64(0)
                     for j in range(lane, n, G):
                         while p < n_ids and srt[r, p] < j:
@@ -1305,9 +1332,10 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                             mr = x if x > mr else mr
                 v[0] = mr
                 _group_reduce(v, 1, True, sh, G)
-                m_rest = v[0]
+                if again:
+                    m_rest = v[0]
                 acc = 0.0
-                if counted and m_rest != NEG_INF and m_rest == m_rest:
+                if again and m_rest != NEG_INF:
                     mrf = ft(m_rest)
                     p = int64(0)
                     for j in range(lane, n, G):
@@ -1317,7 +1345,8 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                             acc += math.exp((ft(load(s[r, j])) - mrf) * invt)
                 v[0] = acc
                 _group_reduce(v, 1, False, sh, G)
-                rest_sum = v[0] if m_rest != NEG_INF and m_rest == m_rest else 0.0
+                if again:
+                    rest_sum = v[0] if m_rest != NEG_INF else 0.0
             # the k bins, by the row's first thread
             if lane == 0 and active:
                 if not counted:
