@@ -873,26 +873,32 @@ def known_defect(case: Any, door: str = "") -> str | None:
     if not counted.any():
         return None
     s = s[counted]
-    if case.hard_w and (np.abs(np.where(np.isfinite(s), s, 0.0)).max(-1) >= 1e12).any():
-        return "cross_entropy_of_huge_logits"
+    if case.sparse is not None and case.hard_w and (np.abs(np.where(np.isfinite(s), s, 0.0)).max(-1) >= 1e12).any():
+        return "sparse_cross_entropy_of_huge_logits"
+    tiny_weight = (case.kind == "skew_reverse_kl" and 0.0 < case.param and 1.0 - case.param == 1.0) or \
+        (case.kind == "skew_kl" and case.param < 1.0 and 1.0 - case.param == 1.0)
+    if case.effective_soft_w() and tiny_weight:
+        return "mixture_of_a_weight_below_2**-53"
+    if case.sparse is not None and case.kind == "skew_kl" and case.param == 1.0:
+        return "sparse_skew_kl_of_alpha_one_nan"
     if case.sparse is None and case.effective_soft_w() and case.t is not None:
         t = _round_trip(_round_trip(case.t, case.t_dtype), read_storage(case.s_dtype, case.t_dtype))
         t = t.reshape(-1, n)[counted]
+        if ((s == np.inf) & (t == np.inf)).any():
+            return "plus_inf_at_the_same_class_in_both"
         if ((t == -np.inf) & np.isfinite(s)).any() or ((s == -np.inf) & np.isfinite(t)).any():
             return "kl_of_a_mask_against_an_underflowing_probability_nan"
         if case.kind in ("mse", "combined") and (np.isinf(s) | np.isinf(t)).any():
             return "mse_of_infinite_logits_nan"
         if case.kind == "cosine":
-            if not (np.isfinite(s).all() and np.isfinite(t).all()):
-                return "cosine_of_non_finite_logits_zero_gradient"
             ns = np.linalg.norm(s, axis=-1)
             if ((ns > 1e18) | ((ns > 0) & (ns < 1e-18))).any():
                 return "cosine_gradient_of_extreme_norms"
     if case.sparse is not None and case.sparse.tail == "support" and \
             (np.abs(np.nan_to_num(case.sparse.values_as_given().astype(np.float64), posinf=0.0)) > 1e25).any():
         return "sparse_support_of_huge_values"
-    if door == "vocab-shards" and case.hard_w and np.isnan(s).any():
-        return "vocab_shard_cross_entropy_nan_gradient_finite"
+    if door == "vocab-shards" and case.s_dtype != "float64" and not np.isfinite(s).all():
+        return "vocab_shard_nan_row_finite_gradient"
     if door == "cuda-sim" and case.sparse is not None and (np.abs(s) >= 1e6).any():
         return "cuda_sparse_exponential_overflow"
     return None

@@ -87,6 +87,8 @@ JIT = dict(cache=True, fastmath=FLAGS, error_model="numpy", nogil=True)
 # dozen array arguments costs LLVM time, in every compile)
 JIT_INNER = dict(JIT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 JIT_C = dict(cache=True, fastmath=FLAGS, error_model="numpy")  # the workers (C functions: no GIL to release)
+# scalar code whose order of operations matters (reassociation would undo a cancellation it arranges)
+JIT_STRICT = dict(JIT_INNER, fastmath=False)
 
 
 
@@ -487,10 +489,10 @@ def _non_negative(d):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _lse1(st, ce):  # type: ignore[no-untyped-def]
-    """log-sum-exp of the student row at temperature 1."""
+def _log_sum1(st, ce):  # type: ignore[no-untyped-def]
+    """log-sum-exp of the student row at temperature 1, less the row's maximum."""
     inline_into_callers()
-    return st[S_MS] + math.log(st[S_SB] if ce == CE_SHARED else st[S_S1])
+    return math.log(st[S_SB] if ce == CE_SHARED else st[S_S1])
 
 
 @njit(**JIT_INNER)
@@ -498,13 +500,15 @@ def _cos_parts(st):  # type: ignore[no-untyped-def]
     """(cosine similarity, |s|*|t|); a zero-norm row has similarity 0 and no gradient."""
     inline_into_callers()
     den = math.sqrt(st[S_SS]) * math.sqrt(st[S_TT])
-    return (st[S_ST] / den if den > 0.0 else 0.0), den
+    return (st[S_ST] / den if den > 0.0 or den != den else 0.0), den  # (a NaN norm: a NaN similarity)
 
 
-@njit(**JIT_INNER)
+@njit(**JIT_STRICT)
 def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped-def]
     """The weighted row loss from its statistics (float64). ``hard``: the row has a hard-label term.
-    Shared by every variant (its branches are on scalars, outside any loop)."""
+    Shared by every variant (its branches are on scalars, outside any loop). Compiled without fastmath:
+    the cross-entropy's ``(max - s_label) + log sum`` must not be reassociated into ``(max + log sum) -
+    s_label``."""
     inline_into_callers()
     if st[S_NAN] != 0.0:
         return np.nan
@@ -520,11 +524,13 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
     elif div == DIV_TVD:
         loss += dw * 0.5 * st[S_T]
     if ce != CE_NONE and hard:
-        lse1 = _lse1(st, ce)
+        # (max - s_label) + log sum: the maximum cancels first (max + log sum rounds log sum away for
+        # logits of 1e15 and beyond)
+        ls1 = _log_sum1(st, ce)
         eps = P[P_SMOOTH]
-        h = (1.0 - eps) * (lse1 - s_label)
+        h = (1.0 - eps) * ((st[S_MS] - s_label) + ls1)
         if eps != 0.0:
-            h += eps * (lse1 - st[S_SSUM] / n)
+            h += eps * ((st[S_MS] - st[S_SSUM] / n) + ls1)
         loss += P[P_HARD_W] * h
     if lin:
         loss += P[P_MSE_W] * st[S_D2] / n
@@ -600,7 +606,7 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
             cos, den = _cos_parts(st)
             a64 = 2.0 * P[P_MSE_W] / n
             b64 = -a64
-            if den > 0.0:
+            if den > 0.0 or den != den:  # (a NaN norm: a NaN gradient)
                 a64 += P[P_COS_W] * cos / st[S_SS]
                 b64 -= P[P_COS_W] / den
             a_s = as_type_of(ct, scale * a64)
