@@ -901,4 +901,10 @@ def known_defect(case: Any, door: str = "") -> str | None:
         return "vocab_shard_nan_row_finite_gradient"
     if door == "cuda-sim" and case.sparse is not None and (np.abs(s) >= 1e6).any():
         return "cuda_sparse_exponential_overflow"
+    if door == "cuda-sim" and case.kind in ("mse", "cosine", "combined") and case.s_dtype != "float64" and \
+            case.sparse is None:
+        t = _round_trip(case.t, case.t_dtype).reshape(-1, n)[counted]
+        both = np.concatenate([s, t], axis=-1)
+        if (np.abs(np.where(np.isfinite(both), both, 0.0)) > 1.8e19).any():
+            return "cuda_float32_linear_products_overflow"
     return None
