@@ -144,14 +144,15 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
     sparse.check_terms(teacher, call.terms)
     if gpu is not None:
         return gpu.sparse_response(call, student, idx, vals, labels if host_lab is None else host_lab,
-                                   TAILS.index(teacher.tail), grad_out)
+                                   TAILS.index(teacher.tail), grad_out, teacher.temperature)
     s_host = _storage.host_logits(student, s_store, "student")
     s2 = V.rows_2d(s_host)
     g2 = None
     if want_grad and grad_out is not None:
         g2 = V.grad_out(grad_out, call.shape, g_store, (host_lab, idx), s_host).reshape(s2.shape)
     scale = _scale(call, host_lab, n_counted)
-    rows, grad = _cpu().sparse_response(call, s2, idx, vals, host_lab, packed(call.terms), teacher.tail, scale, g2)
+    rows, grad = _cpu().sparse_response(call, s2, idx, vals, host_lab, packed(call.terms), teacher.tail, scale, g2,
+                                        teacher.temperature)
     if want_grad:
         grad = caller_grad(call, grad, student, grad_out)
     return reduce_rows(rows, call.reduction, scale, call.shape, s_store), grad

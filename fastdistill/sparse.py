@@ -7,6 +7,7 @@ teacher entries, fused, and nothing of size ``rows x classes`` is built for the 
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -28,26 +29,38 @@ class SparseTeacher:
     ``[0, classes)``, ``-1`` for an unused slot) and ``values`` (the same shape, any float dtype: the
     teacher's log-probabilities, ``kind="logprobs"``, or raw logits, ``kind="logits"``).
 
-    At temperature ``tau`` the support weights are ``w_i = exp(v_i / tau)``; the student is always the
-    full row, ``q = softmax(s / tau)``. ``tail`` says what the divergence compares:
+    ``temperature`` is ``T_gen``, the temperature the values were produced at (an inference server's
+    sampling temperature, or :func:`top_k`'s; finite, > 0). At loss temperature ``tau`` the support
+    weights are ``w_i = exp(v_i * T_gen / tau)``: with log-probabilities ``p`` is proportional to
+    ``p_gen ** (T_gen / tau)`` (``T_gen = 1``: ``exp(v_i / tau)``). Logits (``kind="logits"``) take
+    ``temperature=1`` only. The student is always the full row, ``q = softmax(s / tau)``. ``tail`` says
+    what the divergence compares:
 
     - ``"renormalize"`` (DistillKit): ``p = w / sum_S w`` on the support, 0 elsewhere, against the full
       ``q`` (reverse KL and ``jsd(beta=1)`` are infinite there and refused);
     - ``"support"`` (Megatron's top-k KL): ``p`` and ``q`` both renormalised over the support;
     - ``"bucket"``: k + 1 bins, ``p_i = exp(v_i)`` and ``p_rest = max(0, 1 - sum p_i)`` against ``q_i``
-      and ``q_rest = sum_{j not in S} q_j`` (needs ``kind="logprobs"`` and temperature 1).
+      and ``q_rest = sum_{j not in S} q_j`` (needs ``kind="logprobs"`` and the loss's temperature equal
+      to ``T_gen``: the values are then the distribution's own log-probabilities).
 
     Arrays are kept as given (NumPy arrays or tensors); they are checked against the student when a
     loss uses them.
     """
 
-    __slots__ = ("indices", "values", "kind", "tail")
+    __slots__ = ("indices", "values", "kind", "tail", "temperature")
 
-    def __init__(self, indices: Any, values: Any, *, kind: str = "logprobs", tail: str = "renormalize") -> None:
+    def __init__(self, indices: Any, values: Any, *, kind: str = "logprobs", tail: str = "renormalize",
+                 temperature: float = 1.0) -> None:
         if kind not in KINDS:
             raise InvalidParameterError(f"kind must be one of {KINDS}, got {kind!r}")
         if tail not in TAILS:
             raise InvalidParameterError(f"tail must be one of {TAILS}, got {tail!r}")
+        t_gen = V.temperature(temperature, "SparseTeacher temperature")
+        if kind == "logits" and t_gen != 1.0:
+            raise InvalidParameterError(
+                f"SparseTeacher temperature must be 1 with kind='logits' (got {t_gen}): logits are divided by "
+                "the loss's temperature directly; temperature is that of log-probabilities"
+            )
         i_shape, i_dtype = V.shape_dtype(indices)
         v_shape, v_dtype = V.shape_dtype(values)
         if getattr(i_dtype, "kind", "") not in "iu":
@@ -67,6 +80,7 @@ class SparseTeacher:
         self.values = values
         self.kind = kind
         self.tail = tail
+        self.temperature = t_gen
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,18 +92,23 @@ class SparseTeacher:
         return int(self.shape[-1])
 
     def __repr__(self) -> str:
-        return f"SparseTeacher(shape={self.shape}, kind={self.kind!r}, tail={self.tail!r})"
+        return (f"SparseTeacher(shape={self.shape}, kind={self.kind!r}, tail={self.tail!r}, "
+                f"temperature={self.temperature!r})")
 
 
 def codes(teacher: SparseTeacher) -> list[int]:
-    """``[kind, tail]`` of ``teacher`` as numbers (positions in ``KINDS`` and ``TAILS``): how the custom
-    ops of ``fastdistill.torch`` carry them."""
-    return [KINDS.index(teacher.kind), TAILS.index(teacher.tail)]
+    """``[kind, tail, mantissa, exponent]`` of ``teacher`` as integers (positions in ``KINDS`` and
+    ``TAILS``; the temperature as ``mantissa * 2**(exponent - 53)``, exactly): how the custom ops of
+    ``fastdistill.torch`` carry them (plain integer arithmetic: traced through by ``torch.compile``)."""
+    m, e = math.frexp(float(teacher.temperature))
+    return [KINDS.index(teacher.kind), TAILS.index(teacher.tail), int(m * 9007199254740992.0), int(e)]
 
 
 def from_codes(indices: Any, values: Any, kind_tail: list[int]) -> SparseTeacher:
-    """The :class:`SparseTeacher` of ``indices``, ``values`` and :func:`codes`' numbers."""
-    return SparseTeacher(indices, values, kind=KINDS[kind_tail[0]], tail=TAILS[kind_tail[1]])
+    """The :class:`SparseTeacher` of ``indices``, ``values`` and :func:`codes`' numbers (a list of two,
+    ``[kind, tail]``, is at temperature 1)."""
+    t_gen = math.ldexp(float(kind_tail[2]), int(kind_tail[3]) - 53) if len(kind_tail) > 3 else 1.0
+    return SparseTeacher(indices, values, kind=KINDS[kind_tail[0]], tail=TAILS[kind_tail[1]], temperature=t_gen)
 
 
 def check_terms(teacher: SparseTeacher, terms: Any) -> None:
@@ -106,10 +125,12 @@ def check_terms(teacher: SparseTeacher, terms: Any) -> None:
         )
     if teacher.tail == "renormalize" and div == DIV_MIXTURE and terms.c_q != 0.0 and terms.lam >= 1.0:
         raise InvalidParameterError("this mixture is infinite with tail='renormalize'")
-    if teacher.tail == "bucket" and (teacher.kind != "logprobs" or terms.tau != 1.0) and div != DIV_NONE:
+    if teacher.tail == "bucket" and (teacher.kind != "logprobs" or terms.tau != teacher.temperature) \
+            and div != DIV_NONE:
         raise InvalidParameterError(
-            f"tail='bucket' needs kind='logprobs' and temperature 1 (got kind={teacher.kind!r}, "
-            f"temperature {terms.tau}): its rest bin is 1 - sum exp(values)"
+            f"tail='bucket' needs kind='logprobs' and the loss's temperature equal to the teacher's "
+            f"(got kind={teacher.kind!r}, loss temperature {terms.tau}, teacher temperature "
+            f"{teacher.temperature}): its rest bin is 1 - sum exp(values)"
         )
 
 
@@ -173,7 +194,8 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
 def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto") -> SparseTeacher:
     """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
     their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
-    as a ``SparseTeacher(kind="logprobs")``: int32 ids and float32 values (float64 for float64 logits),
+    as a ``SparseTeacher(kind="logprobs", temperature=temperature)``: int32 ids and float32 values
+    (float64 for float64 logits),
     NumPy arrays of the logits' leading shape. One pass over the logits (vectorized reductions per span
     of columns), then the selection from cache. Device logits run on the GPU and give arrays of the caller's
     kind (int64 ids, float64 values: the kernel's own)."""
@@ -189,7 +211,7 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto
 
     if use_cuda(V.backend(backend), logits):
         idx, vals = cuda_backend().top_k(logits, kk, tau, storage)
-        return SparseTeacher(idx, vals, kind="logprobs")
+        return SparseTeacher(idx, vals, kind="logprobs", temperature=tau)
     x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
     from .cpu import _sparse as S
     from .cpu import as_kernel_input
@@ -201,7 +223,7 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto
     lead = tuple(shape[:-1])
     vdt = np.float64 if storage == FLOAT64 else np.float32
     return SparseTeacher(out_idx.astype(np.int32).reshape(lead + (kk,)), out_val.astype(vdt).reshape(lead + (kk,)),
-                         kind="logprobs")
+                         kind="logprobs", temperature=tau)
 
 
 __all__ = ["SparseTeacher", "SparseTeacherIndexError", "top_k"]

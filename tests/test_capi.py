@@ -88,18 +88,18 @@ int32_t h_vocab_shard(int prec, int32_t step, const void *s, const void *t, cons
 int32_t h_response_sparse(int prec, const void *s, const int64_t *idx, const float *vals, int64_t k,
                           const int64_t *labels, int64_t rows, int64_t n, int32_t kind, double temperature,
                           double hard_w, double soft_w, double param, double smoothing, int64_t ignore_index,
-                          int32_t tail, int32_t reduction, double *loss, void *grad, int32_t nthreads)
+                          int32_t tail, double t_gen, int32_t reduction, double *loss, void *grad, int32_t nthreads)
 {
     if (prec == 1)
         return api.response_sparse_f64((const double *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w,
-                                       soft_w, param, smoothing, ignore_index, tail, reduction, loss, (double *)grad,
-                                       nthreads);
+                                       soft_w, param, smoothing, ignore_index, tail, t_gen, reduction, loss,
+                                       (double *)grad, nthreads);
     if (prec == 2 || prec == 3)
         return (prec == 2 ? api.response_sparse_f16 : api.response_sparse_bf16)(
             (const uint16_t *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w, soft_w, param, smoothing,
-            ignore_index, tail, reduction, loss, (uint16_t *)grad, nthreads);
+            ignore_index, tail, t_gen, reduction, loss, (uint16_t *)grad, nthreads);
     return api.response_sparse_f32((const float *)s, idx, vals, k, labels, rows, n, kind, temperature, hard_w,
-                                   soft_w, param, smoothing, ignore_index, tail, reduction, loss, (float *)grad,
+                                   soft_w, param, smoothing, ignore_index, tail, t_gen, reduction, loss, (float *)grad,
                                    nthreads);
 }
 
@@ -264,7 +264,7 @@ def lib(cc, tmp_path_factory):
     h.h_threads.argtypes = [i32, vp, vp, vp, i64, i64, i32, i32, vp, vp, vp]
     h.h_threads.restype = i32
     h.h_response_sparse.argtypes = [ctypes.c_int, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64,
-                                    i32, i32, vp, vp, i32]
+                                    i32, dbl, i32, vp, vp, i32]
     h.h_response_sparse.restype = i32
     h.h_vocab_shard.argtypes = [ctypes.c_int, i32, vp, vp, vp, i64, i64, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64,
                                 i32, vp, vp, vp, vp, i32]
@@ -828,11 +828,11 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     tau = 1.0 if tail == "bucket" else 2.0
     code = {"renormalize": capi.FD_TAIL_RENORMALIZE, "support": capi.FD_TAIL_SUPPORT, "bucket": capi.FD_TAIL_BUCKET}
 
-    def call(kind=capi.FD_JSD, T=tau, tl=code[tail], ids=idx, param=0.3, red="mean"):
+    def call(kind=capi.FD_JSD, T=tau, tl=code[tail], ids=idx, param=0.3, red="mean", t_gen=1.0):
         loss = np.full(rows if red == "none" else 1, -7.0)
         g = np.full_like(s, -7.0)
         st = lib.h_response_sparse(PREC[np.dtype(dt).name], ptr(s), ptr(ids), ptr(vals), k, ptr(y), rows, n, kind, T,
-                                   0.4, 0.6, param, 0.0, IGNORE, tl, RED[red], ptr(loss), ptr(g), 0)
+                                   0.4, 0.6, param, 0.0, IGNORE, tl, t_gen, RED[red], ptr(loss), ptr(g), 0)
         return st, loss, g
 
     st, loss, g = call()
@@ -841,6 +841,17 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     want, gw = d.loss_and_grad(s, fd.SparseTeacher(idx, vals, tail=tail), y)
     assert loss[0] == pytest.approx(want, rel=1e-12)
     np.testing.assert_array_equal(g.view(np.uint8), gw.view(np.uint8))
+    # values produced at another temperature (T_gen): the Python API's teacher of that temperature
+    t_gen = 0.7
+    tau_g = t_gen if tail == "bucket" else tau
+    st, loss, g = call(T=tau_g, t_gen=t_gen)
+    assert st == capi.FD_OK, capi.status_message(st)
+    want, gw = fd.ResponseDistiller(fd.DistilLoss.jsd(0.3, tau_g), 0.4, 0.6).loss_and_grad(
+        s, fd.SparseTeacher(idx, vals, tail=tail, temperature=t_gen), y)
+    assert loss[0] == pytest.approx(want, rel=1e-12)
+    np.testing.assert_array_equal(g.view(np.uint8), gw.view(np.uint8))
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        assert call(t_gen=bad)[0] == capi.FD_BAD_PARAM
     dup = idx.copy()
     dup[3, 1] = dup[3, 0]
     assert call(ids=dup)[0] == capi.FD_BAD_INDEX
@@ -851,6 +862,8 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     assert call(tl=7)[0] == capi.FD_BAD_PARAM
     if tail == "bucket":
         assert call(T=2.0)[0] == capi.FD_BAD_PARAM
+        assert call(T=1.0, t_gen=2.0)[0] == capi.FD_BAD_PARAM
+        assert call(T=2.0, t_gen=2.0)[0] == capi.FD_OK
         vals[5, 2] = 0.25  # a log-probability above 0
         assert call()[0] == capi.FD_BAD_PARAM
         vals[5, 2] = -0.25

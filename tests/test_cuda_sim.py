@@ -623,6 +623,44 @@ def test_sparse_teacher_gradient_in_place():
 
 
 @sim
+@pytest.mark.parametrize("tail", ["renormalize", "support", "bucket"])
+@pytest.mark.parametrize("kind", ["kl_divergence", "jsd", "reverse_kl"])
+def test_sparse_teacher_generation_temperature(kind, tail):
+    """Values produced at T_gen (weights exp(v * T_gen / tau)): the float64 reference of
+    test_sparse_teacher.py and the CPU backend, losses and gradients."""
+    from test_sparse_teacher import reference
+
+    if kind == "reverse_kl" and tail == "renormalize":
+        pytest.skip("refused with tail='renormalize'")
+    rng = np.random.default_rng(45)
+    rows, n, k = 5, 37, 6
+    s = rng.normal(size=(rows, n)) * 2
+    t = rng.normal(size=(rows, n)) * 2
+    idx = np.argsort(-t, axis=1)[:, :k].copy()
+    idx[0, -1] = -1
+    t_gen = 0.7
+    lp = t / t_gen - np.log(np.exp(t / t_gen).sum(1, keepdims=True))
+    vals = np.take_along_axis(lp, idx, 1).astype(np.float32)
+    y = rng.integers(0, n, rows)
+    y[1] = IGNORE
+    tau = t_gen if tail == "bucket" else 1.8
+    soft = {"kl_divergence": fd.DistilLoss.kl_divergence(tau), "jsd": fd.DistilLoss.jsd(0.3, tau),
+            "reverse_kl": fd.DistilLoss.reverse_kl(tau)}[kind]
+    d = fd.ResponseDistiller(soft, 0.4, 0.6)
+    teacher = fd.SparseTeacher(idx, vals, tail=tail, temperature=t_gen)
+    ref, gref = reference(kind, tail, s, idx, vals.astype(np.float64), y, tau, 0.4, 0.6, t_gen=t_gen)
+    for dtype in (np.float64, np.float32):
+        got, gg = d.loss_and_grad(s.astype(dtype), teacher, y, backend="cuda")
+        want, gw = d.loss_and_grad(s.astype(dtype), teacher, y, backend="cpu")
+        tol = 1e-10 if dtype == np.float64 else 1e-5
+        assert got == pytest.approx(ref, rel=tol) and got == pytest.approx(want, rel=tol)
+        assert rel_err(gg, gref) < tol and rel_err(gg, gw) < tol
+    if tail == "bucket":
+        with pytest.raises(fd.InvalidParameterError, match="loss's temperature equal"):
+            fd.ResponseDistiller(fd.DistilLoss.kl_divergence(1.0), 0.4, 0.6).loss(s, teacher, y, backend="cuda")
+
+
+@sim
 def test_sparse_teacher_adversarial_rows_match_the_cpu():
     """Rows that once gave wrong numbers (NaN, +inf and all -inf teacher values; a support whose
     student mass underflows; the bucket's rest bin and the renormalize tail's outside bin of a

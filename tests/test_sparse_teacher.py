@@ -69,8 +69,9 @@ def divergence(kind, p, q, lp, lq, beta=0.3, alpha=0.2):
     return 0.5 * (p - q).abs().sum(-1)
 
 
-def reference(kind, tail, s, idx, vals, y, tau, hard_w, soft_w, reduction="mean"):
-    """(loss, grad) by float64 autograd, from the contract's definitions of the tails."""
+def reference(kind, tail, s, idx, vals, y, tau, hard_w, soft_w, reduction="mean", t_gen=1.0):
+    """(loss, grad) by float64 autograd, from the contract's definitions of the tails: the support's
+    weights ``exp(v * t_gen / tau)`` (values produced at temperature ``t_gen``)."""
     st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
     rows, n = s.shape
     valid = torch.tensor(idx >= 0)
@@ -80,7 +81,7 @@ def reference(kind, tail, s, idx, vals, y, tau, hard_w, soft_w, reduction="mean"
     lq_full = F.log_softmax(st / tau, -1)
     s_sup = torch.gather(st, 1, ids)
     if tail == "renormalize":
-        lp_sup = F.log_softmax(torch.where(valid, v / tau, neg), -1)
+        lp_sup = F.log_softmax(torch.where(valid, v * t_gen / tau, neg), -1)
         lp_full = torch.full((rows, n), -np.inf, dtype=torch.float64)  # 0 off the support
         for r in range(rows):
             for b in range(idx.shape[1]):
@@ -88,13 +89,14 @@ def reference(kind, tail, s, idx, vals, y, tau, hard_w, soft_w, reduction="mean"
                     lp_full[r, idx[r, b]] = lp_sup[r, b]
         soft = divergence(kind, lp_full.exp(), lq_full.exp(), lp_full, lq_full)
     elif tail == "support":
-        lp = F.log_softmax(torch.where(valid, v / tau, neg), -1)
+        lp = F.log_softmax(torch.where(valid, v * t_gen / tau, neg), -1)
         lq = F.log_softmax(torch.where(valid, s_sup / tau, torch.full_like(s_sup, -np.inf)), -1)
         # unused slots: probability 0, finite stand-ins for their logarithms (autograd of log 0 is NaN)
         lp = torch.where(valid, lp, torch.full_like(lp, -1e30))
         lq = torch.where(valid, lq, torch.full_like(lq, -1e30))
         soft = divergence(kind, lp.exp(), lq.exp(), lp, lq)
-    else:  # bucket, tau == 1
+    else:  # bucket, tau == t_gen
+        assert tau == t_gen
         p = torch.where(valid, v.exp(), torch.zeros_like(v))
         q = torch.where(valid, torch.gather(lq_full.exp(), 1, ids), torch.zeros_like(v))
         p_rest = torch.clamp(1 - p.sum(-1, keepdim=True), min=0.0)
@@ -303,7 +305,7 @@ def test_bad_sparse_teachers_are_refused_with_clear_errors():
         fd.DistilLoss.reverse_kl(1.0).compute(s, SparseTeacher(idx, vals))
     with pytest.raises(fd.InvalidParameterError, match="infinite with tail='renormalize'"):
         fd.DistilLoss.jsd(1.0, 1.0).compute(s, SparseTeacher(idx, vals))
-    with pytest.raises(fd.InvalidParameterError, match="bucket' needs kind='logprobs' and temperature 1"):
+    with pytest.raises(fd.InvalidParameterError, match="bucket' needs kind='logprobs' and the loss's temperature"):
         fd.DistilLoss.kl_divergence(2.0).compute(s, SparseTeacher(idx, vals, tail="bucket"))
     with pytest.raises(fd.InvalidParameterError, match="bucket' needs kind='logprobs'"):
         kl.compute(s, SparseTeacher(idx, vals, kind="logits", tail="bucket"))

@@ -287,9 +287,10 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
 
 @njit(**JIT)
 def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index, tail,  # type: ignore[no-untyped-def]  # noqa: E501
-                  reduction, lossp, gp, nthreads):
+                  t_gen, reduction, lossp, gp, nthreads):
     """Every check of ``fd_response_sparse_*``: the dense entry point's (shape, pointers, overlaps of the
-    gradient with every input, labels, kind, reduction, parameters), then k, the ids, the tail."""
+    gradient with every input, labels, kind, reduction, parameters), then k, the ids, the tail and the
+    teacher's temperature ``t_gen``."""
     st = _check_shape(rows, n)
     if st != FD_OK:
         return st
@@ -311,7 +312,9 @@ def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, 
         return FD_BAD_KIND
     if tail < 0 or tail > FD_TAIL_BUCKET:
         return FD_BAD_PARAM
-    if tail == FD_TAIL_BUCKET and kind != FD_CE_ONLY and tau != 1.0:
+    if not (t_gen > 0.0 and t_gen < np.inf):  # (NaN fails both)
+        return FD_BAD_PARAM
+    if tail == FD_TAIL_BUCKET and kind != FD_CE_ONLY and tau != t_gen:
         return FD_BAD_PARAM
     renorm = tail == FD_TAIL_RENORMALIZE and kind != FD_CE_ONLY
     if renorm and (kind == FD_REVERSE_KL or (kind == FD_JSD and param == 1.0)
@@ -599,8 +602,8 @@ def _sparse_sig(ft):  # type: ignore[no-untyped-def]
     ip = types.CPointer(types.int64)
     return types.int32(
         fp, ip, types.CPointer(types.float32), types.int64, ip, types.int64, types.int64, types.int32, types.float64,
-        types.float64, types.float64, types.float64, types.float64, types.int64, types.int32, types.int32,
-        types.CPointer(types.float64), fp, types.int32,
+        types.float64, types.float64, types.float64, types.float64, types.int64, types.int32, types.float64,
+        types.int32, types.CPointer(types.float64), fp, types.int32,
     )
 
 
@@ -708,11 +711,11 @@ def _make(ft):  # type: ignore[no-untyped-def]
 
     @cfunc(_sparse_sig(ft), **CJIT)
     def response_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,  # type: ignore[no-untyped-def]  # noqa: E501
-                        tail, reduction, lossp, gp, nthreads):
+                        tail, t_gen, reduction, lossp, gp, nthreads):
         status = FD_INTERNAL_ERROR
         try:
             status = _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing,
-                                   ignore_index, tail, reduction, lossp, gp, nthreads)
+                                   ignore_index, tail, t_gen, reduction, lossp, gp, nthreads)
         except Exception:  # noqa: BLE001
             status = FD_INTERNAL_ERROR
         if status != FD_OK:
@@ -740,7 +743,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             div_kind = div if P[P_DIV_W] != 0.0 else 0
             d, ce, _, _, _ = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], False, STORAGE != _F64_STORAGE)
             S.sparse_response(s, idx, vals, labels, has_labels, np.int64(ignore_index), P, np.int64(d), np.int64(ce),
-                              np.int64(tail), want_grad, scale, out, g, np.int64(S.STREAM_BYTES))
+                              np.int64(tail), want_grad, scale, out, g, np.int64(S.STREAM_BYTES), t_gen)
             _reduce(out, rows, reduction, scale, lossp)
             status = FD_OK
         except Exception:  # noqa: BLE001

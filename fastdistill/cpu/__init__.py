@@ -167,9 +167,10 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
 
 def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labels: np.ndarray | None,  # type: ignore[no-untyped-def]
                     params: np.ndarray, tail: str, scale: float,
-                    grad_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                    grad_out: np.ndarray | None = None, t_gen: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
     """Row losses and (``call.want_grad``) the gradient for a sparse teacher (``cpu._sparse``): ``idx``
-    int64 and ``vals`` float64 ``(rows, k)``, checked."""
+    int64 and ``vals`` float64 ``(rows, k)``, checked; ``t_gen`` the temperature the values were
+    produced at."""
     from . import _sparse as S
 
     v = call.variant
@@ -178,5 +179,5 @@ def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labe
     _launch(S.sparse_response, _threads_for(s.size), as_kernel_input(s), idx, vals,
             as_kernel_input(labels) if labels is not None else _NO_LABELS, labels is not None,
             np.int64(call.ignore_index), params, np.int64(v.div), np.int64(v.ce), np.int64(TAILS.index(tail)),
-            call.want_grad, float(scale), out_loss, grad, np.int64(S.STREAM_BYTES))
+            call.want_grad, float(scale), out_loss, grad, np.int64(S.STREAM_BYTES), float(t_gen))
     return out_loss, (grad if call.want_grad else None)

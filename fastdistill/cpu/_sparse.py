@@ -337,17 +337,21 @@ def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row
 
 @njit(parallel=True, **JIT)
 def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, want_grad, scale,  # type: ignore[no-untyped-def]  # noqa: E501
-                    out_loss, grad, stream_bytes):
+                    out_loss, grad, stream_bytes, t_gen=1.0):
     """Row losses (unscaled, 0 for ignored rows) into ``out_loss`` and, when ``want_grad``, the gradient
     of ``scale * sum(rows)`` into ``grad`` (``s``'s shape), for student logits ``s`` ``(rows, n)`` and a
     sparse teacher ``idx`` int64 ``(rows, k)`` (-1: an unused slot), ``vals`` float64 ``(rows, k)``
     (log-probabilities or logits; the tails use them as ``exp(v / tau)``), ``div``/``ce`` the variant's
     divergence and cross-entropy mode (``_spec``), ``tail`` a ``_spec.TAIL_*``. A gradient of
-    ``stream_bytes`` or more is written with streaming stores (``STREAM_BYTES``). Inputs are validated."""
+    ``stream_bytes`` or more is written with streaming stores (``STREAM_BYTES``). ``t_gen``: the
+    temperature the values were produced at, their weights ``exp(v * t_gen / tau)`` (``"bucket"``:
+    ``tau == t_gen``, its bins ``exp(v)``). Inputs are validated."""
     rows, n = s.shape
     k = idx.shape[1]
     tau = P[P_TAU]
     invt = 1.0 / tau
+    # the values' scale T_gen / tau (exactly 1 / tau at T_gen = 1: today's bits; exactly 1 at tau = T_gen)
+    vinvt = invt if t_gen == 1.0 else t_gen / tau
     dw = P[P_DIV_W]
     hw = P[P_HARD_W]
     eps = P[P_SMOOTH]
@@ -394,7 +398,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
         ids = idx[r]
         vr = vals[r]
-        count, lse_v, bad_v = _teacher_weights(ids, vr, invt)
+        count, lse_v, bad_v = _teacher_weights(ids, vr, vinvt)
         # the student's log-normaliser over the bins: the row's, or for "support" the support's own
         # (relative to its own maximum: the support's mass may underflow relative to the row's)
         lzn = _support_lse(s_row, ids, ms, invt) if tail == TAIL_SUPPORT else lz
@@ -405,7 +409,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         for b in range(k if not undefined else 0):
             if ids[b] >= 0:
                 lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lzn
-                lp = vr[b] if tail == TAIL_BUCKET else vr[b] * invt - lse_v
+                lp = vr[b] if tail == TAIL_BUCKET else vr[b] * vinvt - lse_v
                 db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
                 d += db
                 h_sum += hb
@@ -480,7 +484,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         lab_c = lab if counted_ce else np.int64(-1)
         sup = np.empty(k + 1, np.float64)
         _support_values(sup, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
-                        div, loglam, log1mlam, lam, cp, cq, ref, a, b)
+                        div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
         _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs)
         _scatter_support(g_row, ids, sup, lab_c)
 
@@ -573,12 +577,12 @@ def _rest_sums(s_row, srt, m, ms, invt, kept, e_row, refs):  # type: ignore[no-u
 
 @njit(**JIT_INNER)
 def _support_values(out, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
-                    lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b):
+                    lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt):
     """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
     not one of them (``out[k]``; NaN when there is none), each from all of its terms (the
     cross-entropy's, its bin's ``cd * (h_b - q_b * sum h)``, the one-hot; the label's outside the
-    support as the dense write's ``a * exp((s - ref) / tau) + b * exp(s - ref) + c``). Read before the
-    dense write: the gradient may be the student itself."""
+    support as the dense write's ``a * exp((s - ref) / tau) + b * exp(s - ref) + c``; ``vinvt`` the
+    values' scale ``T_gen / tau``). Read before the dense write: the gradient may be the student itself."""
     k = ids.shape[0]
     out[k] = np.nan
     lab_in_support = False
@@ -589,7 +593,7 @@ def _support_values(out, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd
         sj = as_type_of(0.0, s_row[j])
         dj = (sj - ms) * invt
         lq = dj - lzn
-        lp = vr[slot] if tail == TAIL_BUCKET else vr[slot] * invt - lse_v
+        lp = vr[slot] if tail == TAIL_BUCKET else vr[slot] * vinvt - lse_v
         qb = math.exp(lq)
         _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
         val = a_ce * math.exp(dj) + b_ce * math.exp(sj - ms) + c + cd * (hb - qb * h_sum)

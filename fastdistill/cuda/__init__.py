@@ -188,9 +188,10 @@ def _results(call: ResponseCall, kind: str, stream: Any, student: Any, grad_out:
 
 
 def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.ndarray, labels: Any, tail: int,
-                    grad_out: Any) -> tuple[Any, Any]:
+                    grad_out: Any, t_gen: float = 1.0) -> tuple[Any, Any]:
     """A resolved call with a sparse teacher on the GPU (``idx`` int64, ``vals`` float64 ``(rows, k)``
-    host arrays, checked: copied over, ``rows x k``): ``(loss, grad or None)`` as :func:`response`."""
+    host arrays, checked: copied over, ``rows x k``; produced at temperature ``t_gen``): ``(loss, grad or
+    None)`` as :func:`response`."""
     K = _K()
     v = call.variant
     rows, n = call.rows, call.n
@@ -222,7 +223,8 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     srt_shape = (rows, idx.shape[1] + 1) if reads_rest_bin(tail, v.div) else (1, 1)
     srt = cuda.device_array(srt_shape, dtype=np.int64, stream=stream)
     L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
-             (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, info, red_mean, nit,
+             (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, float(t_gen), info,
+              red_mean, nit,
               call.want_grad, row_buf, g, sup, srt, G))
     if call.reduction != "none":
         L.launch(K.sum_kernel, 1, K.RED_BLOCK, stream, (row_buf, has_labels, red_mean, nit, info))

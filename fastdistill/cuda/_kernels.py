@@ -1186,13 +1186,14 @@ _reads_rest_bin = cuda.jit(device=True, inline=True)(reads_rest_bin)
 
 
 def sparse_kernel(f32: bool):  # type: ignore[no-untyped-def]
-    """``kernel[grid, block, stream](s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail,
+    """``kernel[grid, block, stream](s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, t_gen,
     info, red_mean, n_items, want_grad, out_loss, grad, sup, srt, G)``: ``idx`` int64 and ``vals`` float64
-    ``(rows, k)``, checked; ``info`` as for the response kernel (counted rows written by
-    :func:`label_kernel` before); ``out_loss`` receives the unscaled row losses; ``sup`` float64
-    ``(rows, k + 1)`` scratch for the support's gradient values; ``srt`` int64 ``(rows, k + 1)`` scratch
-    for each row's used ids in increasing order and their count (read when the divergence reads the
-    mass outside the support, ``_scalar.reads_rest_bin``; else any int64 2-D array)."""
+    ``(rows, k)``, checked, produced at temperature ``t_gen`` (weights ``exp(v * t_gen / tau)``); ``info``
+    as for the response kernel (counted rows written by :func:`label_kernel` before); ``out_loss``
+    receives the unscaled row losses; ``sup`` float64 ``(rows, k + 1)`` scratch for the support's
+    gradient values; ``srt`` int64 ``(rows, k + 1)`` scratch for each row's used ids in increasing order
+    and their count (read when the divergence reads the mass outside the support,
+    ``_scalar.reads_rest_bin``; else any int64 2-D array)."""
     k = _SPARSE.get(f32)
     if k is None:
         k = _SPARSE[f32] = _make_sparse(f32)
@@ -1223,7 +1224,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
 
     @cuda.jit(**_JIT_RESPONSE64)
-    def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
+    def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, t_gen, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
                want_grad, out_loss, grad, sup, srt, G):
         rows = int64(s.shape[0])
         n = int64(s.shape[1])
@@ -1238,6 +1239,8 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
         tau = P[P_TAU]
         invt64 = 1.0 / tau
         invt = ft(invt64)
+        # the values' scale T_gen / tau (cpu._sparse.sparse_response's)
+        vinvt = invt64 if t_gen == 1.0 else t_gen / tau
         dw = P[P_DIV_W]
         hw = P[P_HARD_W]
         eps = P[P_SMOOTH]
@@ -1353,7 +1356,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     out_loss[r] = 0.0
                 else:
                     lz = math.log(Z)
-                    count, lse_v, bad_v = _teacher_weights(idx[r], vals[r], invt64)
+                    count, lse_v, bad_v = _teacher_weights(idx[r], vals[r], vinvt)
                     lzn = _support_lse(s, r, idx[r], M, invt64) if tail == TAIL_SUPPORT else lz
                     # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
                     undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and lse_v == NEG_INF))
@@ -1362,7 +1365,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     for b in range(kk if not undefined else 0):
                         if idx[r, b] >= 0:
                             lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lzn
-                            lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
+                            lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * vinvt - lse_v
                             db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
                                                  cq)
                             d += db
@@ -1438,7 +1441,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                                 sj = float64(load(s[r, j]))
                                 dj = (sj - M) * invt64
                                 lq = dj - lzn
-                                lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * invt64 - lse_v
+                                lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * vinvt - lse_v
                                 qb = math.exp(lq)
                                 _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
                                 val = a_ce * math.exp(dj) + b_ce * math.exp(sj - M) + c + cd * (hb - qb * h_sum)

@@ -118,8 +118,8 @@ def variants(fused_all: bool = False) -> list[Variant]:
     for storage in STORAGES:  # sparse (top-k) teachers: float32 arithmetic but for float64 logits
         st = from_dtype(DEVICE_DTYPES[storage])
         sig = (arr(st, 2), arr(T.int64, 2), arr(T.float64, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64),
-               T.int64, T.int64, T.int64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64), arr(st, 2),
-               arr(T.float64, 2), arr(T.int64, 2), T.int64)
+               T.int64, T.int64, T.int64, T.float64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64),
+               arr(st, 2), arr(T.float64, 2), arr(T.int64, 2), T.int64)
         out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
         out.append(Variant(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
                            (arr(st, 2), T.int64, T.float64, arr(T.int64, 2), arr(T.float64, 2), T.int64), None))

@@ -155,30 +155,33 @@ typedef int32_t (*fd_linear_h16_fn)(const uint16_t *student, const uint16_t *tea
                                     int32_t reduction, double *loss_out, uint16_t *grad, int32_t nthreads);
 
 /* Response loss with a sparse (top-k) teacher: `indices` rows x k class ids (-1: an unused slot, no id
- * twice in a row), `values` rows x k float32 log-probabilities of the teacher at those ids (weights
- * exp(value / T)), `tail` enum fd_tail. The other arguments as fd_response_*; the gradient is dense.
+ * twice in a row), `values` rows x k float32 log-probabilities of the teacher at those ids, produced at
+ * temperature `teacher_temperature` (T_gen; 1 for plain log-probabilities): at loss temperature T the
+ * weights are exp(value * T_gen / T). `tail` enum fd_tail. The other arguments as fd_response_*; the
+ * gradient is dense.
  * loss_kind: FD_KL, FD_REVERSE_KL, FD_JSD, FD_SKEW_KL, FD_SKEW_REVERSE_KL, FD_TVD or FD_CE_ONLY (MSE,
  * cosine and combined need dense logits: FD_BAD_KIND). FD_BAD_INDEX for a bad id; FD_BAD_PARAM also for
- * k < 1, an unknown tail, FD_TAIL_BUCKET with T != 1, and a divergence that is infinite with
+ * k < 1, an unknown tail, a teacher_temperature that is not finite and > 0, FD_TAIL_BUCKET with
+ * T != teacher_temperature, and a divergence that is infinite with
  * FD_TAIL_RENORMALIZE (reverse KL, jsd with beta = 1, skew reverse KL with alpha = 0). */
 typedef int32_t (*fd_response_sparse_f32_fn)(const float *student, const int64_t *indices, const float *values,
                                              int64_t k, const int64_t *labels, int64_t rows, int64_t n,
                                              int32_t loss_kind, double temperature, double hard_weight,
                                              double soft_weight, double param, double label_smoothing,
-                                             int64_t ignore_index, int32_t tail, int32_t reduction,
-                                             double *loss_out, float *grad, int32_t nthreads);
+                                             int64_t ignore_index, int32_t tail, double teacher_temperature,
+                                             int32_t reduction, double *loss_out, float *grad, int32_t nthreads);
 typedef int32_t (*fd_response_sparse_f64_fn)(const double *student, const int64_t *indices, const float *values,
                                              int64_t k, const int64_t *labels, int64_t rows, int64_t n,
                                              int32_t loss_kind, double temperature, double hard_weight,
                                              double soft_weight, double param, double label_smoothing,
-                                             int64_t ignore_index, int32_t tail, int32_t reduction,
-                                             double *loss_out, double *grad, int32_t nthreads);
+                                             int64_t ignore_index, int32_t tail, double teacher_temperature,
+                                             int32_t reduction, double *loss_out, double *grad, int32_t nthreads);
 typedef int32_t (*fd_response_sparse_h16_fn)(const uint16_t *student, const int64_t *indices, const float *values,
                                              int64_t k, const int64_t *labels, int64_t rows, int64_t n,
                                              int32_t loss_kind, double temperature, double hard_weight,
                                              double soft_weight, double param, double label_smoothing,
-                                             int64_t ignore_index, int32_t tail, int32_t reduction,
-                                             double *loss_out, uint16_t *grad, int32_t nthreads);
+                                             int64_t ignore_index, int32_t tail, double teacher_temperature,
+                                             int32_t reduction, double *loss_out, uint16_t *grad, int32_t nthreads);
 
 /* Response loss over a vocabulary split across processes (tensor parallelism): this process holds the
  * columns [class_offset, class_offset + n) of rows x classes logits of the student and the teacher (the
