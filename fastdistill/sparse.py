@@ -191,14 +191,20 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
     return idx, vals
 
 
-def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto") -> SparseTeacher:
+def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None = None, min_k: int = 1,
+          backend: str = "auto") -> SparseTeacher:
     """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
     their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
     as a ``SparseTeacher(kind="logprobs", temperature=temperature)``: int32 ids and float32 values
     (float64 for float64 logits),
     NumPy arrays of the logits' leading shape. One pass over the logits (vectorized reductions per span
     of columns), then the selection from cache. Device logits run on the GPU and give arrays of the caller's
-    kind (int64 ids, float64 values: the kernel's own)."""
+    kind (int64 ids, float64 values: the kernel's own).
+
+    ``top_p`` in (0, 1] (the nucleus, Megatron-LM's offline saver): each row keeps only its shortest
+    prefix, by decreasing probability under ``softmax(logits / temperature)``, whose probability reaches
+    ``top_p``, with at least ``min_k`` and at most ``k`` entries; the other slots get id ``-1`` and value
+    ``-inf``. The cut is a prefix scan over the sorted selection, in the same pass."""
     shape, dtype = V.shape_dtype(logits)
     V.check_logits(shape, dtype, "logits")
     kk = V.integer(k, "k")
@@ -206,11 +212,19 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto
     if not 1 <= kk <= n:
         raise InvalidParameterError(f"k must be in [1, {n}] (the logits' classes), got {kk}")
     tau = V.temperature(temperature)
+    tp = 2.0  # (no cut)
+    if top_p is not None:
+        tp = V.finite(top_p, "top_p")
+        if not 0.0 < tp <= 1.0:
+            raise InvalidParameterError(f"top_p must be in (0, 1], got {tp}")
+    mk = V.integer(min_k, "min_k")
+    if not 1 <= mk <= kk:
+        raise InvalidParameterError(f"min_k must be in [1, k={kk}], got {mk}")
     storage = _storage.check(dtype, "logits")
     from ._dispatch import cuda_backend, use_cuda
 
     if use_cuda(V.backend(backend), logits):
-        idx, vals = cuda_backend().top_k(logits, kk, tau, storage)
+        idx, vals = cuda_backend().top_k(logits, kk, tau, storage, tp, mk)
         return SparseTeacher(idx, vals, kind="logprobs", temperature=tau)
     x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
     from .cpu import _sparse as S
@@ -219,7 +233,7 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, backend: str = "auto
     rows = x.shape[0]
     out_idx = np.empty((rows, kk), np.int64)
     out_val = np.empty((rows, kk), np.float64)
-    S.top_k_kernel(as_kernel_input(x), np.int64(kk), float(1.0 / tau), out_idx, out_val)
+    S.top_k_kernel(as_kernel_input(x), np.int64(kk), float(1.0 / tau), out_idx, out_val, float(tp), np.int64(mk))
     lead = tuple(shape[:-1])
     vdt = np.float64 if storage == FLOAT64 else np.float32
     return SparseTeacher(out_idx.astype(np.int32).reshape(lead + (kk,)), out_val.astype(vdt).reshape(lead + (kk,)),

@@ -696,9 +696,11 @@ def _kth_floor(gm, k, like):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, **JIT)
-def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
+def top_k_kernel(x, k, invt, out_idx, out_val, top_p=2.0, min_k=1):  # type: ignore[no-untyped-def]
     """Per row of ``x`` ``(rows, n)``: the ids of the ``k`` largest logits (decreasing; ties: lower id
-    first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64.
+    first) into ``out_idx`` int64, their ``log_softmax(x * invt)`` into ``out_val`` float64. With
+    ``top_p`` at most 1, only the shortest prefix whose probability reaches ``top_p`` is kept (at least
+    ``min_k`` entries, :func:`_nucleus_cut`); the other slots get id ``-1`` and value ``-inf``.
 
     One streaming pass of ``SPAN``-column spans, the loss's (:func:`_row_statistics`), that also keeps
     the running maximum of column ``j`` of every span (integer keys: vectorized).
@@ -745,3 +747,23 @@ def top_k_kernel(x, k, invt, out_idx, out_val):  # type: ignore[no-untyped-def]
         for b in range(k):
             out_idx[r, b] = bi[b]
             out_val[r, b] = bv[b] * invt - lse
+        if top_p <= 1.0:
+            _nucleus_cut(out_idx[r], out_val[r], top_p, min_k)
+
+
+@njit(**JIT_INNER)
+def _nucleus_cut(ids, lps, top_p, min_k):  # type: ignore[no-untyped-def]
+    """Keep the shortest prefix of the sorted top-k (log-probabilities ``lps``) whose probability
+    reaches ``top_p``, at least ``min_k`` entries: a prefix scan; the slots after it get id ``-1`` and
+    value ``-inf`` (a NaN row never reaches it: all k kept)."""
+    k = ids.shape[0]
+    keep = k
+    cum = 0.0
+    for b in range(k):
+        cum += math.exp(lps[b])
+        if b + 1 >= min_k and cum >= top_p:
+            keep = b + 1
+            break
+    for b in range(keep, k):
+        ids[b] = -1
+        lps[b] = -np.inf

@@ -340,9 +340,10 @@ class ShardRun:
                         self.grads)
 
 
-def top_k(x: Any, k: int, tau: float, storage: str) -> tuple[Any, Any]:
+def top_k(x: Any, k: int, tau: float, storage: str, top_p: float = 2.0, min_k: int = 1) -> tuple[Any, Any]:
     """``fastdistill.top_k`` of device logits: (ids int64, log-probabilities float64), ``x``'s leading
-    shape plus ``(k,)``, in the caller's array kind."""
+    shape plus ``(k,)``, in the caller's array kind; ``top_p`` at most 1: the nucleus cut (at least
+    ``min_k`` entries)."""
     K = _K()
     shape, _ = V.shape_dtype(x)
     n = int(shape[-1])
@@ -353,7 +354,8 @@ def top_k(x: Any, k: int, tau: float, storage: str) -> tuple[Any, Any]:
     idx_native, idx = D.alloc(kind, x, (rows, k), np.int64, stream)
     val_native, val = D.alloc(kind, x, (rows, k), np.float64, stream)
     grid, block, G = L.geometry(rows, n)
-    L.launch(K.top_k_kernel(storage != FLOAT64), grid, block, stream, (xv, int(k), float(1.0 / tau), idx, val, G))
+    L.launch(K.top_k_kernel(storage != FLOAT64), grid, block, stream,
+             (xv, int(k), float(1.0 / tau), float(top_p), int(min_k), idx, val, G))
     out = tuple(D.result(a, kind, tuple(shape[:-1]) + (k,), stream) for a in (idx_native, val_native))
     if kind == "host":
         D.synchronize(stream)

@@ -1490,9 +1490,11 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
 
 
 def top_k_kernel(f32: bool):  # type: ignore[no-untyped-def]
-    """``kernel[grid, block, stream](x, k, invt, out_idx, out_val, G)``: per row of ``x`` the ids of the
-    ``k`` largest logits (decreasing; ties: the lower id first) into ``out_idx`` int64 ``(rows, k)`` and
-    their ``log_softmax(x * invt)`` into ``out_val`` float64. The row's group computes its maximum and
+    """``kernel[grid, block, stream](x, k, invt, top_p, min_k, out_idx, out_val, G)``: per row of ``x`` the
+    ids of the ``k`` largest logits (decreasing; ties: the lower id first) into ``out_idx`` int64
+    ``(rows, k)`` and their ``log_softmax(x * invt)`` into ``out_val`` float64; with ``top_p`` at most 1
+    only the shortest prefix whose probability reaches it (at least ``min_k``), the other slots ``-1``
+    and ``-inf`` (``cpu._sparse._nucleus_cut``). The row's group computes its maximum and
     normaliser (one online pass); its first thread then selects, skipping every column that cannot
     enter the current top k with one comparison (a simple kernel: the selection is serial per row)."""
     k = _TOP_K.get(f32)
@@ -1509,7 +1511,7 @@ def _make_top_k(F32):  # type: ignore[no-untyped-def]
     row_stats = _make_row_stats(ft)
 
     @cuda.jit(**_JIT)
-    def kernel(x, k, invt64, out_idx, out_val, G):  # type: ignore[no-untyped-def]
+    def kernel(x, k, invt64, top_p, min_k, out_idx, out_val, G):  # type: ignore[no-untyped-def]
         rows = int64(x.shape[0])
         n = int64(x.shape[1])
         tid = int64(cuda.threadIdx.x)
@@ -1544,4 +1546,15 @@ def _make_top_k(F32):  # type: ignore[no-untyped-def]
                         cnt += 1
                 for b in range(k):
                     out_val[r, b] = out_val[r, b] * invt64 - lse
+                if top_p <= 1.0:  # the nucleus: a prefix scan of the sorted probabilities
+                    keep = k
+                    cum = 0.0
+                    for b in range(k):
+                        cum += math.exp(out_val[r, b])
+                        if b + 1 >= min_k and cum >= top_p:
+                            keep = b + 1
+                            break
+                    for b in range(keep, k):
+                        out_idx[r, b] = -1
+                        out_val[r, b] = NEG_INF
     return kernel

@@ -122,7 +122,8 @@ def variants(fused_all: bool = False) -> list[Variant]:
                arr(st, 2), arr(T.float64, 2), arr(T.int64, 2), T.int64)
         out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
         out.append(Variant(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
-                           (arr(st, 2), T.int64, T.float64, arr(T.int64, 2), arr(T.float64, 2), T.int64), None))
+                           (arr(st, 2), T.int64, T.float64, T.float64, T.int64, arr(T.int64, 2), arr(T.float64, 2),
+                            T.int64), None))
     # vocabulary shards: the variants a tensor-parallel LLM run uses most (the others compile on a GPU's
     # first call; they share every device function with the response kernels compiled above)
     for div, ce, storage in ((DIV_FORWARD_KL, CE_OWN, FLOAT32), (DIV_FORWARD_KL, CE_OWN, BFLOAT16),
