@@ -150,8 +150,8 @@ def c_entry(name: str):
         syms = capi.symbols(jobs=1)
         vp, i32, i64, dbl = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_double
         if name.startswith("fd_response_sparse"):
-            proto = ctypes.CFUNCTYPE(i32, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64, i32, i32,
-                                     vp, vp, i32)
+            proto = ctypes.CFUNCTYPE(i32, vp, vp, vp, i64, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64, i32, dbl,
+                                     i32, vp, vp, i32)
         else:
             proto = ctypes.CFUNCTYPE(i32, vp, vp, vp, i64, i64, i32, dbl, dbl, dbl, dbl, dbl, i64, i32, vp, vp, i32)
         _C[name] = proto(syms[name])
@@ -188,7 +188,7 @@ def check_capi(case: Case) -> None:
         vals = np.ascontiguousarray(sp.values_as_given().reshape(rows, -1), np.float32)
         status = c_entry(f"fd_response_sparse_{suffix}")(
             ptr(s_c), ptr(idx), ptr(vals), idx.shape[1], ptr(labels), rows, n, kind, case.tau, case.hard_w,
-            case.effective_soft_w(), param, case.eps, case.ignore_index, fz.TAILS.index(sp.tail), red, ptr(loss),
+            case.effective_soft_w(), param, case.eps, case.ignore_index, fz.TAILS.index(sp.tail), 1.0, red, ptr(loss),
             ptr(grad), 0)
         # the NumPy API on the same float32 values
         np_case = Case(**{**case.__dict__, "sparse": SparseSpec(sp.indices, vals.astype(np.float64).reshape(
@@ -685,7 +685,7 @@ def test_c_abi_sparse_gradient_in_place():
         s, fd.SparseTeacher(idx, vals), reduction="sum")
     loss = np.zeros(1)
     status = c_entry("fd_response_sparse_f32")(s.ctypes.data, idx.ctypes.data, vals.ctypes.data, 2, None, 1, 3,
-                                               capi.FD_KL, 1.0, 0.0, 1.0, 0.0, 0.0, -100, capi.FD_TAIL_RENORMALIZE,
+                                               capi.FD_KL, 1.0, 0.0, 1.0, 0.0, 0.0, -100, capi.FD_TAIL_RENORMALIZE, 1.0,
                                                capi.FD_SUM, loss.ctypes.data, s.ctypes.data, 0)
     assert status == capi.FD_OK, capi.status_message(status)
     assert loss[0] == want_loss
