@@ -469,8 +469,14 @@ def test_offline_topk_example_runs_quick():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = {line.split(" test accuracy ")[0].strip(): float(line.rsplit(" ", 1)[1])
              for line in r.stdout.splitlines() if "test accuracy" in line and "student" in line}
-    hard, dense, top = (lines[k] for k in sorted(lines, key=lambda k: ("hard" not in k, "dense" not in k)))
+    hard = next(v for k, v in lines.items() if "hard" in k)
+    dense = next(v for k, v in lines.items() if "dense" in k)
+    top = next(v for k, v in lines.items() if "(stored)" in k)
     assert top > hard + 0.1 and abs(top - dense) < 0.05, r.stdout
+    store = [v for k, v in lines.items() if "teacher store" in k]
+    assert store or "no teacher store" in r.stdout, r.stdout
+    if store:  # (the same float16 values, memory-mapped from the store)
+        assert store[0] > hard + 0.1 and abs(store[0] - top) < 0.05, r.stdout
     assert "120 B" in r.stdout
 
 

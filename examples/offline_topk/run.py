@@ -10,6 +10,10 @@
    with labels for only 10% of the rows: hard labels alone; distilled from the dense teacher logits;
    distilled from the memory-mapped top-k files (``fd.SparseTeacher``, tail "renormalize"). Losses and
    gradients with respect to the logits come from fastdistill; the linear layer's are two matmuls.
+4. The store route (with the ``teachers`` extra, pyarrow): the same top-k saved with
+   ``fastdistill.teachers.save``, opened memory-mapped with ``fastdistill.teachers.load`` (``store[0]`` a
+   ``SparseTeacher`` of views, its temperature the one ``fd.top_k`` used), and a fourth student trained
+   from it.
 
 It prints the bytes per training row of each teacher format and the students' test accuracy.
 """
@@ -54,7 +58,8 @@ def train(x, target, labels, loss, epochs, lr, rng, w0=None):  # type: ignore[no
             if g is None or g.shape != logits.shape:
                 g = np.empty_like(logits)
             if isinstance(target, fd.SparseTeacher):
-                t = fd.SparseTeacher(np.asarray(target.indices[sel]), np.asarray(target.values[sel]), tail=target.tail)
+                t = fd.SparseTeacher(np.asarray(target.indices[sel]), np.asarray(target.values[sel]), tail=target.tail,
+                                     temperature=target.temperature)
             else:
                 t = logits if target is None else target[sel]
             loss.loss_and_grad(logits, t, labels[sel], grad_out=g)
@@ -97,6 +102,14 @@ def main() -> None:
     stored = fd.SparseTeacher(np.load(os.path.join(folder, "indices.npy"), mmap_mode="r"),
                               np.load(os.path.join(folder, "values.npy"), mmap_mode="r"))
     mass = float(np.exp(np.asarray(stored.values, np.float64)).sum(1).mean())
+    store = None
+    try:  # the store route: one sequence of args.rows rows, memory-mapped back
+        from fastdistill import teachers
+
+        teachers.save(os.path.join(folder, "store"), [top], meta={"vocab_size": args.classes, "source": "example"})
+        store = teachers.load(os.path.join(folder, "store"))
+    except ImportError:  # (without the "teachers" extra)
+        print("(no teacher store: pip install 'fastdistill[teachers]')")
 
     # the student sees 24 of the 64 features; labels for 10% of the rows
     xs_train, xs_test = x_train[:, :24].copy(), x_test[:, :24].copy()
@@ -105,8 +118,11 @@ def main() -> None:
     w0 = (rng.normal(scale=0.01, size=(24, args.classes)).astype(np.float32), np.zeros(args.classes, np.float32))
     kd = _SoftEverywhere(fd.DistilLoss.kl_divergence(2.0), hard_w=0.3, soft_w=0.7)
     results = {}
-    for name, target, loss in (("hard labels (10%)", None, ce), ("dense teacher", t_logits, kd),
-                               (f"top-{args.k} teacher (stored)", stored, kd)):
+    routes = [("hard labels (10%)", None, ce), ("dense teacher", t_logits, kd),
+              (f"top-{args.k} teacher (stored)", stored, kd)]
+    if store is not None:
+        routes.append((f"top-{args.k} from a teacher store", store[0], kd))
+    for name, target, loss in routes:
         w, b = train(xs_train, target, few, loss, args.epochs, 0.01, rng, w0)
         results[name] = float(((xs_test @ w + b).argmax(1) == y_test).mean())
     dense_bytes = args.classes * 4
@@ -118,7 +134,7 @@ def main() -> None:
     for name, acc in results.items():
         print(f"  student, {name:28s} test accuracy {acc:.3f}")
     print(f"({time.perf_counter() - t0:.1f} s)")
-    del stored  # (the memory maps, before their temporary folder goes)
+    del stored, store, routes  # (the memory maps, before their temporary folder goes)
     if tmp is not None:
         tmp.cleanup()
 
