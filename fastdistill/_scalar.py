@@ -43,20 +43,30 @@ def sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq):  # type: ignore[no-untyped-d
             return q * (lq - lp), q * (lq - lp + 1.0)
         return 0.0, 0.0
     if div == DIV_MIXTURE:
-        d = (cp * p * (lp - lm) if p > 0.0 else 0.0) + (cq * q * (lq - lm) if q > 0.0 else 0.0)
+        # (a term of weight 0 is skipped, not 0 * inf: skew_kl at alpha = 1 mixes m = p, which is 0 off a
+        # renormalized support while q is not)
+        d = (cp * p * (lp - lm) if cp != 0.0 and p > 0.0 else 0.0) + (cq * q * (lq - lm) if cq != 0.0 and q > 0.0
+                                                                       else 0.0)
         h = 0.0
         if q > 0.0:
-            ratio = math.exp(lq - lm)  # q / m
-            h = -cp * (1.0 - lam) * p * ratio + cq * q * (lq - lm + 1.0 - (1.0 - lam) * ratio)
+            # (1 - lam) q / m, finite where lam < 1 (m >= (1 - lam) q); 0 where m does not hold q
+            w_ratio = (1.0 - lam) * math.exp(lq - lm) if lam != 1.0 else 0.0
+            if cp != 0.0:
+                h -= cp * p * w_ratio
+            if cq != 0.0:
+                h += cq * q * (lq - lm + 1.0 - w_ratio)
         return d, h
     # DIV_TVD
     return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))
 
 
 def teacher_weights(ids, vals, invt):  # type: ignore[no-untyped-def]
-    """A sparse teacher row's (used slots, ``log sum exp(v * invt)`` over them, whether one of them is NaN
-    or ``+inf``). The log-sum is ``-inf`` when no slot is used or every used value is ``-inf`` (no
-    distribution to renormalise), NaN with a NaN or ``+inf`` value (the dense rule: the row is NaN)."""
+    """A sparse teacher row's (used slots, ``vmax``, ``lacc``, whether a used value is NaN or ``+inf``):
+    ``log sum exp(v * invt)`` over the used slots is ``vmax + lacc``, kept apart so that each bin's
+    log-probability is formed relative to the maximum (:func:`bin_logprob`: values of 1e30 keep their
+    differences). ``vmax`` is ``-inf`` when no slot is used or every used value is ``-inf`` (no
+    distribution to renormalise); ``lacc`` is NaN with a NaN or ``+inf`` value (the dense rule: the row is
+    NaN)."""
     count = 0
     vmax = NEG_INF
     bad = False
@@ -69,14 +79,34 @@ def teacher_weights(ids, vals, invt):  # type: ignore[no-untyped-def]
             elif v * invt > vmax:
                 vmax = v * invt
     if bad:
-        return count, math.nan, True
+        return count, vmax, math.nan, True
     if vmax == NEG_INF:
-        return count, NEG_INF, False
+        return count, vmax, 0.0, False
     acc = 0.0
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
             acc += math.exp(vals[b] * invt - vmax)
-    return count, vmax + math.log(acc), False
+    return count, vmax, math.log(acc), False
+
+
+def ce_term(ms, s_label, log_z, eps, mean_s):  # type: ignore[no-untyped-def]
+    """A row's hard-label cross-entropy with label smoothing ``eps``: ``(1 - eps) (lse - s_label) + eps
+    (lse - mean s)`` with ``lse = ms + log_z``, formed as ``(ms - s_label) + log_z`` so that a ``log_z``
+    beside logits of 1e15 and beyond is kept (``ms + log_z`` rounds it away). Compiled without
+    reassociation (a backend's fastmath would undo the order)."""
+    h = (1.0 - eps) * ((ms - s_label) + log_z)
+    if eps != 0.0:
+        h += eps * ((ms - mean_s) + log_z)
+    return h
+
+
+def bin_logprob(v, invt, vmax, lacc, tail):  # type: ignore[no-untyped-def]
+    """The teacher's log-probability of a bin of value ``v``: the value itself for ``"bucket"``, else
+    ``v / tau`` renormalised over the support (:func:`teacher_weights`' ``vmax`` and ``lacc``; the maximum
+    subtracted first: compiled without reassociation)."""
+    if tail == TAIL_BUCKET:
+        return v
+    return (v * invt - vmax) - lacc
 
 
 def sorted_used_ids(ids, out):  # type: ignore[no-untyped-def]

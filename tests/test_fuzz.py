@@ -605,10 +605,6 @@ def test_cross_entropy_of_rows_of_huge_logits(dtype):
     np.testing.assert_allclose(loss, _ce_rows(s.astype(np.float64)), rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="with a sparse teacher the cross-entropy is still formed as (max + log sum) "
-                   "- s_label in float64: for rows whose logits lie near +-1e15 or beyond the sum rounds log(sum) "
-                   "away (cpu/_sparse.py and the CUDA sparse kernel, lse1); (max - s_label) + log(sum) keeps it, "
-                   "as the dense kernels now do (and fastmath's reassociation must not undo it)")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_sparse_cross_entropy_of_rows_of_huge_logits(dtype):
     s = np.array(HUGE, dtype)
@@ -670,9 +666,6 @@ def test_skew_reverse_kl_of_a_tiny_alpha_with_a_renormalized_teacher():
     fz.check_against_reference(case, loss, grad, fz.references(case), "skew_reverse_kl")
 
 
-@pytest.mark.xfail(strict=True, reason="fd_response_sparse_* checks the gradient against the student standing in "
-                   "for the teacher (capi/_cfuncs.py _check_sparse passes sp as tp to _check_response), so "
-                   "grad == student, the in-place update the header allows, returns FD_OVERLAP")
 def test_c_abi_sparse_gradient_in_place():
     # shrunk: Case(kind='kl_divergence', s=[[0.2514604421867866]], sparse=SparseSpec(indices=[[0]],
     # values=[[0.0]], tail='renormalize'), grad='inplace') through fd_response_sparse_f32: FD_OVERLAP
@@ -718,8 +711,6 @@ def test_cosine_gradient_of_extreme_norms(s, t):
     fz.check_against_reference(case, rows, grad, fz.references(case), "cosine")
 
 
-@pytest.mark.xfail(strict=True, reason="tail='support' with huge equal values (log-probabilities of 1e30): the "
-                   "teacher's weights are not taken relative to their maximum (cpu/_sparse.py): 0.712 for 0.146")
 def test_sparse_support_of_huge_values():
     # shrunk from a torch.compile case: a support row whose float32 values are all 1e30
     s = np.array([[-0.15, -1.67, 4.6, 0.5, -0.6, -5.1, 5.3, -0.7, -1.6]], np.float32)

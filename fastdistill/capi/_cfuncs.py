@@ -236,8 +236,10 @@ def _check_threads(nthreads):  # type: ignore[no-untyped-def]
 
 @njit(**JIT)
 def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
-                    reduction, lossp, gp, nthreads):  # type: ignore[no-untyped-def]
-    """Every check of ``fd_response_*``, in the Python API's order; FD_OK or the first failure."""
+                    reduction, lossp, gp, nthreads, dense_teacher=True):  # type: ignore[no-untyped-def]
+    """Every check of ``fd_response_*``, in the Python API's order; FD_OK or the first failure.
+    ``dense_teacher=False``: ``tp`` is the student standing in for a teacher that is not a logits array
+    (a sparse teacher's), so the gradient may be it (the in-place update)."""
     st = _check_shape(rows, n)
     if st != FD_OK:
         return st
@@ -253,7 +255,9 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
     s = _addr(sp)
     if g != 0 and g != s and _overlap(g, nb, s, nb):
         return FD_OVERLAP
-    if _overlap(g, nb, _addr(tp), nb) or _overlap(g, nb, _addr(lp), lb) or _overlap(g, nb, _addr(lossp), nloss):
+    if dense_teacher and _overlap(g, nb, _addr(tp), nb):
+        return FD_OVERLAP
+    if _overlap(g, nb, _addr(lp), lb) or _overlap(g, nb, _addr(lossp), nloss):
         return FD_OVERLAP
     if _overlap(_addr(lossp), nloss, s, nb) or _overlap(_addr(lossp), nloss, _addr(tp), nb):
         return FD_OVERLAP
@@ -303,9 +307,10 @@ def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, 
     kb = np.uint64(rows) * np.uint64(k)
     if _overlap(g, nb, _addr(ip), kb * np.uint64(8)) or _overlap(g, nb, _addr(vp), kb * np.uint64(4)):
         return FD_OVERLAP
-    # the dense checks, with the student standing in for the teacher (it is only read)
+    # the dense checks, with the student standing in for the teacher (it is only read; the gradient may
+    # be the student)
     st = _check_response(sp, sp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoothing, ignore_index,
-                         reduction, lossp, gp, nthreads)
+                         reduction, lossp, gp, nthreads, False)
     if st != FD_OK:
         return st
     if kind == FD_MSE or kind == FD_COSINE or kind == FD_COMBINED:

@@ -28,7 +28,16 @@ from numba import get_thread_id, njit, prange
 from numba.core import types
 from numba.extending import overload
 
-from .._scalar import REST_FLOOR, logaddexp, reads_rest_bin, sorted_used_ids, sparse_bin, teacher_weights
+from .._scalar import (
+    REST_FLOOR,
+    bin_logprob,
+    ce_term,
+    logaddexp,
+    reads_rest_bin,
+    sorted_used_ids,
+    sparse_bin,
+    teacher_weights,
+)
 from .._spec import (
     CE_NONE,
     CE_SHARED,
@@ -77,6 +86,11 @@ def _is_float64_impl(a):  # type: ignore[no-untyped-def]
 
 _sparse_bin = njit(**JIT_INNER)(sparse_bin)
 _teacher_weights = njit(**JIT_INNER)(teacher_weights)
+# scalar formulas whose order of operations matters: compiled without fastmath (its reassociation would
+# turn (ms - s) + log Z back into (ms + log Z) - s)
+_STRICT = dict(JIT_INNER, fastmath=False)
+_bin_logprob = njit(**_STRICT)(bin_logprob)
+_ce_term = njit(**_STRICT)(ce_term)
 _sorted_used_ids = njit(**JIT_INNER)(sorted_used_ids)
 _reads_rest_bin = njit(**JIT_INNER)(reads_rest_bin)
 
@@ -398,18 +412,18 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         # the teacher's bins: log-weights v / tau (log-probabilities as they are for "bucket")
         ids = idx[r]
         vr = vals[r]
-        count, lse_v, bad_v = _teacher_weights(ids, vr, vinvt)
+        count, vmax, lacc, bad_v = _teacher_weights(ids, vr, vinvt)
         # the student's log-normaliser over the bins: the row's, or for "support" the support's own
         # (relative to its own maximum: the support's mass may underflow relative to the row's)
         lzn = _support_lse(s_row, ids, ms, invt) if tail == TAIL_SUPPORT else lz
         # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
-        undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and lse_v == -np.inf))
+        undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and vmax == -np.inf))
         d = 0.0
         h_sum = 0.0
         for b in range(k if not undefined else 0):
             if ids[b] >= 0:
                 lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lzn
-                lp = vr[b] if tail == TAIL_BUCKET else vr[b] * vinvt - lse_v
+                lp = _bin_logprob(vr[b], vinvt, vmax, lacc, tail)
                 db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
                 d += db
                 h_sum += hb
@@ -443,14 +457,9 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         loss = dw * d
         counted_ce = ce != CE_NONE and lab >= 0
         s_lab = 0.0
-        lse1 = 0.0
         if counted_ce:
-            lse1 = ms + (math.log(z) if ce == CE_SHARED else math.log(z1))
             s_lab = as_type_of(0.0, s_row[lab])
-            h = (1.0 - eps) * (lse1 - s_lab)
-            if eps != 0.0:
-                h += eps * (lse1 - ssum / n)
-            loss += hw * h
+            loss += hw * _ce_term(ms, s_lab, math.log(z) if ce == CE_SHARED else math.log(z1), eps, ssum / n)
         if nan or ms == -np.inf:
             loss = np.nan
         out_loss[r] = loss
@@ -483,7 +492,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         one_hot = scale * hw * (1.0 - eps) if counted_ce else 0.0
         lab_c = lab if counted_ce else np.int64(-1)
         sup = np.empty(k + 1, np.float64)
-        _support_values(sup, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
+        _support_values(sup, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
                         div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
         _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs)
         _scatter_support(g_row, ids, sup, lab_c)
@@ -576,7 +585,7 @@ def _rest_sums(s_row, srt, m, ms, invt, kept, e_row, refs):  # type: ignore[no-u
 
 
 @njit(**JIT_INNER)
-def _support_values(out, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
+def _support_values(out, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
                     lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt):
     """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
     not one of them (``out[k]``; NaN when there is none), each from all of its terms (the
@@ -593,7 +602,7 @@ def _support_values(out, s_row, ids, vr, ms, invt, lzn, lse_v, a_ce, b_ce, c, cd
         sj = as_type_of(0.0, s_row[j])
         dj = (sj - ms) * invt
         lq = dj - lzn
-        lp = vr[slot] if tail == TAIL_BUCKET else vr[slot] * vinvt - lse_v
+        lp = _bin_logprob(vr[slot], vinvt, vmax, lacc, tail)
         qb = math.exp(lq)
         _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
         val = a_ce * math.exp(dj) + b_ce * math.exp(sj - ms) + c + cd * (hb - qb * h_sum)

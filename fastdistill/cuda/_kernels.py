@@ -44,6 +44,8 @@ except ImportError:  # older numba-cuda
 from .. import _cache
 from .._scalar import (
     REST_FLOOR,
+    bin_logprob,
+    ce_term,
     logaddexp,
     mix_ratio,
     reads_rest_bin,
@@ -1181,6 +1183,8 @@ def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: igno
 
 
 _teacher_weights = cuda.jit(device=True, inline=True)(teacher_weights)
+_bin_logprob = cuda.jit(device=True, inline=True)(bin_logprob)
+_ce_term = cuda.jit(device=True, inline=True)(ce_term)
 _sorted_used_ids = cuda.jit(device=True, inline=True)(sorted_used_ids)
 _reads_rest_bin = cuda.jit(device=True, inline=True)(reads_rest_bin)
 
@@ -1356,16 +1360,16 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     out_loss[r] = 0.0
                 else:
                     lz = math.log(Z)
-                    count, lse_v, bad_v = _teacher_weights(idx[r], vals[r], vinvt)
+                    count, vmax, lacc, bad_v = _teacher_weights(idx[r], vals[r], vinvt)
                     lzn = _support_lse(s, r, idx[r], M, invt64) if tail == TAIL_SUPPORT else lz
                     # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
-                    undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and lse_v == NEG_INF))
+                    undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and vmax == NEG_INF))
                     d = 0.0
                     h_sum = 0.0
                     for b in range(kk if not undefined else 0):
                         if idx[r, b] >= 0:
                             lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lzn
-                            lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * vinvt - lse_v
+                            lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
                             db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
                                                  cq)
                             d += db
@@ -1397,11 +1401,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     loss = dw * d
                     counted_ce = ce != CE_NONE and lab >= 0
                     if counted_ce:
-                        lse1 = M + math.log(Z1)
-                        h = (1.0 - eps) * (lse1 - float64(load(s[r, lab])))
-                        if eps != 0.0:
-                            h += eps * (lse1 - SSUM / n)
-                        loss += hw * h
+                        loss += hw * _ce_term(M, float64(load(s[r, lab])), math.log(Z1), eps, SSUM / n)
                     if NAN != 0.0 or M == NEG_INF:
                         loss = np.nan
                     out_loss[r] = loss
@@ -1441,7 +1441,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                                 sj = float64(load(s[r, j]))
                                 dj = (sj - M) * invt64
                                 lq = dj - lzn
-                                lp = vals[r, b] if tail == TAIL_BUCKET else vals[r, b] * vinvt - lse_v
+                                lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
                                 qb = math.exp(lq)
                                 _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
                                 val = a_ce * math.exp(dj) + b_ce * math.exp(sj - M) + c + cd * (hb - qb * h_sum)
