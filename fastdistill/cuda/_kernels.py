@@ -1467,7 +1467,9 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                     c_f = ft(coef[slot, 2])
                     mf = ft(coef[slot, 3])
                     for j in range(lane, n, G):
-                        dx = ft(load(s[r, j])) - mf
+                        # (at most 0: every column outside the support lies at or below the reference; a
+                        # support column above it, rewritten below, must not overflow: the simulator raises)
+                        dx = min(ft(load(s[r, j])) - mf, zero)
                         val = a_f * math.exp(dx * invt) + c_f
                         if own_ce:
                             val += b_f * math.exp(dx)
