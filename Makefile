@@ -28,11 +28,12 @@ $(TEST_STAMP): $(STAMP) Makefile
 
 venv: $(TEST_STAMP)
 
-# two pytest processes (pytest-xdist), a test file each at a time: the longest file (every CUDA kernel
-# compiled for sm_90) runs beside the others instead of after them on this 2-core machine
+# two pytest processes (pytest-xdist), a test file each at a time, the longest files first (the order of
+# tests/conftest.py: the sm_90 compile of every CUDA kernel starts at once and runs beside the others
+# instead of after them on this 2-core machine)
 TEST_JOBS ?= 2
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # the differential fuzzer's long profile: FUZZ_EXAMPLES cases per front door, mismatches counted (not
 # stopped at), the counts printed at the end; `make test` runs a bounded profile of the same tests

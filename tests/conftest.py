@@ -79,3 +79,18 @@ def pytest_sessionfinish(session, exitstatus):
     if stray:
         print("\nCompiled outside the kernel variant table:\n  " + "\n  ".join(stray))
         session.exitstatus = 1
+
+
+# The files that take longest, started first: `make test` runs two pytest-xdist processes a file each
+# (`--dist loadfile --no-loadscope-reorder`), and a long file taken last would run alone at the end. Without
+# the flag xdist sorts files by their number of tests, which put the sm_90 compile of every CUDA kernel
+# (two tests, the longest file) last.
+LONGEST_FIRST = ("test_cuda_compile.py", "test_capi.py", "test_cuda_sim.py", "test_fuzz.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order kept
