@@ -458,17 +458,21 @@ def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
             if CE != CE_NONE:
                 ssum += float64((s0 + s1_) + (s2 + s3)) if k == 4 else float64(s0)
             if LIN:
+                # products in float64, as on the CPU: a float32 product of logits beyond 1.8e19 overflows
+                # to inf (and the row to NaN), where the float64 sums hold the value
+                a0, a1, a2, a3 = float64(s0), float64(s1_), float64(s2), float64(s3)
+                b0, b1, b2, b3 = float64(t0), float64(t1), float64(t2), float64(t3)
                 if k == 4:
-                    d2 += float64(((t0 - s0) * (t0 - s0) + (t1 - s1_) * (t1 - s1_))
-                                  + ((t2 - s2) * (t2 - s2) + (t3 - s3) * (t3 - s3)))
-                    dst += float64((s0 * t0 + s1_ * t1) + (s2 * t2 + s3 * t3))
-                    dss += float64((s0 * s0 + s1_ * s1_) + (s2 * s2 + s3 * s3))
-                    dtt += float64((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3))
+                    d2 += ((b0 - a0) * (b0 - a0) + (b1 - a1) * (b1 - a1)) + ((b2 - a2) * (b2 - a2)
+                                                                              + (b3 - a3) * (b3 - a3))
+                    dst += (a0 * b0 + a1 * b1) + (a2 * b2 + a3 * b3)
+                    dss += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)
+                    dtt += (b0 * b0 + b1 * b1) + (b2 * b2 + b3 * b3)
                 else:
-                    d2 += float64((t0 - s0) * (t0 - s0))
-                    dst += float64(s0 * t0)
-                    dss += float64(s0 * s0)
-                    dtt += float64(t0 * t0)
+                    d2 += (b0 - a0) * (b0 - a0)
+                    dst += a0 * b0
+                    dss += a0 * a0
+                    dtt += b0 * b0
         return mt, ms, sa, sb, sx, s1, ssum, d2, dst, dss, dtt, nan
 
     return sums
