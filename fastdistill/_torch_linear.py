@@ -148,6 +148,63 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     return out.contiguous()
 
 
+def _logit_transform(scale: Any, softcap: Any, who: str) -> tuple[float, float]:
+    """``(scale, softcap)`` checked, ``softcap`` 0.0 for none (the op's ``transform`` entries)."""
+    try:
+        sc = float(scale)
+    except (TypeError, ValueError):
+        raise V.InvalidParameterError(f"{who}_logit_scale must be a real number, got {scale!r}") from None
+    if not math.isfinite(sc):
+        raise V.InvalidParameterError(f"{who}_logit_scale must be finite, got {sc}")
+    if softcap is None:
+        return sc, 0.0
+    try:
+        cap = float(softcap)
+    except (TypeError, ValueError):
+        raise V.InvalidParameterError(f"{who}_softcap must be a real number or None, got {softcap!r}") from None
+    if not (math.isfinite(cap) and cap > 0.0):
+        raise V.InvalidParameterError(f"{who}_softcap must be finite and > 0 (None for no softcapping), got {cap}")
+    return sc, cap
+
+
+def _transform_(z: torch.Tensor, scale: float, cap: float, keep_slope: bool) -> Optional[torch.Tensor]:
+    """The logits a model emits from its head's output ``z``, in place: ``scale · z`` (Cohere's
+    ``logit_scale``), then ``cap · tanh(· / cap)`` (Gemma-2's ``final_logit_softcapping``), in the
+    chunk's dtype as those models compute them. With ``keep_slope`` and a cap, returns ``1 − tanh²``,
+    the cap's derivative (the gradient's chain rule needs it after the kernel has overwritten the
+    logits with their gradient: one more chunk-sized buffer, only when capping). 16-bit chunks are
+    transformed in float32, ``_TRANSFORM_ROWS`` rows at a time, each result rounded once: ``1 − tanh²``
+    of a rounded ``tanh`` near saturation would lose most of its digits."""
+    if cap == 0.0:
+        if scale != 1.0:
+            z.mul_(scale)
+        return None
+    slope = torch.empty_like(z) if keep_slope else None
+    wide = z.dtype in (torch.float32, torch.float64)
+    step = z.shape[0] if wide else _TRANSFORM_ROWS
+    for lo in range(0, z.shape[0], step):
+        part = z[lo:lo + step]
+        u = part if wide else part.float()
+        if scale != 1.0:
+            u.mul_(scale)
+        u.div_(cap).tanh_()
+        if slope is not None:  # 1 - tanh², no temporary beyond the slope's own rows
+            sl = slope[lo:lo + step]
+            if wide:
+                torch.mul(u, u, out=sl)
+                sl.neg_().add_(1.0)
+            else:
+                sl.copy_(1.0 - u * u)
+        u.mul_(cap)
+        if not wide:
+            part.copy_(u)
+    return slope
+
+
+# rows of a 16-bit chunk transformed at a time in float32 (a 64 x 128256 float32 block is 31 MiB)
+_TRANSFORM_ROWS = 64
+
+
 # classes of the weight's gradient accumulated at a time from a 16-bit chunk: the partial product (and
 # its float32 conversion) is this many rows of the weight, not all of them (a 128256 x 2048 bfloat16
 # partial is 500 MiB, its float32 copy 1 GiB)
@@ -184,12 +241,14 @@ def _accumulate(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
 def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
                 teacher_weight: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                 student_bias: Optional[torch.Tensor], teacher_bias: Optional[torch.Tensor], call: list[float],
-                chunk_size: int, num_items: Optional[torch.Tensor],
-                sparse: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk_size: int, num_items: Optional[torch.Tensor], sparse: list[int],
+                transform: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_input, grad_weight, grad_bias) of the mean (or ``num_items``-divided) loss over the
     batch's counted rows; ``grad_bias`` is empty without a bias. The gradients of the weight and bias
     are accumulated in float32 (float64 for float64 inputs). ``sparse`` = ``[kind, tail]`` for a sparse
-    teacher, whose ids then come as ``teacher_input`` and values as ``teacher_weight`` (else empty)."""
+    teacher, whose ids then come as ``teacher_input`` and values as ``teacher_weight`` (else empty).
+    ``transform`` = ``[student scale, student softcap, teacher scale, teacher softcap]`` (softcap 0: none;
+    the teacher's apply to a teacher head only): see :func:`_transform_`."""
     _check_fused(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
                  bool(sparse))
     distiller, reduction, n_items, want_grad = _decode(call)
@@ -212,6 +271,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     if n_items is None:  # the mean over the whole batch's counted rows, not each chunk's
         n_items = float(rows if lab is None else int((lab != distiller.ignore_index).sum()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s_scale, s_cap, t_scale, t_cap = (float(v) for v in transform)
     # float16 cannot hold a large batch's per-element gradients of the mean (smallest normal 6e-5): its
     # chunks' logit gradients are computed unscaled (num_items=1, values within [-1, 1] times the
     # weights), the 1/num_items factor is applied in float32 afterwards, and the three gradients stay in
@@ -228,11 +288,14 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
         s = _logits(x[lo:hi], w, b)
+        slope = _transform_(s, s_scale, s_cap, want_grad)
         if sparse:
             t = from_codes(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
                            sparse)
         else:
             t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
+            if tw is not None:
+                _transform_(t, t_scale, t_cap, False)
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
         if n_items > 0:
             kw: dict = dict(num_items=1.0 if unscaled else n_items)
@@ -244,6 +307,11 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             loss = distiller.loss_and_grad(_as_backend_input(s), _teacher_arg(t), y, grad_out=_as_backend_input(s),
                                            **kw)[0]
             if n_items > 0:
+                # the chain rule through the transform: d/dz = scale · (1 − tanh²) · d/ds
+                if slope is not None:
+                    s.mul_(slope)
+                if s_scale != 1.0:
+                    s.mul_(s_scale)
                 grad_input[lo:hi] = s @ w
                 _accumulate(grad_weight, s, x[lo:hi])
                 if b is not None:
@@ -253,7 +321,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
         else:
             loss = distiller.loss(_as_backend_input(s), _teacher_arg(t), y, **kw)
         total += float(loss) if n_items > 0 else 0.0
-        del s, t
+        del s, t, slope
     if unscaled and n_items > 0:
         total /= n_items
         if want_grad:
@@ -274,7 +342,7 @@ _fused_op = torch.library.custom_op(_OP, _fused_impl, mutates_args=())
 
 @_fused_op.register_fake
 def _fused_fake(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,  # type: ignore[no-untyped-def]  # noqa: E501
-                call, chunk_size, num_items, sparse):
+                call, chunk_size, num_items, sparse, transform):
     want = call[-1] != 0.0
     loss = student_input.new_empty((), dtype=_loss_dtype(student_input.dtype))
     # (float16's gradients come in float32: see _fused_impl)
@@ -303,7 +371,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     # (not while torch.compile traces the backward: the comparison has no value there)
     one = not torch.compiler.is_compiling() and bool(grad_loss == 1)
     return (_scaled(gi, grad_loss, di, one), _scaled(gw, grad_loss, dw, one), None, None, None,
-            _scaled(gb, grad_loss, db, one) if ctx.has_bias else None, None, None, None, None, None)
+            _scaled(gb, grad_loss, db, one) if ctx.has_bias else None, None, None, None, None, None, None)
 
 
 def _scaled(g: torch.Tensor, go: torch.Tensor, dtype: torch.dtype, one: bool) -> torch.Tensor:
@@ -324,12 +392,24 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     whole batch's counted rows (or divided by ``num_items``); gradients reach ``student_input``,
     ``student_weight`` and ``student_bias``, computed in forward (the weight's accumulated in float32)
     and scaled by the upstream gradient in backward. Extra memory: about three chunks of logits.
+
+    ``student_logit_scale``, ``student_softcap`` (and the teacher's): the logits a model really emits,
+    ``scale · z`` then ``softcap · tanh(· / softcap)`` of the head's output ``z`` (Cohere's
+    ``logit_scale``, Gemma-2's ``final_logit_softcapping``), applied per chunk, the student's gradient
+    taken through both (one more chunk of logits while capping). The teacher's apply to a teacher head
+    (``teacher_weight``) only: teacher logits and a ``SparseTeacher`` are taken as they are.
     """
 
     def __init__(self, soft_loss: Any = "kl_divergence", temperature: float | None = None,
                  hard_label_weight: float = 0.5, soft_label_weight: float = 0.5, ignore_index: int = -100,
-                 chunk_size: int = 1024, **soft_params: Any) -> None:
+                 chunk_size: int = 1024, *, student_softcap: float | None = None, teacher_softcap: float | None = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, **soft_params: Any) -> None:
         super().__init__()
+        # checked here and again per call (they are plain attributes a trainer may set)
+        s_scale, s_cap = _logit_transform(student_logit_scale, student_softcap, "student")
+        t_scale, t_cap = _logit_transform(teacher_logit_scale, teacher_softcap, "teacher")
+        self.student_logit_scale, self.student_softcap = s_scale, (s_cap or None)
+        self.teacher_logit_scale, self.teacher_softcap = t_scale, (t_cap or None)
         soft = make_soft_loss(soft_loss, temperature, soft_params.pop("beta", None), soft_params.pop("alpha", None),
                               soft_params.pop("t2_scale", None))
         if soft_params:
@@ -352,6 +432,13 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             sparse = codes(teacher_input)
             teacher_weight = torch.as_tensor(teacher_input.values)
             teacher_input = torch.as_tensor(teacher_input.indices)
+        transform = [*_logit_transform(self.student_logit_scale, self.student_softcap, "student"),
+                     *_logit_transform(self.teacher_logit_scale, self.teacher_softcap, "teacher")]
+        if teacher_weight is None or sparse:
+            if transform[2:] != [1.0, 0.0]:
+                raise V.InvalidParameterError(
+                    "teacher_logit_scale/teacher_softcap apply to a teacher head (teacher_weight): teacher logits "
+                    "or a SparseTeacher are taken as the teacher's final logits")
         if labels is not None and not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(labels)
         _check_devices(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias,
@@ -363,5 +450,6 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         loss, *_ = torch.ops.fastdistill.fused_linear_response(
             student_input, student_weight, teacher_input.detach(),
             None if teacher_weight is None else teacher_weight.detach(), labels, student_bias,
-            None if teacher_bias is None else teacher_bias.detach(), call, self.chunk_size, n_items_tensor, sparse)
+            None if teacher_bias is None else teacher_bias.detach(), call, self.chunk_size, n_items_tensor, sparse,
+            transform)
         return loss
