@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import cpu_tensor_numpy, host_array
 from ._spec import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, HALF
 
 ACCEPTED = "float32, float64, float16 or bfloat16"
@@ -58,15 +59,9 @@ def host_logits(x: Any, storage: str, name: str) -> np.ndarray:
     if storage in HALF:
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(x, torch.Tensor):
-            if x.device.type != "cpu":
-                raise TypeError(
-                    f"{name} is a tensor on device '{x.device}'; fastdistill computes on the CPU and on CUDA GPUs"
-                )
             # (NumPy has no bfloat16: the tensor's bits are viewed as 16-bit integers by PyTorch itself)
-            return x.detach().view(torch.int16).numpy().view(BITS[storage])
+            return cpu_tensor_numpy(x, name).view(torch.int16).numpy().view(BITS[storage])
         return np.asarray(x).view(BITS[storage])
-    from ._validate import host_array
-
     return host_array(x, name)
 
 

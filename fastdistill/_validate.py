@@ -1,24 +1,23 @@
-"""Every input check of the library, in one place.
+"""The input checks shared by the front doors: arrays and their shapes, labels, parameters, reductions.
 
 The façade calls these in the contract's order -- empty input, shape mismatch, labels length, label
 range, parameters -- before any kernel runs. Messages name the argument and the numbers involved.
 Device arrays (anything with ``__cuda_array_interface__``) are checked from their metadata only; their
-label range is checked by the CUDA backend with :func:`label_range_error`.
-
-PyTorch tensors are described from their own attributes (shape, dtype, device), never through NumPy or
-``__cuda_array_interface__``: both refuse tensors that require grad, the usual state of a model's output,
-and the interface builds a new dictionary on every access. Reading a tensor's values never touches its
-autograd state.
+label range is checked by the CUDA backend with :func:`label_range_error`. Checks of one kind of input
+live beside it and use these: a sparse teacher's in ``sparse``, a vocabulary shard's in ``sharded``,
+tensors' devices and the fused head's shapes in ``torch`` and ``_torch_linear``, the teacher readers'
+and the store's in ``teachers``. What an array is (tensor, device array, its shape and dtype) is
+``_arrays``'s.
 """
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import numpy as np
 
 from . import _storage
+from ._arrays import OtherDtype, host_array, is_device, is_torch, on_host, shape_dtype, torch_np_dtype
 from ._spec import FLOAT32, HALF, MAX_TEMPERATURE
 from .errors import (
     DimensionMismatchError,
@@ -31,84 +30,6 @@ from .errors import (
 REDUCTIONS = ("mean", "sum", "none")
 VOCAB_MISMATCH = ("error", "truncate")
 BACKENDS = ("auto", "cpu", "cuda")
-
-
-class OtherDtype(str):
-    """A dtype NumPy cannot represent (``torch.bfloat16``, float8 ...): never valid here, named in messages."""
-
-    kind = "V"
-
-
-_TORCH_NP: dict = {}
-
-
-def is_torch(x: Any) -> bool:
-    """True for PyTorch tensors (and their subclasses); never imports PyTorch."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
-
-
-def torch_np_dtype(dtype: Any) -> Any:
-    """The NumPy dtype of a PyTorch dtype, or an :class:`OtherDtype` naming it."""
-    d = _TORCH_NP.get(dtype)
-    if d is None:
-        name = str(dtype)
-        try:
-            d = np.dtype(name.rsplit(".", 1)[-1])
-        except TypeError:
-            d = OtherDtype(name)
-        _TORCH_NP[dtype] = d
-    return d
-
-
-def is_device(x: Any) -> bool:
-    """True for arrays that live on a CUDA device (numba device arrays, CuPy, PyTorch CUDA tensors)."""
-    if type(x) is np.ndarray:
-        return False
-    if is_torch(x):
-        return bool(x.is_cuda)
-    return hasattr(x, "__cuda_array_interface__")
-
-
-def shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
-    """Shape and dtype of a host or device array without copying it (dtype: NumPy's, or OtherDtype)."""
-    if type(x) is np.ndarray:
-        return x.shape, x.dtype
-    if is_torch(x):
-        return tuple(x.shape), torch_np_dtype(x.dtype)
-    if hasattr(x, "__cuda_array_interface__"):
-        cai = x.__cuda_array_interface__
-        return tuple(int(d) for d in cai["shape"]), np.dtype(cai["typestr"])
-    a = np.asarray(x)
-    return a.shape, a.dtype
-
-
-def on_host(x: Any) -> Any:
-    """A device array's host copy (for the small arrays checked on the host: a sparse teacher's
-    ``rows x k`` ids and values, a vocabulary shard's labels), anything else as it is."""
-    if not is_device(x):
-        return x
-    if is_torch(x):
-        return x.detach().cpu()
-    if hasattr(x, "get"):  # CuPy
-        return x.get()
-    return x.copy_to_host()
-
-
-def host_array(x: Any, name: str) -> np.ndarray:
-    """``x`` as a NumPy array (no copy for NumPy input or CPU tensors, whatever their autograd state)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if is_torch(x):
-        if x.device.type != "cpu":
-            raise TypeError(
-                f"{name} is a tensor on device '{x.device}'; fastdistill computes on the CPU and on CUDA GPUs"
-            )
-        return x.detach().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001
-        raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from exc
 
 
 def check_logits(shape: tuple[int, ...], dtype: np.dtype, name: str) -> None:

@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import _arrays as A
 from . import _dispatch
 from . import _validate as V
 from ._spec import Terms
@@ -90,7 +91,7 @@ class ResponseDistiller:
 
     def compute_loss(self, student: Any, teacher: Any, hard_label: Any) -> float:
         """The loss of one 1-D row; ``hard_label`` may be None only when ``hard_label_weight == 0``."""
-        s_shape, _ = V.shape_dtype(student)
+        s_shape, _ = A.shape_dtype(student)
         if len(s_shape) > 1:
             raise DimensionMismatchError(
                 expected=1, got=len(s_shape),
@@ -105,7 +106,7 @@ class ResponseDistiller:
         """Mean loss over the counted rows; flat 1-D inputs need ``n_classes`` (as in the seed)."""
         if n_classes is not None:
             n_classes = V.integer(n_classes, "n_classes")
-            s_shape, _ = V.shape_dtype(student)
+            s_shape, _ = A.shape_dtype(student)
             if len(s_shape) == 1:
                 student, teacher = self._unflatten(student, teacher, hard_labels, n_classes)
             elif s_shape[-1] != n_classes:
@@ -117,12 +118,12 @@ class ResponseDistiller:
 
     @staticmethod
     def _unflatten(student: Any, teacher: Any, hard_labels: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        s = V.host_array(student, "student")
-        t = V.host_array(teacher, "teacher")
+        s = A.host_array(student, "student")
+        t = A.host_array(teacher, "teacher")
         if hard_labels is None:
             rows = s.size // n_classes if n_classes > 0 else 0
         else:
-            rows = int(np.size(V.host_array(hard_labels, "hard_labels")))
+            rows = int(np.size(A.host_array(hard_labels, "hard_labels")))
         if rows == 0 or n_classes <= 0 or s.size == 0:
             raise EmptyInputError(
                 f"compute_batch_loss got an empty batch: {rows} rows of {n_classes} classes, "

@@ -1,7 +1,10 @@
-"""Exception classes of fastdistill.
+"""Exception classes of fastdistill's core API.
 
-Every error the library raises on bad input is one of these (or a plain ``TypeError`` for a wrong
-dtype), and every message names the offending argument and the numbers involved.
+Every error the library raises on bad input derives from :class:`FastDistillError` (or is a plain
+``TypeError`` for a wrong dtype or device), and every message names the offending argument and the
+numbers involved. The classes of one kind of input live beside it and derive from these:
+``SparseTeacherIndexError`` in ``fastdistill.sparse``, the teacher readers', store's and capture's errors
+in ``fastdistill.teachers``.
 """
 from __future__ import annotations
 

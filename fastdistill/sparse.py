@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _arrays as A
 from . import _storage
 from . import _validate as V
 from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
@@ -61,8 +62,8 @@ class SparseTeacher:
                 f"SparseTeacher temperature must be 1 with kind='logits' (got {t_gen}): logits are divided by "
                 "the loss's temperature directly; temperature is that of log-probabilities"
             )
-        i_shape, i_dtype = V.shape_dtype(indices)
-        v_shape, v_dtype = V.shape_dtype(values)
+        i_shape, i_dtype = A.shape_dtype(indices)
+        v_shape, v_dtype = A.shape_dtype(values)
         if getattr(i_dtype, "kind", "") not in "iu":
             raise TypeError(f"SparseTeacher indices must be an integer array, got dtype {i_dtype}")
         if _storage.storage_of(v_dtype) is None and getattr(v_dtype, "kind", "") != "f":
@@ -85,7 +86,7 @@ class SparseTeacher:
     @property
     def shape(self) -> tuple[int, ...]:
         """``(..., k)``."""
-        return tuple(V.shape_dtype(self.indices)[0])
+        return tuple(A.shape_dtype(self.indices)[0])
 
     @property
     def k(self) -> int:
@@ -147,8 +148,8 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
             f"dims must be {tuple(s_shape[:-1])} (student shape {tuple(s_shape)})",
         )
     k = int(i_shape[-1])
-    indices, values = V.on_host(teacher.indices), V.on_host(teacher.values)
-    raw = V.host_array(indices, "indices").reshape(-1, k)
+    indices, values = A.on_host(teacher.indices), A.on_host(teacher.values)
+    raw = A.host_array(indices, "indices").reshape(-1, k)
     big = V.above_int64(raw)
     if big is not None:
         r, c = divmod(big, k)
@@ -157,12 +158,12 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
             f"(valid: 0..{n - 1}, or -1 for an unused slot)"
         )
     idx = np.ascontiguousarray(raw, dtype=np.int64)
-    v_dtype = V.shape_dtype(values)[1]
+    v_dtype = A.shape_dtype(values)[1]
     st = _storage.storage_of(v_dtype)
     if st is not None and st != FLOAT64:
         vals = _storage.to_float(_storage.host_logits(values, st, "values"), st, FLOAT64)
     else:
-        vals = V.host_array(values, "values")
+        vals = A.host_array(values, "values")
     vals = np.ascontiguousarray(vals, dtype=np.float64).reshape(-1, k)
     lo, hi = int(idx.min()), int(idx.max())
     if lo < -1 or hi >= n:
@@ -205,7 +206,7 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None 
     prefix, by decreasing probability under ``softmax(logits / temperature)``, whose probability reaches
     ``top_p``, with at least ``min_k`` and at most ``k`` entries; the other slots get id ``-1`` and value
     ``-inf``. The cut is a prefix scan over the sorted selection, in the same pass."""
-    shape, dtype = V.shape_dtype(logits)
+    shape, dtype = A.shape_dtype(logits)
     V.check_logits(shape, dtype, "logits")
     kk = V.integer(k, "k")
     n = int(shape[-1])

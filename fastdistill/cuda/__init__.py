@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _arrays as A
 from .. import _storage
 from .. import _validate as V
 from .._scalar import reads_rest_bin
@@ -51,7 +52,7 @@ def check_label_range(labels: Any, n: int, ignore_index: int) -> None:
     """:class:`LabelOutOfRangeError` for a device label outside ``[0, n)`` that is not ``ignore_index``."""
     kind = D.kind_of(labels)
     stream = D.stream_for(kind, labels)
-    lab = D.view(labels, kind, stream, "labels", (int(np.prod(V.shape_dtype(labels)[0], dtype=np.int64)),),
+    lab = D.view(labels, kind, stream, "labels", (int(np.prod(A.shape_dtype(labels)[0], dtype=np.int64)),),
                  np.int64)
     info = _info(kind, labels, stream)
     _count_labels(lab, n, ignore_index, info, stream)
@@ -73,11 +74,11 @@ def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, gr
     g_kind = D.kind_of(grad_out)
     if g_kind == "host":
         host = V.grad_out(grad_out, call.shape, g_store,
-                          (V.host_array(teacher, "teacher") if D.kind_of(teacher) == "host" else None,),
-                          V.host_array(student, "student") if kind == "host" else None)
+                          (A.host_array(teacher, "teacher") if D.kind_of(teacher) == "host" else None,),
+                          A.host_array(student, "student") if kind == "host" else None)
         g = D.numba_cuda().device_array((rows, n), dtype=g_dtype_k, stream=stream)
         return grad_out, g, host.view(g_dtype_k)
-    g_shape, g_dtype = V.shape_dtype(grad_out)
+    g_shape, g_dtype = A.shape_dtype(grad_out)
     if tuple(g_shape) != tuple(call.shape):
         raise V.DimensionMismatchError(
             expected=rows * n, got=int(np.prod(g_shape, dtype=np.int64)),
@@ -88,12 +89,12 @@ def _grad_buffer(call: ResponseCall, student: Any, teacher: Any, labels: Any, gr
         g = D.DevArg(grad_out, grad_out.data_ptr(), (rows, n), D.torch_dtype(grad_out))
     else:
         gv = grad_out if getattr(grad_out, "__cuda_ndarray__", False) else D.numba_cuda().as_cuda_array(
-            D._bits(grad_out.detach()) if V.is_torch(grad_out) else grad_out, sync=False)
+            D._bits(grad_out.detach()) if A.is_torch(grad_out) else grad_out, sync=False)
         if not gv.is_c_contiguous():
             raise V.InvalidParameterError("grad_out must be a writable C-contiguous array")
         g = gv.reshape(rows, n)
     t_kind = D.kind_of(teacher)
-    if t_kind != "host" and _storage.check(V.shape_dtype(teacher)[1], "teacher") != call.variant.storage()[1]:
+    if t_kind != "host" and _storage.check(A.shape_dtype(teacher)[1], "teacher") != call.variant.storage()[1]:
         # the kernels read a converted copy: the caller's own teacher is checked as well
         t = (t, D.view(D._bits(teacher.detach()) if t_kind == "torch" else teacher, t_kind, stream, "teacher", (rows, n)))
     else:
@@ -345,7 +346,7 @@ def top_k(x: Any, k: int, tau: float, storage: str, top_p: float = 2.0, min_k: i
     shape plus ``(k,)``, in the caller's array kind; ``top_p`` at most 1: the nucleus cut (at least
     ``min_k`` entries)."""
     K = _K()
-    shape, _ = V.shape_dtype(x)
+    shape, _ = A.shape_dtype(x)
     n = int(shape[-1])
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     kind = D.kind_of(x)
@@ -365,7 +366,7 @@ def top_k(x: Any, k: int, tau: float, storage: str, top_p: float = 2.0, min_k: i
 def softmax(x: Any, tau: float, *, log: bool) -> Any:
     """Row-wise (log-)softmax of ``x / tau`` on the GPU, in ``x``'s array kind, shape and dtype."""
     K = _K()
-    shape, dtype = V.shape_dtype(x)
+    shape, dtype = A.shape_dtype(x)
     storage = _storage.check(dtype, "x")
     n = int(shape[-1])
     rows = int(np.prod(shape[:-1], dtype=np.int64))

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _arrays as A
 from .. import _storage
-from .. import _validate as V
 from .._spec import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
 
 # the element type the kernels see for each storage (bfloat16: its bits, see ``_kernels.load``)
@@ -94,7 +94,7 @@ def kind_of(x: Any) -> str:
     """'torch', 'cupy', 'numba' (or another ``__cuda_array_interface__`` producer) or 'host'."""
     if x is None or isinstance(x, np.ndarray):
         return "host"
-    if V.is_torch(x):
+    if A.is_torch(x):
         return "torch" if x.is_cuda else "host"
     if hasattr(x, "__cuda_array_interface__") or getattr(x, "__cuda_ndarray__", False):
         return "cupy" if type(x).__module__.split(".")[0] == "cupy" else "numba"
@@ -176,7 +176,7 @@ class DevArg:
 
     def copy_to_host(self, stream: Any = 0) -> np.ndarray:
         o = self.obj
-        if V.is_torch(o):
+        if A.is_torch(o):
             return _bits(o.detach()).cpu().numpy().reshape(self.shape)
         return np.asarray(self.plain().copy_to_host(stream=stream))
 
@@ -184,7 +184,7 @@ class DevArg:
 def _bits(x: Any) -> Any:
     """A bfloat16 tensor as the int16 tensor of its bits (the kernels' view; ``__cuda_array_interface__``
     and NumPy have no bfloat16), anything else as it is."""
-    if V.is_torch(x):
+    if A.is_torch(x):
         import torch
 
         if x.dtype == torch.bfloat16:
@@ -200,7 +200,7 @@ def plain(a: Any) -> Any:
 def _no_grad(x: Any) -> Any:
     """``x`` itself, or a detached view of a tensor (``__cuda_array_interface__`` refuses ones that
     require grad)."""
-    return x.detach() if V.is_torch(x) else x
+    return x.detach() if A.is_torch(x) else x
 
 
 class _Layout:
@@ -261,7 +261,7 @@ def _torch_of_storage(storage: str):  # type: ignore[no-untyped-def]
 def view_logits(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...], storage: str):  # type: ignore[no-untyped-def]  # noqa: E501
     """A kernel argument of ``shape`` holding logits ``x`` in ``storage`` (a storage name): a zero-copy
     view when ``x`` already is in it (bfloat16 as its bits), else one converted copy."""
-    own = _storage.check(V.shape_dtype(x)[1], name)
+    own = _storage.check(A.shape_dtype(x)[1], name)
     if kind == "host":
         bits = _storage.host_logits(x, own, name)
         if own != storage:
@@ -303,9 +303,9 @@ def view(x: Any, kind: str, stream: Any, name: str, shape: tuple[int, ...], dtyp
     that dtype, one converted copy of a device array of another, a copy of a host array."""
     cuda = numba_cuda()
     if kind == "host":
-        a = np.ascontiguousarray(V.host_array(x, name), dtype=dtype)
+        a = np.ascontiguousarray(A.host_array(x, name), dtype=dtype)
         return cuda.to_device(a, stream=stream).reshape(shape)
-    if dtype is not None and np.dtype(dtype) != V.shape_dtype(x)[1]:
+    if dtype is not None and np.dtype(dtype) != A.shape_dtype(x)[1]:
         x = _converted(x, kind, np.dtype(dtype), stream)
     if kind == "torch" and not x.is_contiguous():
         x = x.detach().contiguous()
@@ -446,7 +446,7 @@ def result(native: Any, kind: str, shape: tuple[int, ...], stream: Any) -> Any:
 
 def read_info(info: Any, stream: Any) -> np.ndarray:
     """The host copy of the four-number info buffer (the one host synchronisation of a call)."""
-    if isinstance(info, DevArg) and V.is_torch(info.obj):
+    if isinstance(info, DevArg) and A.is_torch(info.obj):
         return np.array(info.obj.tolist())  # waits for the tensor's (current) stream
     h = info.copy_to_host(stream=stream)
     if not simulated():
