@@ -12,10 +12,10 @@ and more).
 
 * CPU tensors are handed to the CPU kernels as zero-copy NumPy views; CUDA tensors go to the CUDA
   backend (needs ``numba-cuda``), which returns tensors on the same device.
-* float32 and float64 are computed natively. float16 and bfloat16 tensors are upcast to float32 for
-  the computation (one copy); the loss comes back as float32 and the gradient in the student's dtype
-  (it is kept in float32 until backward, so an upstream gradient such as a ``GradScaler`` scale is
-  applied before the rounding to half precision).
+* float32, float64, float16 and bfloat16 are read natively, without a copy (16-bit tensors as their
+  bits, converted in the kernels' registers). The loss of a 16-bit student comes back as float32 and the
+  gradient in the student's dtype: bfloat16's written directly, float16's kept in float32 until backward
+  (so an upstream gradient such as a ``GradScaler`` scale is applied before the one rounding to float16).
 * Non-contiguous tensors are copied once to a contiguous buffer. Labels may be any integer tensor
   (converted to int64 once when they are not already).
 * Any leading dims ``(B, T, V)`` are rows; labels then have shape ``(B, T)`` (or ``(B*T,)``).
