@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 $(TEST_STAMP): $(STAMP) Makefile
 	$(PY) -m pip install -q "$(TORCH)"
 # the teachers extra (pyarrow, httpx, tqdm, msgspec) and HF datasets, whose reading of a teacher store is
-# tested (about 20 s from an empty pip cache); the pinned torch kept
-	$(PY) -m pip install -q -e ".[teachers]" "datasets>=2.14" "$(TORCH)"
+# tested (about 20 s from an empty pip cache); the hf extra (transformers, accelerate, peft, datasets, trl:
+# about 25 s more with a warm pip cache); the pinned torch kept
+	$(PY) -m pip install -q -e ".[teachers,hf]" "$(TORCH)"
 	touch $(TEST_STAMP)
 
 venv: $(TEST_STAMP)
