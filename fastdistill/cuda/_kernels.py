@@ -1231,6 +1231,19 @@ def _support_lse(s, r, ids, M, invt64):  # type: ignore[no-untyped-def]
 def _make_sparse(F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
 
+    @cuda.jit(device=True, inline=True)
+    def outside_exp_sum(s, r, ids, n_ids, lane, n, G, ref, invt):  # type: ignore[no-untyped-def]
+        """This thread's share of ``sum exp((s_j - ref) * invt)`` over row ``r``'s columns outside the
+        support, skipping the support's columns along its ``n_ids`` sorted ids ``ids``."""
+        acc = 0.0
+        p = int64(0)
+        for j in range(lane, n, G):
+            while p < n_ids and ids[p] < j:
+                p += 1
+            if p == n_ids or ids[p] != j:
+                acc += math.exp((ft(load(s[r, j])) - ref) * invt)
+        return acc
+
     @cuda.jit(**_JIT_RESPONSE64)
     def kernel(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, t_gen, info, red_mean, n_items,  # type: ignore[no-untyped-def]  # noqa: E501
                want_grad, out_loss, grad, sup, srt, G):
@@ -1303,9 +1316,6 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
             Z1 = v[1] if own_ce else v[0]
             SSUM = v[2]
             NAN = v[3]
-            # the bin outside the support: its maximum m_rest and R = sum exp((s_j - m_rest) / tau) over
-            # the columns outside, summed directly (1 - sum_S q cancels for a confident student); each
-            # thread skips the support's columns along the row's sorted ids
             # the bin outside the support: R = sum exp((s_j - ref) / tau) over the columns outside,
             # summed directly (1 - sum_S q cancels for a confident student), each thread skipping the
             # support's columns along the row's sorted ids; ref the row's maximum, or where that sum
@@ -1318,16 +1328,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                 cuda.syncthreads()
                 n_ids = srt[r, kk] if counted else int64(0)
                 live = counted and M != NEG_INF and M == M
-                acc = 0.0
-                if live:
-                    mf = ft(M)
-                    p = int64(0)
-                    for j in range(lane, n, G):
-                        while p < n_ids and srt[r, p] < j:
-                            p += 1
-                        if p == n_ids or srt[r, p] != j:
-                            acc += math.exp((ft(load(s[r, j])) - mf) * invt)
-                v[0] = acc
+                v[0] = outside_exp_sum(s, r, srt[r], n_ids, lane, n, G, ft(M), invt) if live else 0.0
                 _group_reduce(v, 1, False, sh, G)
                 m_rest = M
                 rest_sum = v[0] if live else 0.0
@@ -1345,19 +1346,11 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                 _group_reduce(v, 1, True, sh, G)
                 if again:
                     m_rest = v[0]
-                acc = 0.0
-                if again and m_rest != NEG_INF:
-                    mrf = ft(m_rest)
-                    p = int64(0)
-                    for j in range(lane, n, G):
-                        while p < n_ids and srt[r, p] < j:
-                            p += 1
-                        if p == n_ids or srt[r, p] != j:
-                            acc += math.exp((ft(load(s[r, j])) - mrf) * invt)
-                v[0] = acc
+                again = again and m_rest != NEG_INF
+                v[0] = outside_exp_sum(s, r, srt[r], n_ids, lane, n, G, ft(m_rest), invt) if again else 0.0
                 _group_reduce(v, 1, False, sh, G)
                 if again:
-                    rest_sum = v[0] if m_rest != NEG_INF else 0.0
+                    rest_sum = v[0]
             # the k bins, by the row's first thread
             if lane == 0 and active:
                 if not counted:
