@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, TAIL_BUCKET, TAIL_SUPPORT
+from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NAMES, DIV_NONE, DIV_REVERSE_KL, DIV_TVD, TAIL_BUCKET, TAIL_SUPPORT
 
 NEG_INF = -math.inf
 
@@ -56,8 +56,16 @@ def sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq):  # type: ignore[no-untyped-d
             if cq != 0.0:
                 h += cq * q * (lq - lm + 1.0 - w_ratio)
         return d, h
-    # DIV_TVD
-    return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))
+    if div == DIV_TVD:
+        return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))
+    return math.nan, math.nan  # (unreachable: the divergences are checked below, at import)
+
+
+# sparse_bin has a branch for each of these divergence codes: a new code must add its own (and to this set)
+# before the package imports, rather than fall through to another divergence's bin
+if set(DIV_NAMES) != {DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD}:
+    raise ImportError(f"fastdistill._scalar.sparse_bin has no bin for divergence codes "
+                      f"{sorted(set(DIV_NAMES) - {DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD})}")
 
 
 def teacher_weights(ids, vals, invt):  # type: ignore[no-untyped-def]
