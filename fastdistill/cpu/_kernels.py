@@ -542,10 +542,29 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
 # ---------------------------------------------------------------- pass 4: gradient
 
 
+def grad_target(g, sv, j0, j1):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """The columns ``[j0, j1)`` a gradient pass writes: ``g[j0:j1]``, or when ``g`` is None (in place)
+    ``sv``, the student's view of those columns, itself."""
+    return g
+
+
+@overload(grad_target, inline="always", jit_options={"cache": True})
+def _grad_target_impl(g, sv, j0, j1):  # type: ignore[no-untyped-def]
+    # a gradient written over the student is written through the very view it is read from, so that
+    # LLVM sees one pointer: given a second pointer to the same memory (even a second slice of the same
+    # array) it guards the vector loop with a run-time overlap check that fails exactly then, and runs
+    # the scalar loop (4x slower at 1024x32000 float32)
+    if isinstance(g, types.NoneType):
+        return lambda g, sv, j0, j1: sv
+    return lambda g, sv, j0, j1: g[j0:j1]
+
+
 def _pass_grad(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
     """Write the gradient of ``scale * row loss`` w.r.t. the student into ``g`` (a row or a chunk).
 
-    One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself.
+    One loop that reads ``s[j]`` and ``t[j]`` before writing ``g[j]``, so ``g`` may be ``s`` itself;
+    ``g`` None writes over ``s`` through ``s`` (:func:`grad_target`: the vectorized loop, where a ``g`` at
+    ``s``'s address runs the scalar fallback of LLVM's overlap check).
     ``lab_col``: the label's column in this row or chunk (-1 when it has none): the one-hot part of the
     cross-entropy gradient is subtracted there in the arithmetic precision, before the one rounding to
     the gradient's storage (subtracting it from a stored half-precision ``softmax`` would lose up to
@@ -622,7 +641,7 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
             # wraparound test per element kept the loop from vectorizing (half the speed)
             sv = s[j0:j1]
             tv = t[j0:j1]
-            gv = g[j0:j1]
+            gv = grad_target(g, sv, j0, j1)
             for j in range(j1 - j0):
                 sj = as_type_of(ct, sv[j])
                 tj = as_type_of(ct, tv[j])
@@ -759,21 +778,27 @@ def _call_worker(typingctx, worker, phase, s, t, g, labels, P, st, part, out_los
 _WORKERS: dict = {}
 
 
-def worker(v: Variant):  # type: ignore[no-untyped-def]
+def worker(v: Variant, inplace: bool = False):  # type: ignore[no-untyped-def]
     """The compiled worker of variant ``v`` (one of :data:`fastdistill._spec.REACHABLE`), a ``numba.cfunc``
     (its ``.address`` is what :func:`drive` and the C ABI call); compiled on first use, or loaded from
-    Numba's on-disk cache."""
-    w = _WORKERS.get(v)
+    Numba's on-disk cache. ``inplace``: the worker for calls whose gradient buffer is the student
+    itself (same address, layout and storage), which writes the gradient through the student's
+    pointer; the same arithmetic in the same order, so the same bits as into a fresh buffer. Compiled
+    only for the variants a process calls in place."""
+    key = (v, bool(inplace))
+    w = _WORKERS.get(key)
     if w is None:
         if v not in REACHABLE:
             raise RuntimeError(f"internal error: kernel variant {v} is not in fastdistill._spec.reachable()")
         st, tt, gt = v.storage()
-        w = _WORKERS[v] = _make_worker(v.div, v.ce, v.lin, v.pw, _STORAGE[st], _STORAGE[tt], _STORAGE[gt],
-                                       _STORAGE[v.math])
+        if inplace and gt != st:
+            raise RuntimeError(f"internal error: an in-place worker needs the gradient in the student's storage: {v}")
+        w = _WORKERS[key] = _make_worker(v.div, v.ce, v.lin, v.pw, _STORAGE[st], _STORAGE[tt], _STORAGE[gt],
+                                         _STORAGE[v.math], bool(inplace))
     return w
 
 
-def _make_worker(div, ce, lin, pw, ST, TT, GT, ct):  # type: ignore[no-untyped-def]
+def _make_worker(div, ce, lin, pw, ST, TT, GT, ct, inplace=False):  # type: ignore[no-untyped-def]
     """The worker of the variant ``(div, ce, lin, pw)`` on student logits stored as ``ST``'s type, teacher
     logits as ``TT``'s, the gradient as ``GT``'s, computed in ``ct``'s: one step of its work on a batch
     (see the ``PHASE_*`` constants).
@@ -783,9 +808,11 @@ def _make_worker(div, ce, lin, pw, ST, TT, GT, ct):  # type: ignore[no-untyped-d
     closure constants: Numba prunes the other variants' branches before typing them. Each pass is called
     from one place (a call site is a compile of its own); the constants go to the shared helpers as
     run-time int64 values (a literal argument would compile a helper once per value; LLVM inlines them
-    and folds the constants anyway), and as literals to the passes specialised on them.
+    and folds the constants anyway), and as literals to the passes specialised on them. ``inplace``: the
+    gradient is written over ``s`` (``g`` at ``s``'s address), through ``s`` in the gradient pass.
     """
     DIV, CE, LIN, PW = div, ce, lin, pw  # (the passes' literal arguments)
+    INPLACE = inplace  # (a constant: Numba prunes the other call of the gradient pass)
 
     @cfunc(WORKER_SIG, **JIT_C)
     def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, lds, ldt, ldg, classes, r, c, has_lab,  # type: ignore[no-untyped-def]  # noqa: E501
@@ -862,6 +889,9 @@ def _make_worker(div, ce, lin, pw, ST, TT, GT, ct):  # type: ignore[no-untyped-d
                 gr = borrowed(g, ri, lo, hi)
                 if _undefined(stats, kdiv, kce):
                     _fill_nan(gr)
+                elif INPLACE:  # (g is s: written through s, see grad_target)
+                    _pass_grad(sr, tr, None, stats, P, ct, lab >= 0 or lab == LABEL_ELSEWHERE, scale, classes,
+                               lab - lo if lab >= 0 else np.int64(-1), DIV, CE, LIN, PW)
                 else:
                     _pass_grad(sr, tr, gr, stats, P, ct, lab >= 0 or lab == LABEL_ELSEWHERE, scale, classes,
                                lab - lo if lab >= 0 else np.int64(-1), DIV, CE, LIN, PW)

@@ -55,7 +55,7 @@ from .._spec import (
     TAIL_SUPPORT,
     TAU_FLOAT64_MATH,
 )
-from ._kernels import JIT, JIT_INNER, LINE, _expsum, _max_nan, arithmetic_zero, as_type_of, stored
+from ._kernels import JIT, JIT_INNER, LINE, _expsum, _max_nan, arithmetic_zero, as_type_of, grad_target, stored
 from ._math import (
     borrowed,
     fexp2,
@@ -272,9 +272,11 @@ def _row_statistics(s_row, invt, ce, pw, f64_math, with_sum, keys_max=None, e_ou
 def _write_dense(g_row, s_row, ms, invt, a, b, c, two, pw):  # type: ignore[no-untyped-def]
     """``g_j = a * exp((s_j - ms) * invt) + b * exp(s_j - ms) + c`` (``b`` only when ``two``; its
     exponential the first's ``pw``-th power when ``pw``), in the arithmetic precision of the row,
-    rounded once into ``g``'s storage."""
+    rounded once into ``g``'s storage; ``g_row`` None: over ``s_row``, through ``s_row`` itself (one
+    pointer, so that the loop runs vectorized: see ``_kernels.grad_target``)."""
     inline_into_callers()
     wide_vectors()
+    g_row = grad_target(g_row, s_row, 0, s_row.shape[0])
     ct = arithmetic_zero(s_row)
     af = as_type_of(ct, a)
     bf = as_type_of(ct, b)
@@ -314,13 +316,14 @@ def _write_scaled(g_out, e, a, b, c, pw):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
-def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row, refs):  # type: ignore[no-untyped-def]  # noqa: E501
+def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row, refs, inplace):  # type: ignore[no-untyped-def]  # noqa: E501
     """:func:`_write_dense` over the row, or, ``reuse``: from the statistics' exponentials ``e_row`` and
     their spans' maxima ``refs``, :func:`_write_scaled` by span (``a`` and ``b`` times the span's
     ``exp((ref - ms) / tau)`` and its power: no exponential per column). Given a staging block ``buf``
     (non-empty: a gradient of ``STREAM_BYTES`` or more), the row's whole 64-byte lines are computed
     into ``buf`` first and stored from there with :func:`stream_line`. One call site of each inlined
-    loop for the head, the lines, the tail and the spans."""
+    loop for the head, the lines, the tail and the spans, and one of ``_write_dense`` for a gradient
+    written over the student (``inplace``: ``g_row`` is ``s_row``'s memory), through ``s_row``."""
     n = s_row.shape[0]
     w = buf.shape[0]
     pw_e = pw if two else 0
@@ -337,6 +340,8 @@ def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row
             if reuse:
                 f = math.exp((refs[p0 // SPAN] - ms) * invt)
                 _write_scaled(out, e_row[p0:p1], a * f, b * f ** pw_e if pw_e != 0 else 0.0, c, pw_e)
+            elif inplace and not full:
+                _write_dense(None, s_row[p0:p1], ms, invt, a, b, c, two, pw)
             else:
                 _write_dense(out, s_row[p0:p1], ms, invt, a, b, c, two, pw)
             p0 = p1
@@ -351,7 +356,7 @@ def _write_dense_row(g_row, s_row, ms, invt, a, b, c, two, pw, buf, reuse, e_row
 
 @njit(parallel=True, **JIT)
 def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, tail, want_grad, scale,  # type: ignore[no-untyped-def]  # noqa: E501
-                    out_loss, grad, stream_bytes, t_gen=1.0):
+                    out_loss, grad, stream_bytes, t_gen=1.0, inplace=False):
     """Row losses (unscaled, 0 for ignored rows) into ``out_loss`` and, when ``want_grad``, the gradient
     of ``scale * sum(rows)`` into ``grad`` (``s``'s shape), for student logits ``s`` ``(rows, n)`` and a
     sparse teacher ``idx`` int64 ``(rows, k)`` (-1: an unused slot), ``vals`` float64 ``(rows, k)``
@@ -359,7 +364,8 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
     divergence and cross-entropy mode (``_spec``), ``tail`` a ``_spec.TAIL_*``. A gradient of
     ``stream_bytes`` or more is written with streaming stores (``STREAM_BYTES``). ``t_gen``: the
     temperature the values were produced at, their weights ``exp(v * t_gen / tau)`` (``"bucket"``:
-    ``tau == t_gen``, its bins ``exp(v)``). Inputs are validated."""
+    ``tau == t_gen``, its bins ``exp(v)``). ``inplace``: ``grad`` is ``s``'s own memory (its dense
+    write then goes through ``s``). Inputs are validated."""
     rows, n = s.shape
     k = idx.shape[1]
     tau = P[P_TAU]
@@ -494,7 +500,8 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         sup = np.empty(k + 1, np.float64)
         _support_values(sup, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
                         div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
-        _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs)
+        _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs,
+                         inplace)
         _scatter_support(g_row, ids, sup, lab_c)
 
 
