@@ -277,6 +277,11 @@ class DistillationTrainer(transformers.Trainer):
             n_items = n_items.to(hidden.device)
         loss = fused(hidden, weight, teacher, t_weight, labels.to(hidden.device), bias, t_bias, num_items=n_items)
         self._record_parts(model, loss, hidden, weight, bias, labels, n_items)
+        if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)
+                and self.args.world_size > 1):
+            # each process's sum over the count of all processes; DDP averages the gradients over the
+            # processes, which this factor undoes (the Trainer's own rule for a count across devices)
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def _teacher_device(self) -> torch.device:

@@ -312,3 +312,81 @@ def test_logged_parts_add_up_to_the_loss(tmp_path):
     assert len(logged) == 2
     for h in logged:
         assert 0.2 * h["hard_loss"] + 0.8 * h["soft_loss"] == pytest.approx(h["loss"], rel=1e-4)
+
+
+def _trl_trainer(tmp_path, student, teacher, beta, temperature):
+    """TRL's DistillationTrainer on the models (a word-level tokenizer built here: nothing downloaded)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+
+    tok = tokenizers.Tokenizer(WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2, "a": 3}, unk_token="a"))
+    ptok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+    args = trl.DistillationConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, save_strategy="no",
+                                  bf16=False, gradient_checkpointing=False, beta=beta, temperature=temperature)
+    return trl.DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=ptok,
+                                   train_dataset=datasets.Dataset.from_list([{"prompt": "a"}] * 2))
+
+
+# TRL's beta selects the divergence, without a temperature-squared factor: 0 forward KL, 1 reverse KL,
+# between them the generalised JSD with mixture beta * p_teacher + (1 - beta) * p_student
+TRL_MAP = [(0.0, dict(loss="kl_divergence")), (1.0, dict(loss="reverse_kl")), (0.3, dict(loss="jsd", beta=0.3))]
+
+
+@pytest.mark.parametrize("trl_beta,ours", TRL_MAP)
+@pytest.mark.parametrize("arch", ["gemma2", "cohere"])
+def test_loss_and_gradients_equal_trls_where_the_objective_is_the_same(tmp_path, trl_beta, ours, arch):
+    student = _model(arch, 32, seed=1)
+    teacher = _model(arch, 48, seed=2)
+    # prompts (not trained on) and completions, the completions right-padded
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, VOCAB, (3, 4), generator=g)
+    completion = torch.randint(3, VOCAB, (3, 9), generator=g)
+    c_mask = torch.ones_like(completion)
+    c_mask[1, 6:] = 0
+    c_mask[2, 3:] = 0
+    trl_t = _trl_trainer(tmp_path, student, teacher, trl_beta, 2.0)
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+              "completion_mask": c_mask}
+    want = trl_t._compute_loss(student, inputs, None)[0]
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    ids = torch.cat([prompt, completion], 1)
+    labels = ids.clone()
+    labels[:, :prompt.shape[1]] = IGNORE
+    labels[:, prompt.shape[1]:][c_mask == 0] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.cat([torch.ones_like(prompt), c_mask], 1), "labels": labels}
+    ours_t = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), temperature=2.0,
+                                 t2_scale=False, chunk_size=8, **ours)
+    loss = ours_t.compute_loss(student, batch)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    named = dict(student.named_parameters())
+    for name, w in want_grads.items():
+        err = float((named[name].grad - w).abs().max()) / max(float(w.abs().max()), 1e-30)
+        assert err < 1e-4, (name, err)
+
+
+def test_the_example_quick_run():
+    pytest.importorskip("datasets")
+    pytest.importorskip("tokenizers")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer" / "run.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = mod  # (its dataclass looks its module up)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.modules.pop(spec.name, None)
+    res = mod.run(mod.QUICK, quiet=True)
+    for name in ("teacher", "no KD", "KD online", "KD from the store"):
+        assert np.isfinite(res[name]["perplexity"]) and res[name]["perplexity"] > 1.0
+    assert res["capture"]["sequences"] == 64
