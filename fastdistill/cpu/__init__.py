@@ -89,6 +89,13 @@ def in_place(s: np.ndarray, grad: np.ndarray | None) -> bool:
             and grad.strides == s.strides and grad.ctypes.data == s.ctypes.data)
 
 
+def _in_place_layout(batch: tuple, s: np.ndarray, grad: np.ndarray, want_grad: bool) -> bool:
+    """:func:`in_place` from a batch's layout (the addresses it holds already: reading an array's
+    address from Python costs microseconds, a tenth of a small call)."""
+    _, _, lds, _, ldg, sp, _, gp = batch[0]
+    return want_grad and sp == gp and lds == ldg and grad.dtype.itemsize == s.dtype.itemsize
+
+
 def _batch(s: np.ndarray, t: np.ndarray, grad: np.ndarray, labels: np.ndarray | None, ignore_index: int,
            params: np.ndarray, scale: float, want_grad: bool) -> tuple:
     """The batch arguments both drivers take, in their order (the logits' layout and addresses, the
@@ -135,13 +142,13 @@ def response(
     """
     out_loss = np.empty(s.shape[0], dtype=np.float64)
     grad = _grad_buffer(s, want_grad, grad_out)
-    address = _address(variant, want_grad and in_place(s, grad_out))
+    batch = _batch(s, t, grad, labels, ignore_index, params, scale, want_grad)
     threads = _threads_for(s.size)
     _launch(
         K.drive,
         threads,
-        address,
-        *_batch(s, t, grad, labels, ignore_index, params, scale, want_grad),
+        _address(variant, _in_place_layout(batch, s, grad, want_grad)),
+        *batch,
         out_loss,
         threads[0],
         variant.two_pass,
@@ -163,12 +170,14 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
                params: np.ndarray, ignore_index: int, scale: float, want_grad: bool, out_loss: np.ndarray,
                grad: np.ndarray | None, stats: np.ndarray, local_max: np.ndarray, classes: int) -> None:
     """One step of a vocabulary shard's computation (:func:`fastdistill.cpu._kernels.drive_shard`)."""
+    g = grad if grad is not None else _no_grad(s.dtype)
+    batch = _batch(s, t, g, labels, ignore_index, params, scale, want_grad)
     _launch(
         K.drive_shard,
         _threads_for(s.size),
-        _address(variant, want_grad and in_place(s, grad)),
+        _address(variant, _in_place_layout(batch, s, g, want_grad)),
         np.int64(step),
-        *_batch(s, t, grad if grad is not None else _no_grad(s.dtype), labels, ignore_index, params, scale, want_grad),
+        *batch,
         out_loss,
         stats,
         local_max,
