@@ -3,7 +3,8 @@
 Run ``pytest bench/ --benchmark-group-by=param`` (or ``-k 64x1000`` for one shape); each group
 ``op-shape-dtype`` lists fastdistill, numpy, torch, floor_read and floor_rw side by side (and, for the
 16-bit dtypes, fastdistill on the same values in float32). The operations are
-``forward`` (loss only), ``forward+grad`` (loss and gradient into a preallocated buffer) and ``softmax``;
+``forward`` (loss only), ``forward+grad`` (loss and gradient into a preallocated buffer; and
+``fastdistill_inplace``, the gradient written over the student) and ``softmax``;
 see ``fastdistill bench --help`` for what each implementation and floor is.
 """
 from __future__ import annotations
@@ -31,6 +32,16 @@ def test_fastdistill_float32(benchmark: Any, case: tuple[str, B.Case]) -> None:
 
         pytest.skip("the float32 case is test_fastdistill itself")
     _run(benchmark, B.fastdistill_call(c, op, float32=True))
+
+
+def test_fastdistill_inplace(benchmark: Any, case: tuple[str, B.Case]) -> None:
+    """forward+grad with the gradient written over the student (``grad_out=s``), beside the fresh buffer's."""
+    op, c = case
+    if op != "forward+grad":
+        import pytest
+
+        pytest.skip("the in-place gradient is a forward+grad call")
+    _run(benchmark, B.fastdistill_call(c, B.INPLACE))
 
 
 def test_numpy(benchmark: Any, case: tuple[str, B.Case]) -> None:

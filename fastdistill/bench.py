@@ -7,6 +7,10 @@ or bfloat16/float16; ~10% of the rows carry ``ignore_index``):
   ``ResponseDistiller(DistilLoss.kl_divergence(4.0), 0.5, 0.5).loss(s, t, y)``;
 * ``forward+grad``: the same loss and its gradient into a preallocated buffer, as a training loop does
   (``.loss_and_grad(s, t, y, grad_out=g)``);
+* ``grad in place`` (beside ``forward+grad``, fastdistill only): the same, the gradient written over
+  the student (``grad_out=s``, as the fused linear head does with each chunk's logits; on a working
+  copy that holds the previous call's gradient: the kernels' loops are branch-free, their time does not
+  depend on the values), timed next to ``forward+grad`` again and checked bitwise against it;
 * ``softmax``: ``fastdistill.softmax(s)``.
 
 Baselines in the same process: a plain float32 NumPy implementation of the same math, PyTorch eager on
@@ -37,6 +41,7 @@ DEFAULT_SCALING = (1, 262144)
 QUICK_SCALING = (1, 40000)
 
 OPS = ("forward", "forward+grad", "softmax")
+INPLACE = "grad in place"  # (fastdistill_call's op of forward+grad with grad_out = the student)
 DTYPES = ("float32", "bfloat16", "float16")
 # fastdistill against the float32 NumPy baseline: the gradient's rounding to the logits' format, relative
 # to the largest gradient element
@@ -157,6 +162,8 @@ class Case:
             self.student = self.student.astype(dt)
             self.teacher = self.teacher.astype(dt)
         self.grad = np.empty_like(self.student)  # the preallocated gradient buffer (grad_out)
+        self.work = self.student.copy()  # the student overwritten by its gradient (grad in place)
+        self.work32 = self.student32.copy() if self.student32 is not None else None
         self.out = np.empty_like(self.student)  # the floors' write target
         self.partial = np.empty(0, dtype=np.float32)
 
@@ -356,8 +363,12 @@ def fastdistill_call(case: Case, op: str, float32: bool = False) -> Callable[[],
     import fastdistill as fd
 
     s, t, y, g = case.student, case.teacher, case.labels, case.grad
+    if op == INPLACE:
+        s = g = case.work
     if float32 and case.student32 is not None:
         s, t, g = case.student32, case.teacher32, case.grad32
+        if op == INPLACE:
+            s = g = case.work32
     if op == "softmax":
         return lambda: fd.softmax(s)
     distiller = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(TAU), HARD_W, SOFT_W, ignore_index=IGNORE_INDEX)
@@ -506,6 +517,21 @@ def check_against_numpy(case: Case, op: str) -> dict[str, Any]:
     return out
 
 
+def in_place_equal(case: Case) -> bool:
+    """Whether the gradient written over the student has the same bits (and the loss) as into a fresh
+    buffer."""
+    import numpy as np
+
+    import fastdistill as fd
+
+    s, t, y = case.student, case.teacher, case.labels
+    distiller = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(TAU), HARD_W, SOFT_W, ignore_index=IGNORE_INDEX)
+    loss, g = distiller.loss_and_grad(s, t, y)
+    w = s.copy()
+    loss_w, _ = distiller.loss_and_grad(w, t, y, grad_out=w)
+    return bool(loss == loss_w and np.array_equal(g.view(np.uint8), w.view(np.uint8)))
+
+
 def ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den <= 0:
         return None
@@ -530,6 +556,7 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
     load_before = load_average()
     started = time.perf_counter()
     results = []
+    in_place: list = []
     for shape in shapes:
         say(f"{shape_name(shape)}: preparing inputs")
         case = Case(shape, dtype=dtype)
@@ -561,6 +588,13 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
                 entry["check"] = check_against_numpy(case, op)
             results.append(entry)
             say(f"{shape_name(shape)} {op}: fastdistill {fd_ms:.3f} ms")
+            if op == "forward+grad":  # the same call with the gradient over the student, beside it again
+                fresh = measure(fastdistill_call(case, op), timing)["median_s"] * 1e3
+                inplace = measure(fastdistill_call(case, INPLACE), timing)["median_s"] * 1e3
+                in_place.append({"shape": list(shape), "fresh_ms": fresh, "in_place_ms": inplace,
+                                 "x_fresh": ratio(inplace, fresh),
+                                 "bitwise_equal": in_place_equal(case) if check else None})
+                say(f"{shape_name(shape)} {INPLACE}: fastdistill {inplace:.3f} ms (fresh buffer {fresh:.3f} ms)")
         del case
     scaling = []
     if scaling_shape is not None:
@@ -604,6 +638,7 @@ def run_bench(shapes: Sequence[tuple[int, int]], threads: int, use_torch: bool =
             "shapes": [list(s) for s in shapes],
         },
         "results": results,
+        "in_place": in_place,
         "scaling": scaling,
         "elapsed_s": time.perf_counter() - started,
     }
@@ -663,6 +698,13 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
         fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
         lines += [head, sub, "", fmt(cols), fmt(["-" * w for w in widths])]
         lines += [fmt(r) for r in rows]
+    for e in report.get("in_place", []):
+        if e == report["in_place"][0]:
+            lines.append("")
+        same = {True: "", False: " (MISMATCH: not the same bits)", None: ""}[e["bitwise_equal"]]
+        lines.append(f"forward+grad {shape_name(e['shape'])}: into a fresh buffer {_ms(e['fresh_ms'])} ms, in place "
+                     f"(grad_out = the student) {_ms(e['in_place_ms'])} ms -> {_x(e['x_fresh'])}{same}"
+                     + ("  " if markdown else ""))
     if report["scaling"]:
         lines.append("")
         for s in report["scaling"]:
