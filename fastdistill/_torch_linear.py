@@ -141,7 +141,15 @@ def _check_bias(bias: Optional[torch.Tensor], name: str, classes: int, weight: s
         )
 
 
-def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+            buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T (+ b)``, into the first rows of ``buf`` when given (a chunk buffer reused from chunk to
+    chunk: a new chunk-sized tensor each time is fresh memory from the system, whose page faults cost
+    more than the matmul's writes)."""
+    if (buf is not None and buf.dtype == x.dtype == w.dtype and buf.device == x.device
+            and (b is None or b.dtype == x.dtype)):
+        out = torch.mm(x, w.t(), out=buf[: x.shape[0]])
+        return out if b is None else out.add_(b)  # (the same rounding as ``x @ w.T + b``)
     out = x @ w.t()
     if b is not None:
         out = out + b
@@ -285,15 +293,19 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
                  else w.new_empty(0))
     total = 0.0
     chunk = max(1, int(chunk_size))
+    # one buffer for every chunk's student logits and one for the teacher's (as many as the loop had
+    # alive at a time before: reused, not reallocated chunk after chunk)
+    s_buf = x.new_empty((min(chunk, rows), w.shape[0]))
+    t_buf = None if tw is None else t_in.new_empty((min(chunk, rows), tw.shape[0]))
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
-        s = _logits(x[lo:hi], w, b)
+        s = _logits(x[lo:hi], w, b, s_buf)
         slope = _transform_(s, s_scale, s_cap, want_grad)
         if sparse:
             t = from_codes(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
                            sparse)
         else:
-            t = _logits(t_in[lo:hi], tw, tb) if tw is not None else t_in[lo:hi].contiguous()
+            t = _logits(t_in[lo:hi], tw, tb, t_buf) if tw is not None else t_in[lo:hi].contiguous()
             if tw is not None:
                 _transform_(t, t_scale, t_cap, False)
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
@@ -312,7 +324,10 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
                     s.mul_(slope)
                 if s_scale != 1.0:
                     s.mul_(s_scale)
-                grad_input[lo:hi] = s @ w
+                if grad_input.dtype == s.dtype == w.dtype:
+                    torch.mm(s, w, out=grad_input[lo:hi])
+                else:
+                    grad_input[lo:hi] = s @ w
                 _accumulate(grad_weight, s, x[lo:hi])
                 if b is not None:
                     grad_bias += s.sum(0, dtype=acc)
