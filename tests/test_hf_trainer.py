@@ -390,3 +390,17 @@ def test_the_example_quick_run():
     for name in ("teacher", "no KD", "KD online", "KD from the store"):
         assert np.isfinite(res[name]["perplexity"]) and res[name]["perplexity"] > 1.0
     assert res["capture"]["sequences"] == 64
+
+
+def test_a_bfloat16_student_and_a_float32_teacher(tmp_path):
+    # the teacher stays in its own dtype: its chunks' logits in float32 beside the student's bfloat16
+    student = _model("gemma2", 32, seed=1, dtype=torch.bfloat16)
+    teacher = _model("gemma2", 48, seed=2)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), temperature=2.0)
+    assert next(teacher.parameters()).dtype == torch.float32
+    batch = TeacherCollator()(_rows(3, seed=3))
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    want, grads = _reference(student, batch, teacher=teacher, tau=2.0, hard_w=0.0, soft_w=1.0)
+    assert float(loss.detach()) == pytest.approx(want, rel=2e-2)
+    _check_grads(student, grads, 5e-2)
