@@ -499,6 +499,7 @@ def run(cfg: LMConfig, out: IO[str] | None = None, quiet: bool = False, store: A
             prog.say(f"         KD from the store: the same loss against the stored top-{cfg.top_k} (a "
                      f"SparseTeacher, tail 'renormalize'), read memory-mapped batch by batch; no teacher runs")
         routes: list[tuple[str, str, Any]] = [("no_kd", "no KD", ce), ("kd", "KD", kd)]
+        rows = None
         if store_path is not None:
             from . import teachers
 
@@ -511,7 +512,8 @@ def run(cfg: LMConfig, out: IO[str] | None = None, quiet: bool = False, store: A
             sec = train(student, train_ids, cfg, cfg.student_steps, fn, prog, cfg.seed + 3)
             res[name] = dict(perplexity=perplexity(student, held_ids, cfg.context), seconds=sec,
                              peak_mib=_peak_mib(), parameters=params(student))
-        del routes, fn, rows  # (the store's memory maps, before their directory goes)
+        routes.clear()
+        fn = rows = None  # (the store's memory maps, before their directory goes)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -260,6 +260,20 @@ def test_command_line(capsys):
         demo.main(["lm", "--top-k", "0"])
 
 
+def test_without_pyarrow_the_offline_route_is_left_out(monkeypatch):
+    import dataclasses
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    out = io.StringIO()
+    cfg = dataclasses.replace(demo_lm.LMConfig.quick(), teacher_steps=2, student_steps=2)
+    res = demo_lm.run(cfg, out=out)
+    text = out.getvalue()
+    assert "no teacher store (the offline route needs pyarrow" in text
+    assert "kd_store" not in res and "store" not in res and "offline:" not in text
+    assert text.count("step 2/2") == 3 and "verdict:" in text
+
+
 def test_command_line_store_option(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     from fastdistill import teachers
