@@ -32,15 +32,15 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Config:
-    vocab: int = 4096
+    vocab: int = 2048
     seq: int = 128
-    teacher_hidden: int = 192
-    teacher_layers: int = 4
-    student_hidden: int = 96
-    student_layers: int = 2
-    teacher_steps: int = 600
-    steps: int = 400
-    batch: int = 16
+    teacher_hidden: int = 128
+    teacher_layers: int = 2
+    student_hidden: int = 64
+    student_layers: int = 1
+    teacher_steps: int = 400
+    steps: int = 300
+    batch: int = 8
     lr: float = 2e-3
     k: int = 32
     temperature: float = 1.0
@@ -129,7 +129,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         return transformers.TrainingArguments(
             output_dir=out, report_to=[], use_cpu=True, save_strategy="no", max_steps=steps,
             per_device_train_batch_size=cfg.batch, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0,
-            weight_decay=0.0, logging_steps=max(1, steps // 4), disable_tqdm=True, seed=0)
+            weight_decay=0.0, logging_steps=max(1, steps // 6), disable_tqdm=True, seed=0)
 
     def lm_collate(rows):
         ids = torch.tensor([r["input_ids"] for r in rows])
