@@ -78,16 +78,19 @@ def _accepts(model: Any, name: str) -> bool:
     return name in params
 
 
-def _last_hidden_state(model: Any, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``(B, L, H)``: the hidden states the model's head reads. Called through the model's own forward
-    (its wrappers and hooks run: PEFT, DDP) with ``logits_to_keep=1`` where the model takes it, so that
-    one row of logits per sequence is formed, not ``L``; otherwise through its backbone."""
+def _last_hidden_state(model: Any, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       inner: Any = None) -> torch.Tensor:
+    """``(B, L, H)``: the hidden states the model's head reads. Called through ``model`` as given (its
+    wrappers and hooks run: PEFT, a data-parallel wrapper) with ``logits_to_keep=1`` where the model
+    (``inner``: ``model`` without a data-parallel wrapper) takes it, so that one row of logits per
+    sequence is formed, not ``L``; otherwise through its backbone."""
+    inner = model if inner is None else inner
     kw: dict = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    if _accepts(model, "logits_to_keep"):
+    if _accepts(inner, "logits_to_keep"):
         out = model(**kw, logits_to_keep=1, output_hidden_states=True, return_dict=True)
         return out.hidden_states[-1]
-    backbone = _unwrap(model).base_model
-    if backbone is _unwrap(model):  # no separate backbone: fall back to the model's own outputs
+    backbone = _unwrap(inner).base_model
+    if backbone is _unwrap(inner):  # no separate backbone: fall back to the model's own outputs
         raise TypeError(f"{type(backbone).__name__} takes no logits_to_keep and has no backbone to call for its hidden "
                         "states")
     return backbone(**kw, return_dict=True).last_hidden_state
@@ -250,9 +253,10 @@ class DistillationTrainer(transformers.Trainer):
                      num_items_in_batch: Any = None) -> Any:
         fused = self.fused
         labels = _shifted_labels(inputs).to(inputs["input_ids"].device)
-        hidden = _last_hidden_state(model, inputs["input_ids"], inputs.get("attention_mask"))
-        weight, bias = _head(model)
-        fused.student_logit_scale, fused.student_softcap = logit_transform(model)
+        inner = self.accelerator.unwrap_model(model)  # (a data-parallel wrapper has no head or config)
+        hidden = _last_hidden_state(model, inputs["input_ids"], inputs.get("attention_mask"), inner)
+        weight, bias = _head(inner)
+        fused.student_logit_scale, fused.student_softcap = logit_transform(inner)
         if self.teacher_model is not None:
             with torch.no_grad():
                 t_hidden = _last_hidden_state(self.teacher_model, inputs["input_ids"].to(self._teacher_device()),
