@@ -18,6 +18,8 @@ import pytest
 pytest.importorskip("numba.cuda")
 
 ROOT = Path(__file__).resolve().parent.parent
+# ptxas' spill bytes (stores, loads) of every kernel at sm_90, as recorded (the versions in the file)
+SPILLS = json.loads((Path(__file__).resolve().parent / "cuda_spills_sm90.json").read_text())
 
 
 SHARDS = 2  # compiler processes side by side (NVVM and ptxas are single-threaded)
@@ -82,3 +84,21 @@ def test_register_caps_are_the_configured_ones(compiled):
         f32_math = "float32 math" in c["name"] or (", float32" in c["name"] and "float64 math" not in c["name"])
         single_pass_f32 = f32_math and not any(k in c["name"] for k in ("mixture", "tvd"))
         assert c["cap"] == (80 if single_pass_f32 else 128), c
+
+
+def test_no_kernel_spills_more_than_recorded(compiled):
+    """A change that makes a kernel spill registers to local memory shows here, not first on a GPU: a
+    kernel recorded without spills has none, the others at most their recorded bytes (a few more allowed
+    for another numba-cuda or NVVM than the recording's). After a change that spills less (or a kernel
+    added), record again: ``python bench/cuda_resources.py --json`` into ``tests/cuda_spills_sm90.json``."""
+    recorded = SPILLS["kernels"]
+    worse = []
+    for c in compiled:
+        name, r = c["name"], c["resources"]
+        assert name in recorded, f"{name}: no recorded spills in tests/cuda_spills_sm90.json"
+        for got, want in zip((r["spill_stores"], r["spill_loads"]), recorded[name]):
+            if got > (0 if want == 0 else want + max(16, want // 8)):
+                worse.append(f"{name}: {r['spill_stores']}/{r['spill_loads']} bytes spilled/reloaded, recorded "
+                             f"{recorded[name][0]}/{recorded[name][1]}")
+                break
+    assert not worse, "\n".join(worse)
