@@ -6,7 +6,8 @@ warm-up call; Linux).
 
 Implementations: ``fused`` (chunk_size 1024), ``torch`` (logits = x @ W.T for both models, then
 DistillationLoss and ``.backward()``: the logits and their gradient exist in full), ``matmuls`` (the
-fused loss's chunk matmuls alone: student and teacher logits, grad_input, grad_weight, no loss),
+fused loss's chunk matmuls alone, as it runs them: student and teacher logits into two reused chunk
+buffers, grad_input, grad_weight, no loss),
 ``kernel`` (fastdistill's loss-and-gradient kernel alone on ready logits, chunk by chunk: its time only;
 the ready logits' memory is the setup's), and,
 where PyTorch has it, ``F.linear_cross_entropy`` (the hard-label part only).
@@ -41,14 +42,17 @@ def run():
         fused(x, w, tx, tw, y).backward()
     elif impl == "torch":
         crit(x @ w.t(), (tx @ tw.t()).detach(), y).backward()
-    elif impl == "matmuls":
+    elif impl == "matmuls":  # the fused head's own: chunk buffers reused, grad_input written in place
         with torch.no_grad():
             gw = torch.zeros(w.shape, dtype=torch.float32)
+            gi = torch.empty(x.shape, dtype=x.dtype)
+            s = torch.empty((min(rows, 1024), classes), dtype=dt)
+            t = torch.empty((min(rows, 1024), classes), dtype=dt)
             for lo in range(0, rows, 1024):
-                s = x[lo:lo + 1024] @ w.t()
-                t = tx[lo:lo + 1024] @ tw.t()
-                gi = s @ w
-                _accumulate(gw, s, x[lo:lo + 1024])  # (the fused head's own accumulation)
+                sc = torch.mm(x[lo:lo + 1024], w.t(), out=s[:min(rows, lo + 1024) - lo])
+                torch.mm(tx[lo:lo + 1024], tw.t(), out=t[:min(rows, lo + 1024) - lo])
+                torch.mm(sc, w, out=gi[lo:lo + 1024])
+                _accumulate(gw, sc, x[lo:lo + 1024])  # (the fused head's own accumulation)
     elif impl == "kernel":  # fastdistill's loss-and-gradient kernel alone, chunk by chunk, on ready logits
         for lo in range(0, rows, 1024):
             s, t = ready[0][lo:lo + 1024], ready[1][lo:lo + 1024]
