@@ -93,3 +93,20 @@ def host_array(x: Any, name: str) -> np.ndarray:
         return np.asarray(x)
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"{name} must be an array of floats, got {type(x).__name__}") from exc
+
+
+def tensor_of(x: Any, device: Any = None) -> Any:
+    """``x`` as a PyTorch tensor (PyTorch imported by the caller): a tensor as it is, an array sharing its
+    memory where it can (on ``device``, if given, a copy there). A read-only array -- a memory-mapped
+    teacher store's -- is taken without PyTorch's warning that writing to it is undefined: fastdistill
+    never writes its inputs (a gradient buffer is checked to be writable before any kernel runs)."""
+    torch = sys.modules["torch"]
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.as_tensor(x, device=device)
+    return torch.as_tensor(x, device=device)

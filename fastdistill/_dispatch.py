@@ -12,6 +12,7 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from . import _arrays as A
 from . import _storage
 from . import _validate as V
 from ._spec import HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
@@ -53,13 +54,13 @@ def use_cuda(backend: str, *arrays: Any) -> bool:
     if backend == "cuda":
         return True
     if backend == "cpu":
-        if any(V.is_device(a) for a in arrays if a is not None):
+        if any(A.is_device(a) for a in arrays if a is not None):
             raise V.InvalidParameterError(
                 "backend='cpu' got an array that lives on a CUDA device; move it to the host first "
                 "or use backend='auto'/'cuda'"
             )
         return False
-    return any(V.is_device(a) for a in arrays if a is not None)
+    return any(A.is_device(a) for a in arrays if a is not None)
 
 
 def response(
@@ -88,19 +89,19 @@ def response(
         return _sparse_response(student, teacher, labels, terms, ignore_index=ignore_index, reduction=reduction,
                                 num_items=num_items, want_grad=want_grad, grad_out=grad_out, backend=backend,
                                 needs_labels=needs_labels)
-    s_shape, s_dtype = V.shape_dtype(student)
-    t_shape, t_dtype = V.shape_dtype(teacher)
+    s_shape, s_dtype = A.shape_dtype(student)
+    t_shape, t_dtype = A.shape_dtype(teacher)
     V.check_pair(s_shape, s_dtype, t_shape, t_dtype, truncate=vocab_mismatch == "truncate")
     n = min(s_shape[-1], t_shape[-1])  # the classes computed
     if labels is not None:
-        l_shape, l_dtype = V.shape_dtype(labels)
+        l_shape, l_dtype = A.shape_dtype(labels)
         V.check_labels_meta(l_shape, l_dtype, s_shape)
     on_gpu = use_cuda(V.backend(backend), student, teacher, labels, grad_out)
     gpu = cuda_backend() if on_gpu else None
     host_lab = None
     n_counted = 0
     if labels is not None and _labels_on_host(on_gpu, labels):
-        host_lab, n_counted = V.host_labels(V.on_host(labels), n, ignore_index)  # range checked here
+        host_lab, n_counted = V.host_labels(A.on_host(labels), n, ignore_index)  # range checked here
     storages = _storages(s_dtype, t_dtype, grad_out if want_grad else None)
     try:
         call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items,
@@ -125,18 +126,18 @@ def _sparse_response(student: Any, teacher: SparseTeacher, labels: Any, terms: T
                      needs_labels: bool) -> tuple[Any, Any]:
     """:func:`response` with a sparse (top-k) teacher: the checks in the contract's order (the teacher's
     leading dims, ids and repeats after the student's), then the CPU kernel of ``cpu._sparse``."""
-    s_shape, s_dtype = V.shape_dtype(student)
+    s_shape, s_dtype = A.shape_dtype(student)
     V.check_logits(s_shape, s_dtype, "student")
     n = int(s_shape[-1])
     if labels is not None:
-        l_shape, l_dtype = V.shape_dtype(labels)
+        l_shape, l_dtype = A.shape_dtype(labels)
         V.check_labels_meta(l_shape, l_dtype, s_shape)
     on_gpu = use_cuda(V.backend(backend), student, labels, grad_out, teacher.indices, teacher.values)
     gpu = cuda_backend() if on_gpu else None
     idx, vals = sparse.host_arrays(teacher, s_shape, n)  # (rows x k, checked on the host)
     host_lab, n_counted = None, 0
     if labels is not None and _labels_on_host(on_gpu, labels):
-        host_lab, n_counted = V.host_labels(V.on_host(labels), n, ignore_index)
+        host_lab, n_counted = V.host_labels(A.on_host(labels), n, ignore_index)
     storages = _storages(s_dtype, s_dtype, grad_out if want_grad else None)  # (no teacher array: the student's)
     call = _resolve(terms, s_shape, storages, n, labels is not None, ignore_index, reduction, num_items, want_grad,
                     needs_labels)
@@ -162,9 +163,9 @@ def _labels_on_host(on_gpu: bool, labels: Any) -> bool:
     """Whether a call's labels are checked (and read) on the host: host labels, and device labels of
     an unsigned 64-bit type (the device kernels read labels as int64, which would wrap ids above its
     range into ``-1`` or ``ignore_index``: their host copy is checked instead, ``rows`` numbers)."""
-    if not (on_gpu and V.is_device(labels)):
+    if not (on_gpu and A.is_device(labels)):
         return True
-    dt = V.shape_dtype(labels)[1]
+    dt = A.shape_dtype(labels)[1]
     return getattr(dt, "kind", "") == "u" and getattr(dt, "itemsize", 0) >= 8
 
 
@@ -174,7 +175,7 @@ def _storages(s_dtype: Any, t_dtype: Any, grad_out: Any) -> tuple[str, str, str]
     dtype when one is given (checked: the student's, or float32 for a half-precision student)."""
     s = _storage.check(s_dtype, "student")
     t = teacher_storage(s, _storage.check(t_dtype, "teacher"))
-    g = s if grad_out is None else V.grad_storage(V.shape_dtype(grad_out)[1], s)
+    g = s if grad_out is None else V.grad_storage(A.shape_dtype(grad_out)[1], s)
     return s, t, g
 
 
@@ -206,7 +207,7 @@ def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray |
     wanted), and the reduction's factor (``lab``: the checked host labels, counting ``n_counted`` rows)."""
     s_store, t_store, g_store = call.variant.storage()
     s = _storage.host_logits(student, s_store, "student")
-    t_own = _storage.check(V.shape_dtype(teacher)[1], "teacher")
+    t_own = _storage.check(A.shape_dtype(teacher)[1], "teacher")
     t_caller = t = _storage.host_logits(teacher, t_own, "teacher")
     if t_own != t_store:
         t = _storage.to_float(t, t_own, t_store)
@@ -265,7 +266,7 @@ def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ..
 
 def softmax(x: Any, temperature: Any, *, log: bool, backend: str = "auto") -> Any:
     """Row-wise (log-)softmax of ``x / temperature``; the result has ``x``'s shape and dtype."""
-    shape, dtype = V.shape_dtype(x)
+    shape, dtype = A.shape_dtype(x)
     V.check_logits(shape, dtype, "x")
     on_gpu = use_cuda(V.backend(backend), x)
     tau = V.temperature(temperature)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import _arrays as A
 from . import _validate as V
 from .distillers import ResponseDistiller
 from .torch import (
@@ -130,7 +131,7 @@ def _check_fused(student_input: torch.Tensor, student_weight: torch.Tensor, teac
             )
         _check_bias(teacher_bias, "teacher_bias", t_classes, f"teacher_weight {_shape(teacher_weight)}")
     if labels is not None:
-        V.check_labels_meta(_shape(labels), V.torch_np_dtype(labels.dtype), logits)
+        V.check_labels_meta(_shape(labels), A.torch_np_dtype(labels.dtype), logits)
 
 
 def _check_bias(bias: Optional[torch.Tensor], name: str, classes: int, weight: str) -> None:
@@ -445,8 +446,8 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             if teacher_weight is not None or teacher_bias is not None:
                 raise V.InvalidParameterError("a SparseTeacher is the teacher itself: pass no teacher_weight/teacher_bias")
             sparse = codes(teacher_input)
-            teacher_weight = torch.as_tensor(teacher_input.values)
-            teacher_input = torch.as_tensor(teacher_input.indices)
+            teacher_weight = A.tensor_of(teacher_input.values)
+            teacher_input = A.tensor_of(teacher_input.indices)
         transform = [*_logit_transform(self.student_logit_scale, self.student_softcap, "student"),
                      *_logit_transform(self.teacher_logit_scale, self.teacher_softcap, "teacher")]
         if teacher_weight is None or sparse:
@@ -455,7 +456,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                     "teacher_logit_scale/teacher_softcap apply to a teacher head (teacher_weight): teacher logits "
                     "or a SparseTeacher are taken as the teacher's final logits")
         if labels is not None and not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
+            labels = A.tensor_of(labels)
         _check_devices(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias,
                        teacher_bias, bool(sparse))
         n_items, n_items_tensor = _num_items_args(num_items, "mean")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _storage
-from ._arrays import OtherDtype, host_array, is_device, is_torch, on_host, shape_dtype, torch_np_dtype
+from ._arrays import host_array, is_torch
 from ._spec import FLOAT32, HALF, MAX_TEMPERATURE
 from .errors import (
     DimensionMismatchError,

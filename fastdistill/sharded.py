@@ -46,6 +46,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import _arrays as A
 from . import _dispatch
 from . import _shard_check as SC
 from . import _validate as V
@@ -70,8 +71,8 @@ class VocabShard:
     def __init__(self, distiller: Any, student: Any, teacher: Any, labels: Any, *, class_offset: int,
                  classes: int, reduction: str = "mean", num_items: Any = None, want_grad: bool = True,
                  grad_out: Any = None, backend: str = "auto") -> None:
-        s_shape, s_dtype = V.shape_dtype(student)
-        t_shape, t_dtype = V.shape_dtype(teacher)
+        s_shape, s_dtype = A.shape_dtype(student)
+        t_shape, t_dtype = A.shape_dtype(teacher)
         V.check_pair(s_shape, s_dtype, t_shape, t_dtype)
         width = int(s_shape[-1])
         offset = V.integer(class_offset, "class_offset")
@@ -85,9 +86,9 @@ class VocabShard:
         glob = lab = None
         n_counted = 0
         if labels is not None:
-            l_shape, l_dtype = V.shape_dtype(labels)
+            l_shape, l_dtype = A.shape_dtype(labels)
             V.check_labels_meta(l_shape, l_dtype, s_shape)
-            glob, n_counted = V.host_labels(V.on_host(labels), total, distiller.ignore_index)  # global ids, checked
+            glob, n_counted = V.host_labels(A.on_host(labels), total, distiller.ignore_index)  # global ids, checked
             local = glob - offset
             ignored = glob == distiller.ignore_index
             lab = np.where(ignored, _IGNORED, np.where((local >= 0) & (local < width), local, SHARD_LABEL_ELSEWHERE))
