@@ -35,6 +35,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without PyTorch
         "fastdistill.torch needs PyTorch (pip install 'fastdistill[torch]')"
     ) from _exc
 
+from . import _arrays as A
 from . import _validate as V
 from .distillers import ResponseDistiller
 from .errors import InvalidParameterError
@@ -136,7 +137,7 @@ def _same_device(x: torch.Tensor, name: str, device: torch.device, other: str = 
 
 
 def _labels(labels: Any, device: torch.device) -> torch.Tensor:
-    lab = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    lab = A.tensor_of(labels)
     if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {lab.dtype}")
     if lab.dtype == getattr(torch, "uint64", None):
@@ -477,8 +478,8 @@ def _sparse_response(distiller: ResponseDistiller, student: torch.Tensor, teache
                      num_items: Any) -> torch.Tensor:
     from .sparse import codes
 
-    idx = teacher.indices if isinstance(teacher.indices, torch.Tensor) else torch.as_tensor(teacher.indices)
-    vals = teacher.values if isinstance(teacher.values, torch.Tensor) else torch.as_tensor(teacher.values)
+    idx = A.tensor_of(teacher.indices)
+    vals = A.tensor_of(teacher.values)
     lab = None if labels is None else _labels(labels, student.device)
     n_items, n_items_tensor = _num_items_args(num_items, reduction)
     want_grad = torch.is_grad_enabled() and student.requires_grad
@@ -712,7 +713,7 @@ class DistillationLoss(torch.nn.Module):
             count = torch.tensor(float(student.numel() // max(student.shape[-1], 1)), dtype=torch.float64,
                                  device=student.device)
         else:
-            lab = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, device=student.device)
+            lab = A.tensor_of(labels, student.device)
             count = (lab != self.ignore_index).sum().to(torch.float64)
         dist.all_reduce(count, group=self.data_parallel_group)
         return count.clamp_min(1.0)  # every row ignored everywhere: a loss of 0, as "mean" gives

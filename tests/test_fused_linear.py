@@ -142,3 +142,28 @@ def test_sparse_teacher():
         assert torch.allclose(a, r, rtol=1e-10, atol=1e-12)
     with pytest.raises(fd.InvalidParameterError, match="SparseTeacher is the teacher itself"):
         fused(x, w, teacher, tw, y)
+
+
+def test_read_only_numpy_teacher_and_labels_taken_as_they_are():
+    """A memory-mapped teacher store's arrays are read-only: the fused head and DistillationLoss take them
+    without a copy and without PyTorch's warning about writing to them (they are never written)."""
+    import warnings
+
+    import numpy as np
+
+    import fastdistill as fd
+
+    x, w, b, tx, tw, tb, y = _setup()
+    top = fd.top_k((tx @ tw.t() + tb).numpy(), 6)
+    idx, vals, lab = np.array(top.indices), np.array(top.values), y.numpy().copy()
+    for a in (idx, vals, lab):
+        a.flags.writeable = False
+    want = FusedLinearDistillationLoss(temperature=2.0, chunk_size=7)(
+        x, w, fd.SparseTeacher(torch.as_tensor(idx.copy()), torch.as_tensor(vals.copy())), labels=y, student_bias=b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = FusedLinearDistillationLoss(temperature=2.0, chunk_size=7)(
+            x, w, fd.SparseTeacher(idx, vals), labels=lab, student_bias=b)
+        ref = DistillationLoss(temperature=2.0)(x @ w.t() + b, fd.SparseTeacher(idx, vals), lab)
+    assert float(got) == float(want)
+    assert float(ref) == pytest.approx(float(want), rel=1e-10)
