@@ -448,8 +448,14 @@ class FusedLinearDistillationLoss(torch.nn.Module):
             sparse = codes(teacher_input)
             teacher_weight = A.tensor_of(teacher_input.values)
             teacher_input = A.tensor_of(teacher_input.indices)
-        transform = [*_logit_transform(self.student_logit_scale, self.student_softcap, "student"),
-                     *_logit_transform(self.teacher_logit_scale, self.teacher_softcap, "teacher")]
+        if torch.compiler.is_compiling():
+            # (checked at construction and on every eager call; a traced check of a float attribute, which
+            # dynamic shapes make symbolic, would break the graph)
+            transform = [float(self.student_logit_scale), float(self.student_softcap or 0.0),
+                         float(self.teacher_logit_scale), float(self.teacher_softcap or 0.0)]
+        else:
+            transform = [*_logit_transform(self.student_logit_scale, self.student_softcap, "student"),
+                         *_logit_transform(self.teacher_logit_scale, self.teacher_softcap, "teacher")]
         if teacher_weight is None or sparse:
             if transform[2:] != [1.0, 0.0]:
                 raise V.InvalidParameterError(

@@ -454,9 +454,9 @@ def test_generalized_jsd_equals_trl_itself(lead):
 def test_fused_checks_trace_under_compile_with_dynamic_shapes(monkeypatch):
     # the checks read shapes, dtypes and devices only: nothing torch.compile cannot trace (a NumPy dtype
     # made while tracing, for the labels' dtype, broke fullgraph compilation)
-    import fastdistill._validate as V
+    import fastdistill._arrays as A
 
-    monkeypatch.setattr(V, "_TORCH_NP", {})
+    monkeypatch.setattr(A, "_TORCH_NP", {})
     torch._dynamo.reset()
     fused = FusedLinearDistillationLoss(temperature=2.0, chunk_size=4)
     compiled = torch.compile(lambda *a: fused(*a), fullgraph=True, dynamic=True)
