@@ -364,7 +364,8 @@ def test_generalized_jsd_every_token_ignored():
 
 def test_generalized_jsd_against_trl_itself():
     trl = pytest.importorskip("trl")
-    GKDTrainer = trl.GKDTrainer
+    # (TRL 1.x moved the GKD trainer to trl.experimental.gkd; older releases export it at the top level)
+    GKDTrainer = getattr(trl, "GKDTrainer", None) or pytest.importorskip("trl.experimental.gkd").GKDTrainer
     s, t, y = _trl_batch((2, 6), n=32)
     for kwargs in ({}, {"labels": y}, {"labels": y, "beta": 0.2, "temperature": 2.0}, {"reduction": "sum"}):
         ref_s = s.clone().requires_grad_(True)
