@@ -275,5 +275,7 @@ def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any
 
 def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two arrays are views of the same elements, in the same order and element size."""
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
-            and a.strides == b.strides and a.dtype.itemsize == b.dtype.itemsize)
+    if a is b:  # (an in-place call's usual case: reading the addresses builds two dictionaries, ~4 us)
+        return True
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype.itemsize == b.dtype.itemsize
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
