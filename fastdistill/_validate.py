@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _storage
-from ._arrays import host_array, is_torch
+from ._arrays import host_array, is_torch, same_memory
 from ._spec import FLOAT32, HALF, MAX_TEMPERATURE
 from .errors import (
     DimensionMismatchError,
@@ -271,11 +271,3 @@ def grad_out(g: Any, s_shape: tuple[int, ...], g_storage: str, others: tuple[Any
             f"{g.dtype} beside {student.dtype}): pass the student itself for an in-place update, or a separate buffer"
         )
     return g
-
-
-def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays are views of the same elements, in the same order and element size."""
-    if a is b:  # (an in-place call's usual case: reading the addresses builds two dictionaries, ~4 us)
-        return True
-    return (a.shape == b.shape and a.strides == b.strides and a.dtype.itemsize == b.dtype.itemsize
-            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])

@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from .. import _cache  # noqa: F401  (before the kernels: their disk cache keyed on the kernel sources)
+from .._arrays import same_memory
 from .._spec import TAILS, Variant
 from . import _kernels as K
 
@@ -85,8 +86,7 @@ def in_place(s: np.ndarray, grad: np.ndarray | None) -> bool:
     overlapping the student is exactly its memory). Such a call runs kernels that write the gradient
     through the student's pointer: given two pointers to the same memory, LLVM's run-time overlap check
     sends the vector loops to their scalar fallback (4x slower at 1024x32000 float32)."""
-    return (grad is not None and grad.dtype.itemsize == s.dtype.itemsize and grad.shape == s.shape
-            and grad.strides == s.strides and grad.ctypes.data == s.ctypes.data)
+    return grad is not None and same_memory(grad, s)
 
 
 def _in_place_layout(batch: tuple, s: np.ndarray, grad: np.ndarray, want_grad: bool) -> bool:
