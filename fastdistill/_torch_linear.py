@@ -176,19 +176,19 @@ def _logit_transform(scale: Any, softcap: Any, who: str) -> tuple[float, float]:
     return sc, cap
 
 
-def _transform_(z: torch.Tensor, scale: float, cap: float, keep_slope: bool) -> Optional[torch.Tensor]:
+def _transform_(z: torch.Tensor, scale: float, cap: float, slope: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The logits a model emits from its head's output ``z``, in place: ``scale · z`` (Cohere's
     ``logit_scale``), then ``cap · tanh(· / cap)`` (Gemma-2's ``final_logit_softcapping``), in the
-    chunk's dtype as those models compute them. With ``keep_slope`` and a cap, returns ``1 − tanh²``,
-    the cap's derivative (the gradient's chain rule needs it after the kernel has overwritten the
-    logits with their gradient: one more chunk-sized buffer, only when capping). 16-bit chunks are
-    transformed in float32, ``_TRANSFORM_ROWS`` rows at a time, each result rounded once: ``1 − tanh²``
-    of a rounded ``tanh`` near saturation would lose most of its digits."""
+    chunk's dtype as those models compute them. Given ``slope`` (``z``'s shape) and a cap, writes
+    ``1 − tanh²`` there and returns it, the cap's derivative (the gradient's chain rule needs it after
+    the kernel has overwritten the logits with their gradient: one more chunk-sized buffer, only when
+    capping; a buffer the caller reuses from chunk to chunk). 16-bit chunks are transformed in float32,
+    ``_TRANSFORM_ROWS`` rows at a time, each result rounded once: ``1 − tanh²`` of a rounded ``tanh``
+    near saturation would lose most of its digits."""
     if cap == 0.0:
         if scale != 1.0:
             z.mul_(scale)
         return None
-    slope = torch.empty_like(z) if keep_slope else None
     wide = z.dtype in (torch.float32, torch.float64)
     step = z.shape[0] if wide else _TRANSFORM_ROWS
     for lo in range(0, z.shape[0], step):
@@ -298,17 +298,18 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     # alive at a time before: reused, not reallocated chunk after chunk)
     s_buf = x.new_empty((min(chunk, rows), w.shape[0]))
     t_buf = None if tw is None else t_in.new_empty((min(chunk, rows), tw.shape[0]))
+    slope_buf = x.new_empty((min(chunk, rows), w.shape[0])) if want_grad and s_cap != 0.0 else None
     for lo in range(0, rows, chunk):
         hi = min(rows, lo + chunk)
         s = _logits(x[lo:hi], w, b, s_buf)
-        slope = _transform_(s, s_scale, s_cap, want_grad)
+        slope = _transform_(s, s_scale, s_cap, None if slope_buf is None else slope_buf[: hi - lo])
         if sparse:
             t = from_codes(_as_backend_input(t_in[lo:hi].contiguous()), _as_backend_input(t_vals[lo:hi].contiguous()),
                            sparse)
         else:
             t = _logits(t_in[lo:hi], tw, tb, t_buf) if tw is not None else t_in[lo:hi].contiguous()
             if tw is not None:
-                _transform_(t, t_scale, t_cap, False)
+                _transform_(t, t_scale, t_cap, None)
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
         if n_items > 0:
             kw: dict = dict(num_items=1.0 if unscaled else n_items)
@@ -421,7 +422,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                  chunk_size: int = 1024, *, student_softcap: float | None = None, teacher_softcap: float | None = None,
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, **soft_params: Any) -> None:
         super().__init__()
-        # checked here and again per call (they are plain attributes a trainer may set)
+        # checked here and again on every eager call (they are plain attributes a trainer may set)
         s_scale, s_cap = _logit_transform(student_logit_scale, student_softcap, "student")
         t_scale, t_cap = _logit_transform(teacher_logit_scale, teacher_softcap, "teacher")
         self.student_logit_scale, self.student_softcap = s_scale, (s_cap or None)
