@@ -22,6 +22,7 @@ import transformers
 from . import _validate as V
 from .sparse import SparseTeacher
 from .torch import FusedLinearDistillationLoss
+from ._torch_linear import _transform_  # noqa: E402,I001  (after .torch, which _torch_linear builds on)
 
 __all__ = ["DistillationTrainer", "TeacherCollator", "logit_transform"]
 
@@ -353,9 +354,7 @@ def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             z = (x[lo:lo + fused.chunk_size] @ weight.t()).float()
             if bias is not None:
                 z += bias.float()
-            z *= scale
-            if cap is not None:
-                z = cap * torch.tanh(z / cap)
+            _transform_(z, scale, cap or 0.0, None)  # (the fused head's own transform, in float32)
             total += float(torch.nn.functional.cross_entropy(z, y[lo:lo + fused.chunk_size], reduction="sum"))
     n = float(n_items)
     return total / n if n else 0.0
