@@ -1,10 +1,13 @@
 """Backend choice, the resolved call, and the round trip of the caller's arrays.
 
 Two operations cover the whole library: :func:`response` (every loss, with its gradient) and
-:func:`softmax`. Both validate through :mod:`fastdistill._validate` in the contract's order, resolve the
-call once -- its terms, reduction and kernel :class:`~fastdistill._spec.Variant` -- and hand the same
-:class:`ResponseCall` to the CPU kernels (imported on first use, so ``import fastdistill`` stays light) or
-to the CUDA backend (imported only when a GPU path is taken). Backends never import this module.
+:func:`softmax`; besides them :func:`top_k` (a sparse teacher from logits) and :func:`shard_run` (one
+vocabulary shard's steps, for :mod:`fastdistill.sharded`). This is the one place a backend is chosen
+(``docs/backends.md`` lists what a backend provides). Both validate through
+:mod:`fastdistill._validate` in the contract's order, resolve the call once -- its terms, reduction
+and kernel :class:`~fastdistill._spec.Variant` -- and hand the same :class:`ResponseCall` to the CPU
+kernels (imported on first use, so ``import fastdistill`` stays light) or to the CUDA backend (imported
+only when a GPU path is taken). Backends never import this module.
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ import numpy as np
 from . import _arrays as A
 from . import _storage
 from . import _validate as V
-from ._spec import HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
+from ._spec import FLOAT64, HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
 from . import sparse
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InvalidParameterError
 from .sparse import SparseTeacher
 
 TermsLike = Union[Terms, Callable[[], Terms]]
@@ -276,3 +279,58 @@ def softmax(x: Any, temperature: Any, *, log: bool, backend: str = "auto") -> An
     a = V.rows_2d(_storage.host_logits(x, storage, "x"))
     out = _cpu().softmax(a, tau, log).reshape(shape)
     return _storage.like_caller(out, x) if storage in HALF else out
+
+
+def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None = None, min_k: int = 1,
+          backend: str = "auto") -> SparseTeacher:
+    """:func:`fastdistill.top_k` (documented there): the arguments checked, then the backend's ``top_k``."""
+    shape, dtype = A.shape_dtype(logits)
+    V.check_logits(shape, dtype, "logits")
+    kk = V.integer(k, "k")
+    n = int(shape[-1])
+    if not 1 <= kk <= n:
+        raise InvalidParameterError(f"k must be in [1, {n}] (the logits' classes), got {kk}")
+    tau = V.temperature(temperature)
+    tp = 2.0  # (no cut)
+    if top_p is not None:
+        tp = V.finite(top_p, "top_p")
+        if not 0.0 < tp <= 1.0:
+            raise InvalidParameterError(f"top_p must be in (0, 1], got {tp}")
+    mk = V.integer(min_k, "min_k")
+    if not 1 <= mk <= kk:
+        raise InvalidParameterError(f"min_k must be in [1, k={kk}], got {mk}")
+    storage = _storage.check(dtype, "logits")
+    if use_cuda(V.backend(backend), logits):
+        idx, vals = cuda_backend().top_k(logits, kk, tau, storage, tp, mk)
+        return SparseTeacher(idx, vals, kind="logprobs", temperature=tau)
+    x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
+    out_idx, out_val = _cpu().top_k(x, kk, tau, tp, mk)
+    lead = tuple(shape[:-1])
+    vdt = np.float64 if storage == FLOAT64 else np.float32
+    return SparseTeacher(out_idx.astype(np.int32).reshape(lead + (kk,)), out_val.astype(vdt).reshape(lead + (kk,)),
+                         kind="logprobs", temperature=tau)
+
+
+# fastdistill.sparse.top_k runs the function above: installed here because this module imports that one
+# (for SparseTeacher), never the other way round; importing fastdistill imports this module first
+sparse._OPS["top_k"] = top_k
+
+
+def shard_run(call: ResponseCall, student: Any, teacher: Any, labels: Any, lab: np.ndarray | None,
+              glob: np.ndarray | None, n_counted: int, classes: int, grad_out: Any, tail: Callable,
+              backend: str) -> tuple[Any, float]:
+    """``(run, scale)``: the backend's ``ShardRun`` of one vocabulary shard (:mod:`fastdistill.sharded`)
+    and the reduction's factor. ``call`` is resolved for the shard's columns, ``labels`` are the
+    caller's (they take part in the backend's choice), ``glob`` their checked host copy (global ids,
+    ``n_counted`` rows counted), ``lab`` the shard's labels as the kernels take them (``_spec``'s
+    ``SHARD_LABEL_*``), ``tail(round, k)`` a round's check rows."""
+    if use_cuda(V.backend(backend), student, teacher, labels, grad_out):
+        scale = _scale(call, glob, n_counted)
+        return cuda_backend().ShardRun(call, student, teacher, lab, scale, classes, grad_out, tail), scale
+    s, t, g, scale = host_batch(call, student, teacher, glob, n_counted, grad_out)
+    grad = (g if g is not None else np.empty_like(s)) if call.want_grad else None
+
+    def to_caller(grad: np.ndarray) -> Any:
+        return caller_grad(call, grad, student, grad_out)
+
+    return _cpu().ShardRun(call, s, t, lab, packed(call.terms), scale, classes, grad, to_caller, tail), scale

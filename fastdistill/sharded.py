@@ -102,112 +102,52 @@ class VocabShard:
         self._width = width
         self._taken: list[int] = []  # the rounds read back (ROUND_*), in order
         self._error: Exception | None = None  # a failed check: raised again by every later step
-        self._grad_out = grad_out
-        self._student = student
         self._next = 0  # rounds handed out
         self._pending: tuple | None = None  # the last round's buffer, until it is read back
         self._result: tuple | None = None  # (loss, grad), once computed
-        self._gpu: Any = None
-        if _dispatch.use_cuda(V.backend(backend), student, teacher, labels, grad_out):
-            self._scale = _dispatch._scale(call, glob, n_counted)
-            # (the labels as every shard kernel takes them: _spec's SHARD_LABEL_* codes)
-            self._gpu = _dispatch.cuda_backend().ShardRun(call, student, teacher, lab, self._scale, total, grad_out,
-                                                          self._tail)
-            return
-        self._s, self._t, g, self._scale = _dispatch.host_batch(call, student, teacher, glob, n_counted, grad_out)
-        self._lab = lab
-        self._grad = (g if g is not None else np.empty_like(self._s)) if call.want_grad else None
-        self._out = np.empty(call.rows, dtype=np.float64)
-        self._stats = np.empty((call.rows, _K().N_STATS), dtype=np.float64)
-        # round 1's buffer: the maxima (the kernel's view of its rows), then the check entries
-        self._max_buf = self._buffer(SC.ROUND_MAX, _K().N_MAX)
-        self._local_max = self._max_buf[: call.rows]
+        # the backend's steps and buffers (the labels as every shard kernel takes them: _spec's
+        # SHARD_LABEL_* codes); its kind is "host" when the caller's buffers are host arrays
+        self._backend, self._scale = _dispatch.shard_run(call, student, teacher, labels, lab, glob, n_counted, total,
+                                                         grad_out, self._tail, backend)
 
     @property
     def rounds(self) -> int:
         """How many exchanges the loss needs (2, or 3 for mixture divergences and TVD)."""
         return 3 if self._call.variant.two_pass else 2
 
-    def _run(self, step: int) -> None:
-        from . import cpu
-
-        c = self._call
-        cpu.shard_step(c.variant, step, self._s, self._t, self._lab, _dispatch.packed(c.terms), _IGNORED,
-                       self._scale, c.want_grad, self._out, self._grad, self._stats, self._local_max,
-                       self._classes)
-
     def exchanges(self) -> Iterator[tuple[np.ndarray, str]]:
         """The rounds: ``(buffer, op)`` to combine in place across the shards, one after the other (each
         round's buffer is read back when the next is asked for, or by :meth:`result`)."""
         if self._next:
             raise InvalidParameterError("a VocabShard's exchanges() can be taken once")
-        if self._gpu is not None:
-            yield from self._gpu_exchanges()
-            return
-        K = _K()
+        run = self._backend
         # 1: the maxima (the sums were formed relative to this shard's own: moved to the combined ones)
-        self._run(K.SHARD_STATS)
-        yield self._hand_out(self._max_buf, "max", self._rescale, SC.ROUND_MAX)
+        run.step("stats")
+        yield self._hand_out(run.exchanged("max"), "max", self._back("max", rescale=True), SC.ROUND_MAX)
         # 2: the sums
         self._take_back()
-        yield self._hand_out(self._stat_buffer(SC.ROUND_SUM, K.N_MAX, K.S_KP), "sum", self._sums_back(K.N_MAX, K.S_KP),
-                             SC.ROUND_SUM)
+        yield self._hand_out(run.exchanged("sum"), "sum", self._back("sum"), SC.ROUND_SUM)
         if self._call.variant.two_pass:  # 3: the mixtures' and TVD's second pass
             self._take_back()
-            self._run(K.SHARD_DIV2)
-            yield self._hand_out(self._stat_buffer(SC.ROUND_MIX, K.S_KP, K.N_STATS), "sum",
-                                 self._sums_back(K.S_KP, K.N_STATS), SC.ROUND_MIX)
+            run.step("div2")
+            yield self._hand_out(run.exchanged("mix"), "sum", self._back("mix"), SC.ROUND_MIX)
 
     def _tail(self, rnd: int, k: int) -> np.ndarray:
         """The rows after round ``rnd``'s ``(rows, k)`` numbers: this shard's check entries."""
         return SC.tail(rnd, self._offset, self._width, self._classes, k)
 
-    def _buffer(self, rnd: int, k: int) -> np.ndarray:
-        """A round's buffer: ``rows`` rows of ``k`` numbers (filled by the caller), then the check rows."""
-        rows = self._call.rows
-        tail = self._tail(rnd, k)
-        buf = np.empty((rows + tail.shape[0], k), dtype=np.float64)
-        buf[rows:] = tail
-        return buf
-
-    def _stat_buffer(self, rnd: int, k0: int, k1: int) -> np.ndarray:
-        """A round's buffer holding the statistics ``[k0, k1)`` of every row."""
-        buf = self._buffer(rnd, k1 - k0)
-        buf[: self._call.rows] = self._stats[:, k0:k1]
-        return buf
-
-    def _gpu_exchanges(self) -> Iterator[tuple[Any, str]]:
-        from .cuda import _kernels as CK
-
-        run = self._gpu
-        run.step(CK.SHARD_STATS)
-        yield self._hand_out(run.exchanged("max"), "max", self._gpu_back("max", rescale=True), SC.ROUND_MAX)
-        self._take_back()
-        yield self._hand_out(run.exchanged("sum"), "sum", self._gpu_back("sum"), SC.ROUND_SUM)
-        if self._call.variant.two_pass:
-            self._take_back()
-            run.step(CK.SHARD_DIV2)
-            yield self._hand_out(run.exchanged("mix"), "sum", self._gpu_back("mix"), SC.ROUND_MIX)
-
-    def _gpu_back(self, name: str, rescale: bool = False) -> Any:
+    def _back(self, name: str, rescale: bool = False) -> Any:
+        """What reads round ``name``'s combined buffer back into the backend's run."""
         def back(combined: Any) -> None:
-            self._gpu.take_back(name, combined)
+            self._backend.take_back(name, combined)
             if rescale:
-                self._gpu.rescale()
+                self._backend.rescale()
         return back
 
     def _hand_out(self, buf: np.ndarray, op: str, back: Any, rnd: int) -> tuple[np.ndarray, str]:
         self._pending = (buf, back, rnd)
         self._next += 1
         return buf, op
-
-    def _rescale(self, combined: np.ndarray) -> None:
-        _K().rescale_shard_sums(self._stats, combined[: self._call.rows], self._call.terms.tau)
-
-    def _sums_back(self, k0: int, k1: int) -> Any:
-        def back(combined: np.ndarray) -> None:
-            self._stats[:, k0:k1] = combined[: self._call.rows]
-        return back
 
     def _take_back(self) -> None:
         """The combined values of the round handed out last, once its check entries show that it was
@@ -217,7 +157,7 @@ class VocabShard:
             buf, back, rnd = self._pending
             self._pending = None
             self._taken.append(rnd)
-            if self._gpu is None or self._gpu.kind == "host":
+            if self._backend.kind == "host":
                 self._check(rnd, np.asarray(buf)[self._call.rows:])
             back(buf)
 
@@ -305,25 +245,13 @@ class VocabShard:
             def reduce(rows: np.ndarray) -> Any:
                 return _dispatch.reduce_rows(rows, c.reduction, self._scale, c.shape, c.variant.dtype)
 
-            if self._gpu is not None:
-                from .cuda import _kernels as CK
-
-                if self._gpu.kind != "host":  # the device's copies of the check rows as each round was read
-                    for rnd, tail in zip(self._taken, self._gpu.read_back_tails()):
-                        self._check(rnd, tail)
-                self._gpu.step(CK.SHARD_FINISH)
-                self._result = self._gpu.result(reduce)
-            else:
-                self._run(_K().SHARD_FINISH)
-                grad = _dispatch.caller_grad(c, self._grad, self._student, self._grad_out) if c.want_grad else None
-                self._result = (reduce(self._out), grad)
+            run = self._backend
+            if run.kind != "host":  # the device's copies of the check rows as each round was read
+                for rnd, tail in zip(self._taken, run.read_back_tails()):
+                    self._check(rnd, tail)
+            run.step("finish")
+            self._result = run.result(reduce)
         return self._result
-
-
-def _K():  # type: ignore[no-untyped-def]
-    from .cpu import _kernels
-
-    return _kernels
 
 
 __all__ = ["VocabShard"]

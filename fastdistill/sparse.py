@@ -19,6 +19,9 @@ from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
 from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
 
 KINDS = ("logprobs", "logits")
+# the operations behind this module's functions, installed by fastdistill._dispatch (the one place a
+# backend is chosen), which imports this module: "top_k"
+_OPS: dict = {}
 
 
 class SparseTeacherIndexError(FastDistillError, ValueError):
@@ -206,39 +209,7 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None 
     prefix, by decreasing probability under ``softmax(logits / temperature)``, whose probability reaches
     ``top_p``, with at least ``min_k`` and at most ``k`` entries; the other slots get id ``-1`` and value
     ``-inf``. The cut is a prefix scan over the sorted selection, in the same pass."""
-    shape, dtype = A.shape_dtype(logits)
-    V.check_logits(shape, dtype, "logits")
-    kk = V.integer(k, "k")
-    n = int(shape[-1])
-    if not 1 <= kk <= n:
-        raise InvalidParameterError(f"k must be in [1, {n}] (the logits' classes), got {kk}")
-    tau = V.temperature(temperature)
-    tp = 2.0  # (no cut)
-    if top_p is not None:
-        tp = V.finite(top_p, "top_p")
-        if not 0.0 < tp <= 1.0:
-            raise InvalidParameterError(f"top_p must be in (0, 1], got {tp}")
-    mk = V.integer(min_k, "min_k")
-    if not 1 <= mk <= kk:
-        raise InvalidParameterError(f"min_k must be in [1, k={kk}], got {mk}")
-    storage = _storage.check(dtype, "logits")
-    from ._dispatch import cuda_backend, use_cuda
-
-    if use_cuda(V.backend(backend), logits):
-        idx, vals = cuda_backend().top_k(logits, kk, tau, storage, tp, mk)
-        return SparseTeacher(idx, vals, kind="logprobs", temperature=tau)
-    x = V.rows_2d(_storage.host_logits(logits, storage, "logits"))
-    from .cpu import _sparse as S
-    from .cpu import as_kernel_input
-
-    rows = x.shape[0]
-    out_idx = np.empty((rows, kk), np.int64)
-    out_val = np.empty((rows, kk), np.float64)
-    S.top_k_kernel(as_kernel_input(x), np.int64(kk), float(1.0 / tau), out_idx, out_val, float(tp), np.int64(mk))
-    lead = tuple(shape[:-1])
-    vdt = np.float64 if storage == FLOAT64 else np.float32
-    return SparseTeacher(out_idx.astype(np.int32).reshape(lead + (kk,)), out_val.astype(vdt).reshape(lead + (kk,)),
-                         kind="logprobs", temperature=tau)
+    return _OPS["top_k"](logits, k, temperature=temperature, top_p=top_p, min_k=min_k, backend=backend)
 
 
 __all__ = ["SparseTeacher", "SparseTeacherIndexError", "top_k"]

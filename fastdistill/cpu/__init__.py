@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import _cache  # noqa: F401  (before the kernels: their disk cache keyed on the kernel sources)
 from .._arrays import same_memory
+from .._shard_check import ROUND_MAX, ROUND_MIX, ROUND_SUM
 from .._spec import TAILS, Variant
 from . import _kernels as K
 
@@ -183,6 +184,94 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
         local_max,
         np.int64(classes),
     )
+
+
+# a shard's steps as ``drive_shard`` numbers them
+_SHARD_STEPS = {"stats": K.SHARD_STATS, "div2": K.SHARD_DIV2, "finish": K.SHARD_FINISH}
+# the rounds of sums: (round, the statistics [k0, k1) a row exchanges in it); the maxima are [0, N_MAX)
+_SHARD_SUMS = {"sum": (ROUND_SUM, K.N_MAX, K.S_KP), "mix": (ROUND_MIX, K.S_KP, K.N_STATS)}
+
+
+class ShardRun:
+    """One vocabulary shard's steps on the CPU (:class:`fastdistill.sharded.VocabShard`), the calls of the
+    CUDA backend's ``ShardRun``: ``s``, ``t`` the shard's logits and ``grad`` its gradient buffer (``None``
+    unless ``call.want_grad``) as :func:`response` takes them, ``lab`` its labels (a column of the shard,
+    ``_spec.SHARD_LABEL_ELSEWHERE`` or ``SHARD_LABEL_IGNORED``), ``to_caller`` what makes the kernels'
+    gradient the caller's. Each row's statistics (``N_STATS`` float64 numbers, ``_kernels``' layout) stay
+    here from step to step; the buffers the caller combines are new float64 arrays of a round's slice of
+    them (2 maxima, 12 sums, 5 second sums a row), each followed by the rows of its check entries
+    (``tail(round, k)``: ``fastdistill._shard_check``). The maxima's buffer is written by the kernel
+    itself."""
+
+    kind = "host"  # the caller's buffers are host arrays: it checks each round as it is read back
+
+    def __init__(self, call, s: np.ndarray, t: np.ndarray, lab: np.ndarray | None, params: np.ndarray,  # type: ignore[no-untyped-def]
+                 scale: float, classes: int, grad: np.ndarray | None, to_caller, tail) -> None:
+        self.call = call
+        self.s, self.t, self.lab, self.params, self.grad = s, t, lab, params, grad
+        self.scale = float(scale)
+        self.classes = int(classes)
+        self.to_caller = to_caller
+        self.tail = tail
+        self.out = np.empty(call.rows, dtype=np.float64)
+        self.stats = np.empty((call.rows, K.N_STATS), dtype=np.float64)
+        # round 1's buffer: the maxima (the kernel's view of its rows), then the check entries
+        self.max_buf = self._buffer(ROUND_MAX, K.N_MAX)
+        self.local_max = self.max_buf[: call.rows]
+        self.combined_max = self.max_buf
+
+    def _buffer(self, rnd: int, k: int) -> np.ndarray:
+        """A round's buffer: ``rows`` rows of ``k`` numbers (filled by the caller), then the check rows."""
+        rows = self.call.rows
+        tail = self.tail(rnd, k)
+        buf = np.empty((rows + tail.shape[0], k), dtype=np.float64)
+        buf[rows:] = tail
+        return buf
+
+    def step(self, step: str) -> None:
+        """Run one step: "stats" (the shard's maxima and its sums relative to them), "div2" (the
+        mixtures' and TVD's second sums), "finish" (the row losses and the gradient)."""
+        c = self.call
+        shard_step(c.variant, _SHARD_STEPS[step], self.s, self.t, self.lab, self.params, c.ignore_index, self.scale,
+                   c.want_grad, self.out, self.grad, self.stats, self.local_max, self.classes)
+
+    def exchanged(self, name: str) -> np.ndarray:
+        """The buffer of round ``name`` ("max", "sum", "mix") the caller combines in place."""
+        if name == "max":
+            return self.max_buf
+        rnd, k0, k1 = _SHARD_SUMS[name]
+        buf = self._buffer(rnd, k1 - k0)
+        buf[: self.call.rows] = self.stats[:, k0:k1]
+        return buf
+
+    def take_back(self, name: str, combined: np.ndarray) -> None:
+        """Round ``name``'s combined buffer: the maxima kept for :meth:`rescale`, the sums stored."""
+        if name == "max":
+            self.combined_max = combined
+            return
+        _, k0, k1 = _SHARD_SUMS[name]
+        self.stats[:, k0:k1] = combined[: self.call.rows]
+
+    def rescale(self) -> None:
+        """The sums moved from this shard's maxima to the combined ones (after the max exchange)."""
+        K.rescale_shard_sums(self.stats, self.combined_max[: self.call.rows], self.call.terms.tau)
+
+    def result(self, reduce) -> tuple:  # type: ignore[no-untyped-def]
+        """(``reduce`` of the row losses, the gradient as the caller gets it or None)."""
+        return reduce(self.out), (self.to_caller(self.grad) if self.call.want_grad else None)
+
+
+def top_k(x: np.ndarray, k: int, tau: float, top_p: float = 2.0, min_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``fastdistill.top_k`` of host logits ``x`` (C-contiguous ``(rows, classes)``, 16-bit floats as
+    their bits): (ids int64, log-probabilities float64), ``(rows, k)``; ``top_p`` at most 1: the nucleus
+    cut (at least ``min_k`` entries)."""
+    from . import _sparse as S
+
+    rows = x.shape[0]
+    out_idx = np.empty((rows, k), np.int64)
+    out_val = np.empty((rows, k), np.float64)
+    S.top_k_kernel(as_kernel_input(x), np.int64(k), float(1.0 / tau), out_idx, out_val, float(top_p), np.int64(min_k))
+    return out_idx, out_val
 
 
 def sparse_response(call, s: np.ndarray, idx: np.ndarray, vals: np.ndarray, labels: np.ndarray | None,  # type: ignore[no-untyped-def]

@@ -285,13 +285,16 @@ class ShardRun:
         self.classes = int(classes)
         self.kernel = K.shard_kernel(v.div, v.ce, v.lin, v.math == FLOAT32)
 
-    def step(self, step: int) -> None:
-        """Launch one step (``SHARD_STATS``, ``SHARD_DIV2``, ``SHARD_FINISH`` of ``_kernels``)."""
+    def step(self, step: str) -> None:
+        """Launch one step: "stats", "div2" or "finish" (``SHARD_STATS``, ``SHARD_DIV2``, ``SHARD_FINISH``
+        of ``_kernels``)."""
+        K = _K()
         c = self.call
         grid, block, G = L.geometry(c.rows, c.n)
         b = self.heads
+        k_step = {"stats": K.SHARD_STATS, "div2": K.SHARD_DIV2, "finish": K.SHARD_FINISH}[step]
         L.launch(self.kernel, grid, block, self.stream,
-                 (self.s, self.t, self.lab, self.has_labels, self.params, int(step), self.scale, self.classes,
+                 (self.s, self.t, self.lab, self.has_labels, self.params, int(k_step), self.scale, self.classes,
                   c.want_grad, b["max"], self.own, b["sum"], b["mix"], self.row_buf, self.grads[1], G))
 
     def rescale(self) -> None:
