@@ -1,8 +1,9 @@
 """``fastdistill.torch.FusedLinearDistillationLoss``: the distillation loss from hidden states and the
 output projection, chunk by chunk, never materialising more than ``chunk_size`` rows of logits.
 
-Private module (its class is exported by :mod:`fastdistill.torch`). The whole fused loss is one
-``torch.library`` custom op, ``fastdistill::fused_linear_response``: in forward, per chunk of rows, the
+Private module (its class is exported by :mod:`fastdistill.torch`; the machinery both share is
+:mod:`fastdistill._torch_ops`). The whole fused loss is one ``torch.library`` custom op,
+``fastdistill::fused_linear_response``: in forward, per chunk of rows, the
 student's logits by a matmul (and the teacher's, when given as hidden states and a weight), the fused
 loss-and-gradient kernel on that chunk with the gradient written over the chunk's own logits, then
 ``grad_input`` of the chunk and the accumulated ``grad_weight``/``grad_bias`` by matmuls. Backward
@@ -18,7 +19,7 @@ import torch
 from . import _arrays as A
 from . import _validate as V
 from .distillers import ResponseDistiller
-from .torch import (
+from ._torch_ops import (
     _as_backend_input,
     _grad_dtype,
     _loss_dtype,

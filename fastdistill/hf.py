@@ -20,9 +20,9 @@ import torch
 import transformers
 
 from . import _validate as V
+from ._torch_linear import _transform_
 from .sparse import SparseTeacher
 from .torch import FusedLinearDistillationLoss
-from ._torch_linear import _transform_  # noqa: E402,I001  (after .torch, which _torch_linear builds on)
 
 __all__ = ["DistillationTrainer", "TeacherCollator", "logit_transform"]
 
