@@ -873,15 +873,16 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
 
 
 def c_vocab_shards(lib, s, t, y, bounds, kind, T, hard_w, soft_w, param, eps=0.0, reduction="mean",
-                   ignore_index=IGNORE):
+                   ignore_index=IGNORE, in_place=False):
     """fd_vocab_shard_* on the column ranges ``bounds`` of (s, t), combining each step's request across
-    the shards here (as an all-reduce would): (statuses, losses, gradients, rounds)."""
+    the shards here (as an all-reduce would): (statuses, losses, gradients, rounds); ``in_place``: each
+    shard's gradient written over its copy of the student."""
     rows, classes = s.shape
     parts = [(np.ascontiguousarray(s[:, a:b]), np.ascontiguousarray(t[:, a:b]), a) for a, b in zip(bounds, bounds[1:])]
     works = [np.full(rows * capi.FD_SHARD_WORK, np.nan) for _ in parts]
     reqs = [np.zeros(2, dtype=np.int64) for _ in parts]
     losses = [np.full(rows if reduction == "none" else 1, -7.0) for _ in parts]
-    grads = [np.full_like(p[0], -7.0) for p in parts]
+    grads = [p[0] if in_place else np.full_like(p[0], -7.0) for p in parts]
     statuses, rounds = [], 0
     for step in range(5):
         statuses = [lib.h_vocab_shard(PREC[s.dtype.name], step, ptr(ps), ptr(pt), ptr(y), rows, ps.shape[1], a,
@@ -982,3 +983,56 @@ def test_vocab_shard_entry_points_with_label_smoothing(lib):
     st, want, gw = c_response(lib, s, t, y, capi.FD_SKEW_KL, 1.5, 0.3, 0.7, 0.2, 0.1)
     assert st == capi.FD_OK and all(rel_err(lo[0], want) < 1e-10 for lo in losses)
     assert rel_err(np.concatenate(grads, axis=1), gw) < 1e-10
+
+
+@pytest.mark.parametrize("prec", ["float32", "bfloat16"])
+def test_grad_in_place_runs_its_own_worker_with_the_same_bits(lib, prec):
+    """grad == student after ``symbols(in_place=True)``: the entry points run the variant's in-place worker
+    (no run-time overlap check: the vector loops), with the same loss and the same gradient bits as into a
+    separate buffer; dense, vocabulary shards and a sparse teacher."""
+    from fastdistill.capi import _cfuncs
+
+    dt = pytest.importorskip("ml_dtypes").bfloat16 if prec == "bfloat16" else np.dtype(prec).type
+    s64, t64, y = make_batch(6, 700, np.float64, seed=57)  # rows wider than the vector loops' unrolling
+    s, t, y = s64.astype(dt), t64.astype(dt), y.astype(np.int64)
+    d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.3, 2.0), 0.5, 0.5)
+    v = _spec.resolve(d.terms(), True, prec)
+    # this variant's in-place worker only (what symbols(in_place=True) builds for every variant)
+    _cfuncs.build_workers(prec, True, [v])
+    assert _cfuncs._WORKERS[_cfuncs._N_VARIANTS + _cfuncs.VARIANTS.index(v)] != 0
+    st, want, gw = c_response(lib, s, t, y, capi.FD_JSD, 2.0, 0.5, 0.5, 0.3)
+    assert st == capi.FD_OK
+    work = s.copy()
+    st, loss, _ = c_response(lib, work, t, y, capi.FD_JSD, 2.0, 0.5, 0.5, 0.3, grad=work)
+    assert st == capi.FD_OK and loss == want
+    np.testing.assert_array_equal(work.view(np.uint8), gw.view(np.uint8))
+    # shards: every shard's gradient over its own student
+    fresh = c_vocab_shards(lib, s, t, y, [0, 250, 700], capi.FD_JSD, 2.0, 0.5, 0.5, 0.3)
+    over = c_vocab_shards(lib, s, t, y, [0, 250, 700], capi.FD_JSD, 2.0, 0.5, 0.5, 0.3, in_place=True)
+    assert over[0] == [capi.FD_OK] * 2 and fresh[0] == over[0]
+    for a, b in zip(fresh[1] + fresh[2], over[1] + over[2]):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    # a sparse teacher: its dense write through the student's pointer
+    k = 8
+    idx = np.ascontiguousarray(np.argsort(-t64, axis=1)[:, :k], dtype=np.int64)
+    lp = t64 - np.log(np.exp(t64).sum(1, keepdims=True))
+    vals = np.ascontiguousarray(np.take_along_axis(lp, idx, 1), dtype=np.float32)
+
+    def sparse(g):
+        loss = np.zeros(1)
+        st = lib.h_response_sparse(PREC[np.dtype(dt).name], ptr(work), ptr(idx), ptr(vals), k, ptr(y), 6, 700,
+                                   capi.FD_KL, 2.0, 0.5, 0.5, 0.0, 0.0, IGNORE, capi.FD_TAIL_BUCKET, 2.0,
+                                   RED["mean"], ptr(loss), ptr(g), 0)
+        assert st == capi.FD_OK, capi.status_message(st)
+        return loss[0]
+
+    work = s.copy()
+    g = np.empty_like(work)
+    want = sparse(g)
+    assert sparse(work) == want
+    np.testing.assert_array_equal(work.view(np.uint8), g.view(np.uint8))
+
+
+def test_symbols_in_place_argument():
+    with pytest.raises(TypeError, match="in_place must be a bool, got int"):
+        capi.symbols("f32", in_place=1)

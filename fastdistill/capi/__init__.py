@@ -115,6 +115,7 @@ SYMBOL_NAMES = (
 PRECISIONS = ("f32", "f64", "f16", "bf16")
 
 _SYMBOLS: dict[str, int] = {}
+_IN_PLACE: set[str] = set()  # the precisions whose in-place workers are built
 
 
 def include_dir() -> str:
@@ -127,7 +128,7 @@ def header_path() -> str:
     return os.path.join(include_dir(), "fastdistill.h")
 
 
-def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, int]:
+def symbols(precision: str | None = None, jobs: int | None = None, in_place: bool = False) -> dict[str, int]:
     """``{C name: function address}`` of the entry points (``fastdistill.h`` has their prototypes).
 
     ``precision``: ``"f32"``, ``"f64"``, ``"f16"`` or ``"bf16"`` for that precision's entry points only (plus
@@ -136,20 +137,31 @@ def symbols(precision: str | None = None, jobs: int | None = None) -> dict[str, 
     warm -- and the addresses stay valid for the life of the process. ``jobs``: processes compiling
     the variants side by side on a cold cache (default: up to 4, the machine's cores; 1 in an
     interpreter embedded without a ``python`` executable to start).
+
+    ``in_place``: also compile each variant's in-place worker, which the entry points run when the
+    gradient buffer is the student itself (``grad == student``): such a call then runs as fast as one into
+    a separate buffer. Without it an in-place call gives the same numbers (the same bits) but its vector
+    loops' run-time overlap check sends it to their scalar fallback, 3-8x slower. It doubles the compile
+    on a cold cache; the addresses returned are the same either way (the table the entry points read is
+    filled in place), so it may be asked for in a later call.
     """
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
     wanted = PRECISIONS if precision is None else (precision,)
     from .._warmup import can_spawn, warmup
     from . import _cfuncs
 
     if jobs is None:
         jobs = min(4, os.cpu_count() or 1) if can_spawn() else 1
-    missing = [p for p in wanted if f"fd_response_{p}" not in _cfuncs.CFUNCS]
+    missing = [p for p in wanted if f"fd_response_{p}" not in _cfuncs.CFUNCS or (in_place and p not in _IN_PLACE)]
     if missing and jobs > 1:
-        warmup(dtypes=[_cfuncs.DTYPES[p] for p in missing], jobs=jobs)
+        warmup(dtypes=[_cfuncs.DTYPES[p] for p in missing], jobs=jobs, in_place=in_place)
     for p in wanted:
-        _cfuncs.build(p)
+        _cfuncs.build(p, in_place)
+        if in_place:
+            _IN_PLACE.add(p)
     for name, cf in _cfuncs.CFUNCS.items():
         if name not in _SYMBOLS:
             _SYMBOLS[name] = int(cf.address)

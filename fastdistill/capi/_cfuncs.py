@@ -487,9 +487,12 @@ def _itemsize(typingctx, ptr):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------- the workers, by variant
 
-# The address of each variant's worker, at its position in VARIANTS (0 until built), read by the compiled
-# entry points through a named symbol: a cached entry point always sees this process's addresses.
-_WORKERS = (ctypes.c_int64 * len(VARIANTS))()
+# The address of each variant's worker, at its position in VARIANTS, then of its in-place worker (the
+# gradient written over the student: see cpu._kernels.worker), at len(VARIANTS) + its position (0 until
+# built), read by the compiled entry points through a named symbol: a cached entry point always sees this
+# process's addresses.
+_N_VARIANTS = len(VARIANTS)
+_WORKERS = (ctypes.c_int64 * (2 * _N_VARIANTS))()
 _WORKERS_SYMBOL = "fastdistill_capi_workers"
 ll.add_symbol(_WORKERS_SYMBOL, ctypes.addressof(_WORKERS))
 
@@ -502,7 +505,7 @@ def _worker_address(typingctx, i):  # type: ignore[no-untyped-def]
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         mod = builder.module
-        aty = ir.ArrayType(ir.IntType(64), len(VARIANTS))
+        aty = ir.ArrayType(ir.IntType(64), 2 * _N_VARIANTS)
         gv = mod.globals.get(_WORKERS_SYMBOL)
         if gv is None:
             gv = ir.GlobalVariable(mod, aty, _WORKERS_SYMBOL)
@@ -514,12 +517,28 @@ def _worker_address(typingctx, i):  # type: ignore[no-untyped-def]
     return types.int64(i), codegen
 
 
-def build_workers(dtype: str) -> None:
+@njit(**JIT)
+def _worker_for(idx, in_place):  # type: ignore[no-untyped-def]
+    """The worker to run variant ``idx`` (0: none; callers check ``idx``): its in-place worker when the
+    gradient is the student (``in_place``) and that worker was built, else its own (the same bits, but its
+    vector loops' run-time overlap check sends an in-place call to their scalar fallback)."""
+    if in_place:
+        w = _worker_address(idx + _N_VARIANTS)
+        if w != 0:
+            return w
+    return _worker_address(idx)
+
+
+def build_workers(dtype: str, in_place: bool = False, variants=None) -> None:  # type: ignore[no-untyped-def]
     """Compile (or load from the cache) the worker of every variant on ``dtype`` logits (student, teacher
-    and gradient), into the table."""
+    and gradient), into the table; ``in_place``: their in-place workers too. ``variants``: only those."""
     for i, v in enumerate(VARIANTS):
-        if v.dtype == dtype and not (v.teacher or v.grad) and _WORKERS[i] == 0:
+        if v.dtype != dtype or v.teacher or v.grad or (variants is not None and v not in variants):
+            continue
+        if _WORKERS[i] == 0:
             _WORKERS[i] = int(K.worker(v).address)
+        if in_place and _WORKERS[_N_VARIANTS + i] == 0:
+            _WORKERS[_N_VARIANTS + i] = int(K.worker(v, True).address)
 
 
 @njit(**JIT)
@@ -659,7 +678,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             scale = _count_and_scale(lp, rows, ignore_index, reduction)
             out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
             idx, two_pass = kernel_variant(div, P, has_labels, STORAGE)
-            worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
+            worker = _worker_for(idx, want_grad and _addr(gp) == _addr(sp)) if (div >= 0 and idx >= 0) else 0
             if worker != 0:
                 K.drive(worker, K.batch_layout(s, t, g), labels, has_labels, np.int64(ignore_index), P, scale,
                         want_grad, out, np.int64(thread_count()), two_pass)
@@ -699,7 +718,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
                 scale = 1.0 / rows if reduction == FD_MEAN else 1.0
                 out = carray(lossp, (rows,)) if reduction == FD_NONE else _empty_f64(rows)
                 idx, two_pass = kernel_variant(div, P, np.bool_(False), STORAGE)
-                worker = _worker_address(idx) if idx >= 0 else 0
+                worker = _worker_for(idx, want_grad and _addr(gp) == _addr(sp)) if idx >= 0 else 0
                 if worker != 0:
                     # np.bool_: a literal False would compile the driver again, for that literal
                     K.drive(worker, K.batch_layout(s, t, g), labels, np.bool_(False), np.int64(-100), P, scale,
@@ -748,7 +767,8 @@ def _make(ft):  # type: ignore[no-untyped-def]
             div_kind = div if P[P_DIV_W] != 0.0 else 0
             d, ce, _, _, _ = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], False, STORAGE != _F64_STORAGE)
             S.sparse_response(s, idx, vals, labels, has_labels, np.int64(ignore_index), P, np.int64(d), np.int64(ce),
-                              np.int64(tail), want_grad, scale, out, g, np.int64(S.STREAM_BYTES), t_gen)
+                              np.int64(tail), want_grad, scale, out, g, np.int64(S.STREAM_BYTES), t_gen,
+                              want_grad and _addr(gp) == _addr(sp))
             _reduce(out, rows, reduction, scale, lossp)
             status = FD_OK
         except Exception:  # noqa: BLE001
@@ -781,7 +801,7 @@ def _make(ft):  # type: ignore[no-untyped-def]
             t = carray(tp, (rows, n))
             g = carray(gp, (rows, n)) if want_grad else s  # never written without want_grad
             idx, two_pass = kernel_variant(div, P, has_labels, STORAGE)
-            worker = _worker_address(idx) if (div >= 0 and idx >= 0) else 0
+            worker = _worker_for(idx, want_grad and _addr(gp) == _addr(sp)) if (div >= 0 and idx >= 0) else 0
             if worker != 0:
                 status = _shard_run(worker, two_pass, np.int64(step), K.batch_layout(s, t, g), lp, rows, n, offset,
                                     classes, has_labels, np.int64(ignore_index), P, reduction, want_grad, wp, qp,
@@ -843,10 +863,10 @@ STORAGE_OF_TYPE = {FLOAT_TYPES[p]: DTYPES[p] for p in FLOAT_TYPES}
 CFUNCS = {"fd_abi_version": abi_version}
 
 
-def build(precision: str) -> None:
+def build(precision: str, in_place: bool = False) -> None:
     """Compile (or load from the cache) the entry points of one precision (``PRECISIONS``), and the
-    workers they call."""
-    build_workers(DTYPES[precision])
+    workers they call (``in_place``: their in-place workers too)."""
+    build_workers(DTYPES[precision], in_place)
     if f"fd_response_{precision}" not in CFUNCS:
         for name, cf in _make(FLOAT_TYPES[precision]).items():
             CFUNCS[f"fd_{name}_{precision}"] = cf
