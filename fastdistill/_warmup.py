@@ -52,22 +52,25 @@ def variants_for(losses: Iterable[Any] = (), dtypes: Sequence[str] = DTYPES) -> 
     return list(out)
 
 
-def _compile(variants: Sequence[Variant]) -> list[Compiled]:
+def _compile(variants: Sequence[Variant], in_place: bool = False) -> list[Compiled]:
+    """Each variant's worker (``in_place``: and its in-place worker), with the seconds both took."""
     from .cpu import _kernels as K
 
     done = []
     for v in variants:
         t0 = time.perf_counter()
         K.worker(v)
+        if in_place:
+            K.worker(v, True)
         done.append(Compiled(v, time.perf_counter() - t0))
     return done
 
 
-def _compile_in_child(indices: Sequence[int]) -> list[tuple[int, float]]:
+def _compile_in_child(indices: Sequence[int], in_place: bool = False) -> list[tuple[int, float]]:
     """(A child process.) Compile the variants at ``indices`` of ``reachable()``, cache writes serialised."""
     _serialise_cache_writes()
     table = reachable()
-    return [(table.index(c.variant), c.seconds) for c in _compile([table[i] for i in indices])]
+    return [(table.index(c.variant), c.seconds) for c in _compile([table[i] for i in indices], in_place)]
 
 
 def _serialise_cache_writes() -> None:
@@ -107,15 +110,19 @@ def can_spawn() -> bool:
 
 
 def warmup(*losses: Any, dtypes: Sequence[str] = DTYPES, jobs: int = 1, drivers: bool = True,
-           progress: Callable[[int, int, Compiled], None] | None = None) -> list[Compiled]:
+           progress: Callable[[int, int, Compiled], None] | None = None, in_place: bool = False) -> list[Compiled]:
     """Compile the kernel variants ``losses`` run on ``dtypes`` (all variants of the table when no loss is
     given), and the parallel drivers, into Numba's on-disk cache; return what was compiled.
 
     ``jobs``: compile processes side by side (1: in this process); ``progress(done, total, compiled)`` is
-    called after each variant.
+    called after each variant. ``in_place``: also each variant's in-place worker, the one a call whose
+    gradient is written over the student runs (``grad_out=student``, and every chunk of
+    ``FusedLinearDistillationLoss``); otherwise it compiles on the first such call.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
     todo = variants_for(losses, dtypes)
     results: list[Compiled] = []
 
@@ -136,13 +143,13 @@ def warmup(*losses: Any, dtypes: Sequence[str] = DTYPES, jobs: int = 1, drivers:
         # in small pieces, so that progress comes as they finish
         pieces = [p[i:i + 4] for p in parts for i in range(0, len(p), 4)]
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(_compile_in_child, p) for p in pieces]):
+            for fut in cf.as_completed([pool.submit(_compile_in_child, p, in_place) for p in pieces]):
                 for i, seconds in fut.result():
                     report(Compiled(table[i], seconds))
-        _compile(todo)  # load what the processes compiled (from the cache: milliseconds each)
+        _compile(todo, in_place)  # load what the processes compiled (from the cache: milliseconds each)
     else:
         for v in todo:
-            for c in _compile([v]):
+            for c in _compile([v], in_place):
                 report(c)
     return results
 
@@ -180,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="weight of the hard-label term next to --loss (default 0)")
     ap.add_argument("--jobs", type=int, default=1, help="compile processes side by side (default 1)")
     ap.add_argument("--capi", action="store_true", help="also the C ABI's entry points")
+    ap.add_argument("--in-place", action="store_true",
+                    help="also the in-place workers (a gradient written over the student: grad_out=student, the "
+                         "fused linear head's chunks, the C ABI's grad == student)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     dtypes = DTYPES if args.dtype == "all" else (args.dtype,)
@@ -201,14 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        done = warmup(*losses, dtypes=dtypes, jobs=args.jobs, progress=progress)
+        done = warmup(*losses, dtypes=dtypes, jobs=args.jobs, progress=progress, in_place=args.in_place)
     except (ValueError, TypeError) as exc:
         print(f"fastdistill warmup: {exc}", file=sys.stderr)
         return 2
     if args.capi:
         from . import capi
 
-        capi.symbols(jobs=1)
+        capi.symbols(jobs=1, in_place=args.in_place)
     print(f"{len(done)} kernel variant{'s' if len(done) != 1 else ''} ready in {time.perf_counter() - t0:.1f} s"
           + (" (and the C ABI)" if args.capi else ""))
     return 0

@@ -43,8 +43,12 @@ def test_warmup_compiles_what_a_loss_uses_with_progress():
     (v,) = variants_for([loss], ["float32"])
     assert [c.variant for c in done] == [v] and seen == [(1, 1, v)]
     assert (v, False) in K._WORKERS and done[0].seconds >= 0.0  # (keyed by variant and in-place)
+    fd.warmup(loss, dtypes=("float32",), in_place=True)
+    assert (v, True) in K._WORKERS  # the in-place worker (what grad_out=student and the fused head run)
     with pytest.raises(ValueError, match="jobs"):
         fd.warmup(loss, jobs=0)
+    with pytest.raises(TypeError, match="in_place must be a bool, got str"):
+        fd.warmup(loss, in_place="yes")
 
 
 def _run(args, env_extra=None, timeout=600):
@@ -56,10 +60,11 @@ def _run(args, env_extra=None, timeout=600):
 
 def test_cli_in_parallel_processes_fills_the_cache_a_later_process_loads(tmp_path):
     """Two compile processes side by side write one fresh on-disk cache; the next process finds every
-    variant there (its first call of them is a cache load, not a compile)."""
+    variant there, its in-place workers too (its first call of them, into a fresh buffer and over the
+    student, is a cache load, not a compile)."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
     r = _run(["warmup", "--loss", "kl_divergence", "--loss", "tvd", "--temperature", "2", "--dtype", "float32",
-              "--jobs", "2"], env)
+              "--jobs", "2", "--in-place"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[-1].startswith("2 kernel variants ready in")
@@ -69,13 +74,15 @@ def test_cli_in_parallel_processes_fills_the_cache_a_later_process_loads(tmp_pat
             "from fastdistill.cpu import _kernels as K\n"
             "for loss in (fd.DistilLoss.kl_divergence(2.0), fd.DistilLoss.tvd(2.0)):\n"
             "    loss.compute_with_grad(s, s[::-1].copy())\n"
+            "    w = s.copy()\n"
+            "    loss.compute_with_grad(w, s[::-1].copy(), grad_out=w)\n"
             "print(len(K._WORKERS), sum(w.cache_hits for w in K._WORKERS.values()))\n")
     env.update(PYTHONPATH=str(ROOT))
     r2 = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                         text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     workers, hits = (int(x) for x in r2.stdout.split())
-    assert (workers, hits) == (2, 2)  # both loaded from the cache the warm-up filled
+    assert (workers, hits) == (4, 4)  # both variants' two workers loaded from the cache the warm-up filled
 
 
 def test_cli_errors():
