@@ -18,7 +18,7 @@ import numpy as np
 from . import _arrays as A
 from . import _storage
 from . import _validate as V
-from ._spec import FLOAT64, HALF, TAILS, ResponseCall, Terms, resolve, teacher_storage
+from ._spec import FLOAT64, HALF, TAILS, ResponseCall, Terms, Variant, resolve, teacher_storage
 from . import sparse
 from .errors import BackendUnavailableError, InvalidParameterError
 from .sparse import SparseTeacher
@@ -196,9 +196,8 @@ def _resolve(terms: TermsLike, s_shape: tuple[int, ...], storages: tuple[str, st
     rows = 1
     for d in s_shape[:-1]:
         rows *= int(d)
-    variant = resolve(resolved, has_labels, *storages)
-    return ResponseCall(variant, resolved, red, n_items, int(ignore_index), bool(want_grad), has_labels,
-                        tuple(s_shape), rows, int(n))
+    return ResponseCall(_variant(resolved, has_labels, storages), resolved, red, n_items, int(ignore_index),
+                        bool(want_grad), has_labels, tuple(s_shape), rows, int(n))
 
 
 def host_batch(call: ResponseCall, student: Any, teacher: Any, lab: np.ndarray | None, n_counted: int,
@@ -244,6 +243,20 @@ def caller_grad(call: ResponseCall, grad: np.ndarray, student: Any, grad_out: An
         return grad_out
     grad = grad.reshape(call.shape)
     return _storage.like_caller(grad, student) if call.variant.dtype in HALF else grad
+
+
+_VARIANTS: dict = {}
+
+
+def _variant(terms: Terms, has_labels: bool, storages: tuple[str, str, str]) -> Variant:
+    """``resolve(terms, has_labels, *storages)``, kept for the losses and argument kinds a process uses."""
+    key = (terms, has_labels, storages)
+    v = _VARIANTS.get(key)
+    if v is None:
+        if len(_VARIANTS) > 256:
+            _VARIANTS.clear()
+        v = _VARIANTS[key] = resolve(terms, has_labels, *storages)
+    return v
 
 
 _PACKED: dict = {}

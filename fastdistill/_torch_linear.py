@@ -24,7 +24,7 @@ from ._torch_ops import (
     _grad_dtype,
     _loss_dtype,
     _check_tensor,
-    _decode,
+    _decode_call,
     _describe,
     _labels,
     _num_items_args,
@@ -261,7 +261,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     the teacher's apply to a teacher head only): see :func:`_transform_`."""
     _check_fused(student_input, student_weight, teacher_input, teacher_weight, labels, student_bias, teacher_bias,
                  bool(sparse))
-    distiller, reduction, n_items, want_grad = _decode(call)
+    res, reduction, n_items, want_grad = _decode_call(call)
     x = student_input.detach().reshape(-1, student_input.shape[-1])
     w = student_weight.detach()
     b = None if student_bias is None else student_bias.detach()
@@ -279,7 +279,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
     if num_items is not None:
         n_items = _num_items_value(num_items)
     if n_items is None:  # the mean over the whole batch's counted rows, not each chunk's
-        n_items = float(rows if lab is None else int((lab != distiller.ignore_index).sum()))
+        n_items = float(rows if lab is None else int((lab != res.distiller.ignore_index).sum()))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     s_scale, s_cap, t_scale, t_cap = (float(v) for v in transform)
     # float16 cannot hold a large batch's per-element gradients of the mean (smallest normal 6e-5): its
@@ -313,14 +313,14 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
                 _transform_(t, t_scale, t_cap, None)
         y = None if lab is None else _as_backend_input(lab[lo:hi].contiguous())
         if n_items > 0:
-            kw: dict = dict(num_items=1.0 if unscaled else n_items)
+            kw: dict = dict(reduction="mean", num_items=1.0 if unscaled else n_items)
         else:  # every row ignored: 0 and a zero gradient
-            kw = dict(reduction="sum")
+            kw = dict(reduction="sum", num_items=None)
         if want_grad:
             # the chunk's gradient written over its own logits (no second buffer; no reference to it is
             # kept past the chunk, so two chunks of logits exist at a time, not three)
-            loss = distiller.loss_and_grad(_as_backend_input(s), _teacher_arg(t), y, grad_out=_as_backend_input(s),
-                                           **kw)[0]
+            loss = res.run(_as_backend_input(s), _teacher_arg(t), y, want_grad=True, grad_out=_as_backend_input(s),
+                           **kw)[0]
             if n_items > 0:
                 # the chain rule through the transform: d/dz = scale · (1 − tanh²) · d/ds
                 if slope is not None:
@@ -337,7 +337,7 @@ def _fused_impl(student_input: torch.Tensor, student_weight: torch.Tensor, teach
             else:  # every row ignored
                 grad_input[lo:hi] = 0
         else:
-            loss = distiller.loss(_as_backend_input(s), _teacher_arg(t), y, **kw)
+            loss = res.run(_as_backend_input(s), _teacher_arg(t), y, want_grad=False, **kw)[0]
         total += float(loss) if n_items > 0 else 0.0
         del s, t, slope
     if unscaled and n_items > 0:

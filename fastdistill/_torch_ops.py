@@ -7,13 +7,14 @@ Private module; both op modules import it, and neither imports the other.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from . import _arrays as A
+from . import _dispatch
 from . import _validate as V
-from ._spec import LOSS_CODES
+from ._spec import LOSS_CODES, Terms
 from .distillers import ResponseDistiller
 from .errors import InvalidParameterError
 from .losses import DistilLoss, soft_loss_by_name
@@ -137,17 +138,46 @@ CALL_FIELDS = (
 _IGNORE_SPLIT = 1 << 32
 _KINDS = {code: kind for kind, code in LOSS_CODES.items()}
 _F = {name: i for i, name in enumerate(CALL_FIELDS)}
-_CALLS: dict = {}
+_N_HEAD = _F["reduction"]  # the distiller's fields come first
+_CALLS: dict = {}  # a call list (as a tuple): (Resolved, reduction, num_items, want_grad)
+_HEADS: dict = {}  # a distiller's fields: its Resolved
+_OBJECTS: dict = {}  # id(distiller): (the distiller, what its fields were read from, its Resolved)
 
 
-def _describe(distiller: ResponseDistiller, reduction: str, num_items: float | None, want_grad: bool) -> list[float]:
-    """The op's ``call`` argument: ``distiller`` and the call's options as numbers (``CALL_FIELDS``)."""
+class Resolved(NamedTuple):
+    """A distiller as the ops run it, resolved once: the distiller rebuilt from its numbers (what a
+    compiled graph holds; equal to the caller's), its kernel terms, and those numbers (the call list's
+    first fields)."""
+
+    distiller: ResponseDistiller
+    terms: Terms
+    head: tuple
+
+    def run(self, student: Any, teacher: Any, labels: Any, *, reduction: str, num_items: Any, want_grad: bool,
+            grad_out: Any = None) -> tuple[Any, Any]:
+        """``distiller.loss_and_grad`` (``want_grad``) or ``distiller.loss`` (then ``(loss, None)``) with
+        the terms computed once: the arguments ``ResponseDistiller`` hands the façade."""
+        d = self.distiller
+        return _dispatch.response(student, teacher, labels, self.terms, ignore_index=d.ignore_index,
+                                  reduction=reduction, num_items=num_items, want_grad=want_grad, grad_out=grad_out,
+                                  needs_labels=d.hard_label_weight != 0.0, vocab_mismatch=d.vocab_mismatch)
+
+
+def _head(distiller: ResponseDistiller) -> list[float]:
+    """``distiller`` as numbers: the fields of ``CALL_FIELDS`` up to ``vocab_mismatch``."""
     soft = distiller.soft_loss
     return [
         float(LOSS_CODES[soft.kind]), soft.temperature, soft.kl_weight, soft.mse_weight, soft.beta, soft.alpha,
         float(soft.t2_scale), distiller.hard_label_weight, distiller.soft_label_weight, distiller.label_smoothing,
         float(distiller.ignore_index // _IGNORE_SPLIT), float(distiller.ignore_index % _IGNORE_SPLIT),
         float(V.VOCAB_MISMATCH.index(distiller.vocab_mismatch)),
+    ]
+
+
+def _describe(distiller: ResponseDistiller, reduction: str, num_items: float | None, want_grad: bool) -> list[float]:
+    """The op's ``call`` argument: ``distiller`` and the call's options as numbers (``CALL_FIELDS``).
+    (Plain arithmetic on the distiller's attributes: torch.compile traces it into constants.)"""
+    return _head(distiller) + [
         float(V.REDUCTIONS.index(reduction)), 0.0 if num_items is None else float(num_items), float(want_grad),
     ]
 
@@ -156,25 +186,60 @@ def _reduction_of(call: list[float]) -> str:
     return V.REDUCTIONS[int(call[_F["reduction"]])]
 
 
-def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bool]:
-    """``(distiller, reduction, num_items, want_grad)`` of a :func:`_describe` list (kept for the calls a
-    process makes)."""
-    key = tuple(call)
-    hit = _CALLS.get(key)
+def _keep(cache: dict, key: Any, value: Any) -> Any:
+    """``cache[key] = value``, the cache emptied first when full (it holds what a process uses)."""
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _of_head(head: tuple) -> Resolved:
+    """The :class:`Resolved` of a distiller's numbers (kept for the distillers a process uses)."""
+    hit = _HEADS.get(head)
     if hit is None:
-        f = dict(zip(CALL_FIELDS, call))
+        f = dict(zip(CALL_FIELDS, head))
         soft = DistilLoss(_KINDS[int(f["kind"])], f["temperature"], kl_weight=f["kl_weight"],
                           mse_weight=f["mse_weight"], beta=f["beta"], alpha=f["alpha"], t2_scale=f["t2_scale"] != 0.0)
         distiller = ResponseDistiller(soft, f["hard_label_weight"], f["soft_label_weight"],
                                       ignore_index=int(f["ignore_index"]) * _IGNORE_SPLIT + int(f["ignore_index_low"]),
                                       label_smoothing=f["label_smoothing"],
                                       vocab_mismatch=V.VOCAB_MISMATCH[int(f["vocab_mismatch"])])
-        n_items = None if f["num_items"] == 0.0 else f["num_items"]
-        hit = (distiller, _reduction_of(call), n_items, f["want_grad"] != 0.0)
-        if len(_CALLS) > 256:
-            _CALLS.clear()
-        _CALLS[key] = hit
+        hit = _keep(_HEADS, head, Resolved(distiller, distiller.terms(), head))
     return hit
+
+
+def resolved(distiller: ResponseDistiller) -> Resolved:
+    """``distiller``'s :class:`Resolved`, computed once per object (the eager path's per-call cost is
+    reading its six fields): kept by identity, and used again while the fields it was read from are
+    still its fields (a ``ResponseDistiller``'s attributes may be reassigned)."""
+    d = distiller
+    fields = (d.soft_loss, d.hard_label_weight, d.soft_label_weight, d.ignore_index, d.label_smoothing,
+              d.vocab_mismatch)
+    hit = _OBJECTS.get(id(d))
+    if hit is not None and hit[0] is d and hit[1] == fields:
+        return hit[2]
+    res = _of_head(tuple(_head(d)))
+    _keep(_OBJECTS, id(d), (d, fields, res))  # (holding the distiller: its id is not reused meanwhile)
+    return res
+
+
+def _decode_call(call: list[float]) -> tuple[Resolved, str, float | None, bool]:
+    """``(Resolved, reduction, num_items, want_grad)`` of a :func:`_describe` list (kept for the calls
+    a process makes)."""
+    key = tuple(call)
+    hit = _CALLS.get(key)
+    if hit is None:
+        f = dict(zip(CALL_FIELDS, call))
+        n_items = None if f["num_items"] == 0.0 else f["num_items"]
+        hit = _keep(_CALLS, key, (_of_head(key[:_N_HEAD]), _reduction_of(call), n_items, f["want_grad"] != 0.0))
+    return hit
+
+
+def _decode(call: list[float]) -> tuple[ResponseDistiller, str, float | None, bool]:
+    """``(distiller, reduction, num_items, want_grad)`` of a :func:`_describe` list."""
+    res, reduction, n_items, want_grad = _decode_call(call)
+    return res.distiller, reduction, n_items, want_grad
 
 
 def _num_items_args(num_items: Any, reduction: str) -> tuple[float | None, torch.Tensor | None]:

@@ -42,9 +42,11 @@ from ._torch_ops import (  # noqa: F401  (make_soft_loss, CALL_FIELDS, _describe
     CALL_FIELDS,
     _F,
     _FLOATS,
+    Resolved,
     _as_backend_input,
     _check_tensor,
     _decode,
+    _decode_call,
     _describe,
     _grad_dtype,
     _labels,
@@ -56,6 +58,7 @@ from ._torch_ops import (  # noqa: F401  (make_soft_loss, CALL_FIELDS, _describe
     _same_device,
     _to_tensor,
     make_soft_loss,
+    resolved,
 )
 from .distillers import ResponseDistiller
 from .errors import InvalidParameterError
@@ -77,14 +80,14 @@ def _checked_pair(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return cdtype
 
 
-def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
+def _run(res: Resolved, student: torch.Tensor, teacher: torch.Tensor, labels: Any,
          reduction: str, num_items: Any, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss tensor and (if asked) the gradient (in the student's dtype), on the student's device."""
     device = student.device
     cdtype = _checked_pair(student, teacher)
     gdtype = _grad_dtype(student.dtype)
     width = student.shape[-1]
-    if device.type != "cpu" and distiller.vocab_mismatch == "truncate" and teacher.shape[-1] != width:
+    if device.type != "cpu" and res.distiller.vocab_mismatch == "truncate" and teacher.shape[-1] != width:
         # the CUDA kernels read rows of one width: the first n classes of the wider one, copied
         n = min(width, teacher.shape[-1])
         student, teacher = student[..., :n], teacher[..., :n]
@@ -92,12 +95,12 @@ def _run(distiller: ResponseDistiller, student: torch.Tensor, teacher: torch.Ten
     t = _prepare(teacher)
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
     args = (_as_backend_input(s), _as_backend_input(t), lab)
-    kw = dict(reduction=reduction, num_items=num_items)
+    kw: dict = dict(reduction=reduction, num_items=num_items, want_grad=want_grad)
     if not want_grad:
-        return _to_tensor(distiller.loss(*args, **kw), cdtype, device), None
+        return _to_tensor(res.run(*args, **kw)[0], cdtype, device), None
     if gdtype != student.dtype:
         kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype, device=device))
-    loss, grad = distiller.loss_and_grad(*args, **kw)
+    loss, grad = res.run(*args, **kw)
     grad = _to_tensor(grad, gdtype, device)
     if grad.shape[-1] != width:  # student classes the truncated loss does not see
         grad = torch.nn.functional.pad(grad, (0, width - grad.shape[-1]))
@@ -157,13 +160,21 @@ def _response_impl(student: torch.Tensor, teacher: torch.Tensor, labels: Optiona
     student's dtype (float32 for float16 students, see :func:`_grad_dtype`). ``num_items``, when given, is the divisor of "mean" (read here, in forward).
     ``group``: the name of a ``torch.distributed`` process group whose ranks hold the vocabulary's
     shards (``""``: none)."""
-    distiller, reduction, n_items, want_grad = _decode(call)
+    res, reduction, n_items, want_grad = _decode_call(call)
+    return _respond(res, reduction, n_items, want_grad, student, teacher, labels, num_items, group)
+
+
+def _respond(res: Resolved, reduction: str, n_items: float | None, want_grad: bool, student: torch.Tensor,
+             teacher: torch.Tensor, labels: Optional[torch.Tensor], num_items: Optional[torch.Tensor],
+             group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_response_impl` of a decoded call (the eager path's, which never encodes it)."""
     if num_items is not None:
         n_items = _num_items_value(num_items)
     if group:
-        loss, grad = _run_vocab_parallel(distiller, student, teacher, labels, reduction, n_items, want_grad, group)
+        loss, grad = _run_vocab_parallel(res.distiller, student, teacher, labels, reduction, n_items, want_grad,
+                                         group)
     else:
-        loss, grad = _run(distiller, student, teacher, labels, reduction, n_items, want_grad)
+        loss, grad = _run(res, student, teacher, labels, reduction, n_items, want_grad)
     if grad is None:
         grad = torch.empty(0, dtype=_grad_dtype(student.dtype), device=loss.device)
     return loss, grad
@@ -184,8 +195,16 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
                    call_at: int = 3) -> None:
     """What backward needs of an op whose inputs are ``(student, ..., call at call_at, ...)``."""
     call = inputs[call_at]
-    ctx.want_grad = call[_F["want_grad"]] != 0.0
-    ctx.per_row = _reduction_of(call) == "none"
+    _save(ctx, call[_F["want_grad"]] != 0.0, _reduction_of(call), inputs, output)
+
+
+def _save(ctx: Any, want_grad: bool, reduction: str, inputs: tuple[Any, ...],
+          output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """What backward needs: whether the call made a gradient, one upstream value per row or one in
+    all, the student's dtype (``inputs[0]``), how many inputs get a gradient (None but the first), and
+    the gradient itself."""
+    ctx.want_grad = want_grad
+    ctx.per_row = reduction == "none"
     ctx.student_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
     ctx.save_for_backward(output[1])
@@ -251,14 +270,17 @@ _response_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerResponse(torch.autograd.Function):
     """The op's eager path for plain tensors: the op's implementation and autograd formula, without the
     dispatcher's custom-op layers (they cost ~20 us per forward and ~50 us per forward + backward on
-    64x1000 CPU tensors, as much as the kernels; ``bench/torch_op_overhead.py``)."""
+    64x1000 CPU tensors, as much as the kernels; ``bench/torch_op_overhead.py``). It takes the distiller
+    resolved once (``_torch_ops.resolved``) and the call's options as they are, never the op's list of
+    numbers: a graph needs that list as constants, an eager call would only encode and decode it."""
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: Any, call: list[float],  # type: ignore[override]
-                num_items: Any, group: str) -> torch.Tensor:
-        loss, grad = _response_impl(student, teacher, labels, call, num_items, group)
-        _setup_context(ctx, (student, teacher, labels, call, num_items, group), (loss, grad))
-        return loss
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: Any, res: Resolved,  # type: ignore[override]
+                reduction: str, n_items: Any, num_items: Any, group: str) -> torch.Tensor:
+        inputs = (student, teacher, labels, res, reduction, n_items, num_items, group)
+        output = _respond(res, reduction, n_items, True, student, teacher, labels, num_items, group)
+        _save(ctx, True, reduction, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -287,7 +309,7 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     """:func:`_response_impl` for a sparse teacher (``indices``, ``values``: its ``(..., k)`` tensors)."""
     from .sparse import from_codes
 
-    distiller, reduction, n_items, want_grad = _decode(call)
+    res, reduction, n_items, want_grad = _decode_call(call)
     if num_items is not None:
         n_items = _num_items_value(num_items)
     device = student.device
@@ -298,13 +320,13 @@ def _sparse_impl(student: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     s = _prepare(student)
     teacher = from_codes(_as_backend_input(_prepare(indices)), _as_backend_input(_prepare(values)), sparse)
     lab = None if labels is None else _as_backend_input(_labels(labels, device))
-    kw: dict = dict(reduction=reduction, num_items=n_items)
+    kw: dict = dict(reduction=reduction, num_items=n_items, want_grad=want_grad)
     if not want_grad:
-        loss = distiller.loss(_as_backend_input(s), teacher, lab, **kw)
+        loss = res.run(_as_backend_input(s), teacher, lab, **kw)[0]
         return _to_tensor(loss, cdtype, device), torch.empty(0, dtype=gdtype, device=device)
     if gdtype != student.dtype:
         kw["grad_out"] = _as_backend_input(torch.empty(s.shape, dtype=gdtype, device=device))
-    loss, grad = distiller.loss_and_grad(_as_backend_input(s), teacher, lab, **kw)
+    loss, grad = res.run(_as_backend_input(s), teacher, lab, **kw)
     return _to_tensor(loss, cdtype, device), _to_tensor(grad, gdtype, device)
 
 
@@ -353,11 +375,13 @@ def _response(distiller: ResponseDistiller, student: Any, teacher: Any, labels: 
     lab = None if labels is None else _labels(labels, student.device)
     n_items, n_items_tensor = _num_items_args(num_items, reduction)
     want_grad = torch.is_grad_enabled() and student.requires_grad
-    call = _describe(distiller, reduction, n_items, want_grad)
     if _plain_eager(student, teacher, lab, n_items_tensor):
+        # the distiller resolved once per object, not described as numbers and decoded on every call
+        res = resolved(distiller)
         if want_grad:
-            return _EagerResponse.apply(student, teacher, lab, call, n_items_tensor, group_name)
-        return _response_impl(student, teacher, lab, call, n_items_tensor, group_name)[0]
+            return _EagerResponse.apply(student, teacher, lab, res, reduction, n_items, n_items_tensor, group_name)
+        return _respond(res, reduction, n_items, False, student, teacher, lab, n_items_tensor, group_name)[0]
+    call = _describe(distiller, reduction, n_items, want_grad)
     loss, _ = torch.ops.fastdistill.response(student, teacher, lab, call, n_items_tensor, group_name)
     return loss
 

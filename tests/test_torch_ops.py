@@ -217,6 +217,49 @@ def test_per_row_upstream_and_half_student():
     assert torch.equal(h.grad, (4.0 * torch.from_numpy(g32)).to(torch.bfloat16))  # rounded once
 
 
+def test_eager_calls_resolve_the_distiller_once(monkeypatch):
+    """The eager path neither describes the distiller as numbers nor computes its terms or its kernel
+    variant again on every call; reassigning one of its attributes is seen by the next call."""
+    import fastdistill._dispatch as dispatch
+    import fastdistill.torch as fdt
+
+    s, t, y = _batch()
+    criterion = DistillationLoss(temperature=2.0, hard_label_weight=0.3, soft_label_weight=0.7)
+    leaf = s.clone().requires_grad_(True)
+    criterion(leaf, t, y).backward()  # (the first call resolves)
+    first = leaf.grad.clone()
+    counted = {"terms": 0, "resolve": 0}
+    terms, resolve = fd.ResponseDistiller.terms, dispatch.resolve
+
+    def counting_terms(self):  # type: ignore[no-untyped-def]
+        counted["terms"] += 1
+        return terms(self)
+
+    def counting_resolve(*args):  # type: ignore[no-untyped-def]
+        counted["resolve"] += 1
+        return resolve(*args)
+
+    def no_describe(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("the eager path described the call as numbers")
+
+    monkeypatch.setattr(fd.ResponseDistiller, "terms", counting_terms)
+    monkeypatch.setattr(dispatch, "resolve", counting_resolve)
+    monkeypatch.setattr(fdt, "_describe", no_describe)
+    for _ in range(3):
+        leaf.grad = None
+        loss = criterion(leaf, t, y)
+        loss.backward()
+        assert torch.equal(leaf.grad, first)
+        with torch.no_grad():
+            assert torch.equal(criterion(s, t, y), loss.detach())
+    assert counted == {"terms": 0, "resolve": 0}
+
+    criterion.distiller.hard_label_weight = 0.0  # (an attribute of the distiller object, reassigned)
+    want = fd.ResponseDistiller(fd.DistilLoss.kl_divergence(2.0), 0.0, 0.7).loss(s.numpy(), t.numpy(), y.numpy())
+    with torch.no_grad():
+        assert float(criterion(s, t, y)) == pytest.approx(want, rel=1e-6)
+
+
 def test_errors_come_through_the_op():
     s, t, y = _batch()
     with pytest.raises(fd.TeacherStudentMismatchError):
