@@ -456,6 +456,30 @@ def test_a_row_that_is_minus_inf_everywhere_gives_nan_on_the_gpu():
     assert np.all(np.isnan(g[1])) and np.all(np.isfinite(g[[0, 2, 3]]))
 
 
+@sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_plus_inf_logit_gives_a_nan_row_on_the_gpu(dtype):
+    # a +inf student logit, or +inf at the same class of both rows: no softmax (inf - inf), so a NaN loss
+    # and a NaN gradient row, as on the CPU (the mixtures' masked terms summed to a loss of 0)
+    s, t, y = make_batch(3, 9, dtype, seed=4, mask=False, ignore=False)
+    s[0, 2] = np.inf
+    s[1, 5] = t[1, 5] = np.inf
+    for loss in (fd.DistilLoss.jsd(0.9, 2.0), fd.DistilLoss.reverse_kl(2.0), fd.DistilLoss.kl_divergence(1.0)):
+        rows, g = loss.compute_with_grad(s, t, reduction="none", backend="cuda")
+        rows_cpu, g_cpu = loss.compute_with_grad(s, t, reduction="none", backend="cpu")
+        assert np.isnan(rows[:2]).all() and np.isnan(g[:2]).all()
+        assert np.isnan(rows_cpu[:2]).all() and np.isnan(g_cpu[:2]).all()
+        assert np.isfinite(rows[2]) and np.isfinite(g[2]).all()
+    # the same rows split across vocabulary shards (the +inf of row 1 in the second shard)
+    d = fd.ResponseDistiller(fd.DistilLoss.jsd(0.9, 2.0), 0.4, 0.6)
+    results, _ = _combine_shards([d.vocab_shard(s[:, a:b].copy(), t[:, a:b].copy(), y, class_offset=a, classes=9,
+                                                backend="cuda", reduction="none") for a, b in ((0, 4), (4, 9))])
+    for loss, _ in results:
+        assert np.isnan(loss[:2]).all() and np.isfinite(loss[2])
+    g = np.concatenate([g for _, g in results], axis=1)
+    assert np.isnan(g[:2]).all() and np.isfinite(g[2]).all()
+
+
 # ------------------------------------------------------------------ half precision
 
 

@@ -469,16 +469,30 @@ def _pass_div2(s, t, st, P, div):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT_INNER)
+def _undefined(st, div, ce):  # type: ignore[no-untyped-def]
+    """Whether the row's distributions are undefined (see :func:`_finish_stats`): a maximum of ``-inf`` (no
+    mass) or ``+inf`` (no softmax). Its gradient is written NaN whole: the gradient pass masks the terms
+    of NaN probabilities to 0, so a mixture's or the reverse KL's would otherwise come out 0."""
+    inline_into_callers()
+    return (div != DIV_NONE and abs(st[S_MT]) == np.inf) or \
+        ((div != DIV_NONE or ce != CE_NONE) and abs(st[S_MS]) == np.inf)
+
+
+@njit(**JIT_INNER)
 def _finish_stats(st, div, ce):  # type: ignore[no-untyped-def]
     """After the sums: a row whose student (or, for a divergence, teacher) logits are all ``-inf`` has no
     distribution; its normalisers become NaN, so its loss and its gradient are NaN (as in PyTorch),
-    never -inf."""
+    never -inf. Neither has a row with a ``+inf`` logit (``inf - inf`` in its softmax): its loss is
+    flagged NaN through the NaN count, since the terms the passes mask (0 where a probability is NaN)
+    would otherwise sum to a number (the mixtures' loss of 0)."""
     inline_into_callers()
     if (div != DIV_NONE or ce != CE_NONE) and st[S_MS] == -np.inf:
         st[S_SB] = np.nan
         st[S_S1] = np.nan
     if div != DIV_NONE and st[S_MT] == -np.inf:
         st[S_SA] = np.nan
+    if _undefined(st, div, ce):
+        st[S_NAN] += 1.0
 
 
 @njit(**JIT_INNER)
@@ -673,13 +687,6 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
                 gv[j] = stored(gv, acc)
 
     return impl
-
-
-@njit(**JIT_INNER)
-def _undefined(st, div, ce):  # type: ignore[no-untyped-def]
-    """Whether the row's distributions are undefined (see :func:`_finish_stats`)."""
-    inline_into_callers()
-    return (div != DIV_NONE and st[S_MT] == -np.inf) or ((div != DIV_NONE or ce != CE_NONE) and st[S_MS] == -np.inf)
 
 
 @njit(**JIT_INNER)

@@ -89,6 +89,7 @@ MAX_BLOCK = SH if SIM else 1024
 RED_BLOCK = 8 if SIM else 256  # threads of the single-block label kernel
 
 NEG_INF = -np.inf
+POS_INF = np.inf
 
 _cache.install()  # numba-cuda's disk cache keyed on the kernel sources too
 _JIT = {} if SIM else {"cache": True}
@@ -738,10 +739,36 @@ def _log_weights(lam):  # type: ignore[no-untyped-def]
     return (math.log(lam) if lam > 0.0 else NEG_INF), (math.log(1.0 - lam) if lam < 1.0 else NEG_INF)
 
 
+def _make_undefined_rows(DIV, CE):  # type: ignore[no-untyped-def]
+    """``undefined_rows(MT, MS, SA, SB, S1, NAN)``: ``(SA, SB, S1, NAN)`` of a row after pass 1, as on the CPU
+    (``cpu._kernels._finish_stats``). A row masked entirely (a maximum of -inf) has no distribution, nor
+    has a row with a +inf logit (inf - inf in its softmax): their normalisers become NaN (a NaN gradient)
+    and, where the row has a softmax term, the NaN count grows, so that its loss is NaN too (pass 2's
+    terms skip NaN probabilities: a mixture's would sum to 0)."""
+    HAS_DIV = DIV != DIV_NONE
+    NEED_MS = HAS_DIV or CE != CE_NONE
+
+    @cuda.jit(device=True, inline=True)
+    def undefined_rows(MT, MS, SA, SB, S1, NAN):  # type: ignore[no-untyped-def]
+        no_t = MT == NEG_INF or MT == POS_INF
+        no_s = MS == NEG_INF or MS == POS_INF
+        if no_t:
+            SA = np.nan
+        if no_s:
+            SB = np.nan
+            S1 = np.nan
+        if (HAS_DIV and no_t) or (NEED_MS and no_s):
+            NAN += 1.0
+        return SA, SB, S1, NAN
+
+    return undefined_rows
+
+
 def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    undefined_rows = _make_undefined_rows(DIV, CE)
     pass1 = _make_pass1(DIV, CE, LIN, ft)
     pass2 = _make_pass2(DIV)
     row_loss = _make_row_loss(DIV, CE, LIN, False)
@@ -789,12 +816,7 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
             # ---- pass 1: the row's statistics (every thread of the block reaches the group reductions)
             MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN = pass1(s, t, r, n, lane, G, invt, invt64, counted,
                                                                          v, sh)
-            # a row masked entirely (-inf everywhere) has no distribution: NaN, as on the CPU
-            if MT == NEG_INF:
-                SA = np.nan
-            if MS == NEG_INF:
-                SB = np.nan
-                S1 = np.nan
+            SA, SB, S1, NAN = undefined_rows(MT, MS, SA, SB, S1, NAN)
             if CE == CE_SHARED:
                 S1 = SB
             lsa = math.log(SA) if HAS_DIV else 0.0
@@ -870,6 +892,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
     TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    undefined_rows = _make_undefined_rows(DIV, CE)
     pass1 = _make_pass1(DIV, CE, LIN, ft)
     pass2 = _make_pass2(DIV)
     row_loss = _make_row_loss(DIV, CE, LIN, True)
@@ -878,22 +901,19 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
 
     @cuda.jit(device=True, inline=True)
     def totals(xmax, xsum, r):  # type: ignore[no-untyped-def]
-        """A row's combined statistics, a fully masked row's normalisers NaN (as :func:`_make_response`)."""
+        """A row's combined statistics, an undefined row's normalisers and NaN count as in
+        :func:`_make_response` (:func:`_make_undefined_rows`)."""
         MT = xmax[r, 0]
         MS = xmax[r, 1]
         SA = xsum[r, 0]
         SB = xsum[r, 1]
         S1 = xsum[r, 3]
-        if MT == NEG_INF:
-            SA = np.nan
-        if MS == NEG_INF:
-            SB = np.nan
-            S1 = np.nan
+        SA, SB, S1, NAN = undefined_rows(MT, MS, SA, SB, S1, xsum[r, 9])
         if CE == CE_SHARED:
             S1 = SB
         lsa = math.log(SA) if HAS_DIV else 0.0
         lsb = math.log(SB) if HAS_DIV else 0.0
-        return MT, MS, SA, SB, S1, lsa, lsb
+        return MT, MS, SA, SB, S1, lsa, lsb, NAN
 
     @cuda.jit(**response_options(DIV, F32))
     def kernel(s, t, labels, has_labels, P, step, scale, classes, want_grad, xmax, own_max, xsum, xmix, out_loss, grad,  # type: ignore[no-untyped-def]  # noqa: E501
@@ -947,7 +967,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
                 if TWO_PASS:
                     MT = MS = lsa = lsb = 0.0
                     if counted:
-                        MT, MS, SA, SB, S1, lsa, lsb = totals(xmax, xsum, r)
+                        MT, MS, SA, SB, S1, lsa, lsb, NAN = totals(xmax, xsum, r)
                     KP, KQ, R = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp,
                                       cq, v, sh)
                     if lane == 0 and r < rows:
@@ -955,7 +975,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
                         xmix[r, 1] = KQ
                         xmix[r, 2] = R
             elif counted:  # SHARD_FINISH
-                MT, MS, SA, SB, S1, lsa, lsb = totals(xmax, xsum, r)
+                MT, MS, SA, SB, S1, lsa, lsb, NAN = totals(xmax, xsum, r)
                 KP = 0.0
                 KQ = 0.0
                 R = 0.0
@@ -967,7 +987,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
                 SX = xsum[r, 2]
                 DSS = xsum[r, 7]
                 loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, xsum[r, 10], cp, cq, MT, MS, SA, SB, SX,
-                                          S1, xsum[r, 4], xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], xsum[r, 9], KP, KQ)
+                                          S1, xsum[r, 4], xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], NAN, KP, KQ)
                 if lane == 0:
                     out_loss[r] = loss
                 if want_grad:
