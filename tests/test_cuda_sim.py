@@ -323,6 +323,21 @@ def test_nan_propagates_and_minus_inf_is_masked():
 
 
 @sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mse_of_an_infinite_logit_is_infinite_on_the_gpu(dtype):
+    # MSE takes logits at face value: a +inf loss and a +inf gradient in that column only (the cosine,
+    # unweighted here, is NaN there and made the row NaN)
+    s = np.array([[0.25, 1.0], [0.5, -1.0]], dtype)
+    t = np.array([[-np.inf, 1.0], [0.25, 2.0]], dtype)
+    rows, g = fd.DistilLoss.mse().compute_with_grad(s, t, reduction="none", backend="cuda")
+    want, gw = fd.DistilLoss.mse().compute_with_grad(s, t, reduction="none", backend="cpu")
+    assert rows[0] == np.inf and g[0, 0] == np.inf and g[0, 1] == 0.0
+    assert want[0] == np.inf and gw[0, 0] == np.inf and gw[0, 1] == 0.0
+    np.testing.assert_allclose(rows[1], want[1], rtol=1e-6)
+    np.testing.assert_allclose(g[1], gw[1], rtol=1e-6)
+
+
+@sim
 @pytest.mark.parametrize("fuse", [0, 64], ids=["three-kernels", "fused-kernel"])
 def test_label_errors_come_first(fuse, monkeypatch):
     _fused_rows(monkeypatch, fuse)

@@ -647,9 +647,6 @@ def test_a_mask_against_an_underflowing_probability(dtype, kind, side, gap):
     fz.check_against_reference(case, rows, grad, fz.references(case), kind)
 
 
-@pytest.mark.xfail(strict=True, reason="MSE takes logits at face value: (t - s)**2 with t = -inf is +inf (its "
-                   "gradient 2 (s - t) / n +inf in that column), but the kernels flag the row NaN "
-                   "(cpu/_kernels.py: an infinite logit sets the row's NaN statistic for every variant)")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_mse_of_an_infinite_logit_is_infinite(dtype):
     # shrunk: Case(kind='mse', s=[[0.2514604421867866]], t=[[-inf]], float32) gave NaN

@@ -548,8 +548,11 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
         loss += P[P_HARD_W] * h
     if lin:
         loss += P[P_MSE_W] * st[S_D2] / n
-        cos, _ = _cos_parts(st)
-        loss += P[P_COS_W] * (1.0 - cos)
+        # the cosine read only where it is weighted: an infinite logit makes it NaN (inf / inf), where the
+        # MSE alone takes the logit at face value (+inf); 0 * NaN would make the row NaN
+        if P[P_COS_W] != 0.0:
+            cos, _ = _cos_parts(st)
+            loss += P[P_COS_W] * (1.0 - cos)
     return loss
 
 
@@ -639,7 +642,8 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
             cos, den = _cos_parts(st)
             a64 = 2.0 * P[P_MSE_W] / n
             b64 = -a64
-            if den > 0.0 or den != den:  # (a NaN norm: a NaN gradient)
+            # (a NaN norm: a NaN gradient; an unweighted cosine is left out, as in the row loss)
+            if P[P_COS_W] != 0.0 and (den > 0.0 or den != den):
                 a64 += P[P_COS_W] * cos / st[S_SS]
                 b64 -= P[P_COS_W] / den
             a_s = as_type_of(ct, scale * a64)

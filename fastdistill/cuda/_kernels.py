@@ -591,7 +591,8 @@ def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
         if LIN:
             a64 = 2.0 * P[P_MSE_W] / nf
             b64 = -a64
-            if den > 0.0 or den != den:  # (a NaN norm: a NaN gradient)
+            # (a NaN norm: a NaN gradient; den is 0 where the cosine is unweighted, see row_loss)
+            if den > 0.0 or den != den:
                 a64 += P[P_COS_W] * cos / DSS
                 b64 -= P[P_COS_W] / den
             a_s = ft(scale * a64)
@@ -702,9 +703,14 @@ def _make_row_loss(DIV, CE, LIN, LAB_GIVEN):  # type: ignore[no-untyped-def]
         cos = 0.0
         den = 0.0
         if LIN:
-            den = math.sqrt(DSS) * math.sqrt(DTT)
-            cos = DST / den if den > 0.0 or den != den else 0.0  # (a NaN norm: a NaN similarity)
-            loss += P[P_MSE_W] * D2 / nf + P[P_COS_W] * (1.0 - cos)
+            lin = P[P_MSE_W] * D2 / nf
+            # the cosine read only where it is weighted (den stays 0: no gradient term either): an infinite
+            # logit makes it NaN (inf / inf), where the MSE alone takes the logit at face value (+inf)
+            if P[P_COS_W] != 0.0:
+                den = math.sqrt(DSS) * math.sqrt(DTT)
+                cos = DST / den if den > 0.0 or den != den else 0.0  # (a NaN norm: a NaN similarity)
+                lin += P[P_COS_W] * (1.0 - cos)
+            loss += lin
         if NAN != 0.0:
             loss = np.nan
         return loss, cos, den
