@@ -295,6 +295,28 @@ def _sums_block(s, t, j0, j1, mt, ms, invt, div, ce, pw):  # type: ignore[no-unt
 
 
 @njit(**JIT_INNER)
+def _cross_masked(s, t, mt, ms, invt, div):  # type: ignore[no-untyped-def]
+    """The KL cross term of :func:`_sums_block` over a whole row or chunk, in the same blocks, each term's
+    weight tested (:func:`masked`): a term whose weight is 0 is 0 also where its difference is ``+inf``
+    (a ``-inf`` logit on one side against a probability of the other that underflowed to 0), which the
+    block loop's ``w * d`` makes NaN. Run only for such a sum (scalar code: it need not vectorize)."""
+    zero = as_type_of(mt, 0.0)
+    n = s.shape[0]
+    total = 0.0
+    for j0 in range(0, n, BLOCK):
+        acc = zero
+        for j in range(j0, min(n, j0 + BLOCK)):
+            dt = as_type_of(zero, t[j]) - mt
+            ds = as_type_of(zero, s[j]) - ms
+            if div == DIV_FORWARD_KL:
+                acc += masked(fexp(dt * invt), dt - ds)
+            else:
+                acc += masked(fexp(ds * invt), ds - dt)
+        total += np.float64(acc)
+    return total
+
+
+@njit(**JIT_INNER)
 def _prefetch_block(x, j0, j1, ahead):  # type: ignore[no-untyped-def]
     """Prefetch columns ``[j0, j1)`` of the next row of ``x`` (``ahead`` elements on; none when 0)."""
     inline_into_callers()
@@ -353,6 +375,11 @@ def _pass_sums_specialised(s, t, st, P, ct, ahead, DIV, CE, PW):  # type: ignore
         sb += np.float64(bb)
         sx += np.float64(x)
         s1 += np.float64(e)
+        if (div == DIV_FORWARD_KL or div == DIV_REVERSE_KL) and sx != sx and st[S_NAN] == 0.0:
+            # no NaN logit, yet a NaN cross term: 0 * inf, a masked class against a probability that
+            # underflowed (its term is 0: the value without it); summed again with the weights tested,
+            # per row or chunk, so that the block loop keeps its unconditional w * d
+            sx = _cross_masked(s, t, mt, ms, invt, div)
         # the columns at the maxima, counted in integer loops (per-element float counts in the block loop
         # cost a quarter of the forward time)
         cs = np.float64(_count_eq(s, ms))
@@ -1101,9 +1128,11 @@ def rescale_shard_sums(stats, combined_max, tau):  # type: ignore[no-untyped-def
 @njit(**JIT_INNER)
 def _scaled(f, x):  # type: ignore[no-untyped-def]
     """``f * x``, 0 where ``x`` is 0: a shard without mass in a row (reference 0 for a maximum of -inf)
-    may have a factor that overflows."""
+    may have a factor that overflows. 0 too where ``f`` is 0 and ``x`` is ``+inf``: a KL cross term
+    ``w * inf`` (a ``-inf`` logit against the other side's probability ``w``) whose weight underflows at
+    the combined maximum, dropped as the row's own sum drops it (``_cross_masked``), not ``0 * inf``."""
     inline_into_callers()
-    return 0.0 if x == 0.0 else f * x
+    return 0.0 if x == 0.0 or (f == 0.0 and x == np.inf) else f * x
 
 
 # ---------------------------------------------------------------- softmax

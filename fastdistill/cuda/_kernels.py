@@ -222,6 +222,17 @@ def _rescale(m_own, m_all, invt):  # type: ignore[no-untyped-def]
     return math.exp((m_own - m_all) * invt)
 
 
+@cuda.jit(device=True, inline=True)
+def _rescale_cross(x, c):  # type: ignore[no-untyped-def]
+    """A KL cross term ``x`` moved to a larger maximum by the factor ``c`` (:func:`_rescale`): 0 where ``c``
+    is 0 and ``x`` is ``+inf``, a term ``w * inf`` (a ``-inf`` logit against the other side's probability
+    ``w``) whose weight underflowed to 0 at the new maximum, as it does where it is summed at the row's
+    own maximum, rather than ``0 * inf = NaN``."""
+    if c == 0.0 and x == POS_INF:
+        return 0.0
+    return x * c
+
+
 _logaddexp = cuda.jit(device=True, inline=True)(logaddexp)
 _mix_ratio = cuda.jit(device=True, inline=True)(mix_ratio)
 
@@ -415,7 +426,7 @@ def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
                     c = math.exp((float64(mt) - float64(cm)) * invt64)
                     sa *= c
                     if DIV == DIV_FORWARD_KL:
-                        sx *= c
+                        sx = _rescale_cross(sx, c)
                     mt = cm
             if NEED_MS:
                 cm = max(max(s0, s1_), max(s2, s3))
@@ -424,7 +435,7 @@ def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
                         c = math.exp((float64(ms) - float64(cm)) * invt64)
                         sb *= c
                         if DIV == DIV_REVERSE_KL:
-                            sx *= c
+                            sx = _rescale_cross(sx, c)
                     if CE == CE_OWN:
                         s1 *= math.exp(float64(ms) - float64(cm))
                     ms = cm
@@ -631,9 +642,9 @@ def _make_pass1(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
             sa *= fa
             sb *= fb
             if DIV == DIV_FORWARD_KL:
-                sx *= fa
+                sx = _rescale_cross(sx, fa)
             elif DIV == DIV_REVERSE_KL:
-                sx *= fb
+                sx = _rescale_cross(sx, fb)
         if CE == CE_OWN:
             s1 *= _rescale(float64(ms), MS, 1.0)
         v[0] = sa
@@ -1021,9 +1032,9 @@ def shard_rescale_kernel(own_max, xmax, xsum, div, ce, invt64):  # type: ignore[
         xsum[r, 0] *= fa
         xsum[r, 1] *= fb
         if div == DIV_FORWARD_KL:
-            xsum[r, 2] *= fa
+            xsum[r, 2] = _rescale_cross(xsum[r, 2], fa)
         elif div == DIV_REVERSE_KL:
-            xsum[r, 2] *= fb
+            xsum[r, 2] = _rescale_cross(xsum[r, 2], fb)
         if ce == CE_OWN:
             xsum[r, 3] *= _rescale(own_max[r, 1], xmax[r, 1], 1.0)
 
