@@ -147,6 +147,13 @@ def sorted_used_ids(ids, out):  # type: ignore[no-untyped-def]
 # columns), and the dense write's coefficient (about 1 / the sum) stays far inside float32.
 REST_FLOOR = 1e-20
 
+# a "support" tail's student log-probabilities are (s_j - ref) / tau - lse over the support: ``ref`` the row's
+# maximum, or the support's own maximum logit where the support lies more than this many temperatures
+# below the row's (its mass there is below e**-1024, zero in any precision). The differences s_j - max
+# round at the maximum's magnitude: up to this gap that costs lse at most 1024 * 2**-53 (1e-13); beyond
+# it, beside a student logit of 1e30 outside the support, it kept none of the support's digits.
+SUPPORT_GAP = 1024.0
+
 
 def reads_rest_bin(tail, div):  # type: ignore[no-untyped-def]
     """Whether the divergence reads the student's mass outside a sparse teacher's support, summed

@@ -757,6 +757,26 @@ def test_sparse_teacher_adversarial_rows_match_the_cpu():
 
 
 @sim
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_support_beside_a_huge_student_logit_outside(dtype):
+    # tail='support' normalises the student over the support: a student logit of 1e30 outside it does not
+    # matter (s_j - max kept none of the support's digits: the loss was 0.666 for 0.332)
+    s = np.array([[5.875, -1.46094, 6.09375, -0.0727539, 6.09375, 1e30, -1.40625, 7.78125, -1.5]], dtype)
+    idx = np.array([[8, 1, 3, 6]])
+    teacher = fd.SparseTeacher(idx, np.array([[1.75516, -7.62445, -6.5336, -0.5602]], dtype), tail="support")
+    s_off = s.copy()
+    s_off[0, 5] = 0.0
+    loss = fd.DistilLoss.jsd(0.3, 1.0)
+    got, g = loss.compute_with_grad(s, teacher, reduction="none", backend="cuda")
+    want, gw = loss.compute_with_grad(s_off, teacher, reduction="none", backend="cuda")
+    cpu, gc = loss.compute_with_grad(s, teacher, reduction="none", backend="cpu")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, cpu, rtol=1e-5)
+    np.testing.assert_allclose(g[:, idx[0]], gw[:, idx[0]], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g, gc, rtol=1e-5, atol=1e-7)
+
+
+@sim
 def test_device_grad_out_overlapping_the_student_is_refused():
     from numba import cuda
 

@@ -30,6 +30,7 @@ from numba.extending import overload
 
 from .._scalar import (
     REST_FLOOR,
+    SUPPORT_GAP,
     bin_logprob,
     ce_term,
     logaddexp,
@@ -420,15 +421,16 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         vr = vals[r]
         count, vmax, lacc, bad_v = _teacher_weights(ids, vr, vinvt)
         # the student's log-normaliser over the bins: the row's, or for "support" the support's own
-        # (relative to its own maximum: the support's mass may underflow relative to the row's)
-        lzn = _support_lse(s_row, ids, ms, invt) if tail == TAIL_SUPPORT else lz
+        # (relative to its own maximum: the support's mass may underflow relative to the row's), and
+        # the reference of the bins' log-probabilities (s_j - ref_n) / tau - lzn
+        ref_n, lzn = _support_lse(s_row, ids, ms, invt) if tail == TAIL_SUPPORT else (ms, lz)
         # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
         undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and vmax == -np.inf))
         d = 0.0
         h_sum = 0.0
         for b in range(k if not undefined else 0):
             if ids[b] >= 0:
-                lq = (as_type_of(0.0, s_row[ids[b]]) - ms) * invt - lzn
+                lq = (as_type_of(0.0, s_row[ids[b]]) - ref_n) * invt - lzn
                 lp = _bin_logprob(vr[b], vinvt, vmax, lacc, tail)
                 db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
                 d += db
@@ -498,8 +500,8 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         one_hot = scale * hw * (1.0 - eps) if counted_ce else 0.0
         lab_c = lab if counted_ce else np.int64(-1)
         sup = np.empty(k + 1, np.float64)
-        _support_values(sup, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot, lab_c, tail,
-                        div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
+        _support_values(sup, s_row, ids, vr, ms, invt, ref_n, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,
+                        lab_c, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
         _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs,
                          inplace)
         _scatter_support(g_row, ids, sup, lab_c)
@@ -507,19 +509,29 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
 
 @njit(**JIT_INNER)
 def _support_lse(s_row, ids, ms, invt):  # type: ignore[no-untyped-def]
-    """``log sum_S exp((s_j - ms) / tau)`` over the support's columns, formed relative to their own
-    maximum (``-inf`` when every one of them is ``-inf``)."""
+    """``(ref, log sum_S exp((s_j - ref) / tau))`` over the support's columns, the sum formed relative to
+    their own maximum (``-inf`` when every one of them is ``-inf``). ``ref`` is the row's maximum ``ms``,
+    or the support's own maximum logit where the support lies more than ``SUPPORT_GAP`` temperatures
+    below ``ms``: there ``s_j - ms`` rounds away the support's differences (all of them beside a student
+    logit of 1e30), which the support's softmax is made of."""
     top = -np.inf
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
             top = max(top, (as_type_of(0.0, s_row[ids[b]]) - ms) * invt)
     if top == -np.inf:
-        return top
+        return ms, top
+    ref = ms
+    if top < -SUPPORT_GAP:
+        ref = -np.inf
+        for b in range(ids.shape[0]):
+            if ids[b] >= 0:
+                ref = max(ref, as_type_of(0.0, s_row[ids[b]]))
+        top = 0.0
     acc = 0.0
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
-            acc += math.exp((as_type_of(0.0, s_row[ids[b]]) - ms) * invt - top)
-    return top + math.log(acc)
+            acc += math.exp((as_type_of(0.0, s_row[ids[b]]) - ref) * invt - top)
+    return ref, top + math.log(acc)
 
 
 @njit(**JIT_INNER)
@@ -592,13 +604,14 @@ def _rest_sums(s_row, srt, m, ms, invt, kept, e_row, refs):  # type: ignore[no-u
 
 
 @njit(**JIT_INNER)
-def _support_values(out, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
+def _support_values(out, s_row, ids, vr, ms, invt, ref_n, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
                     lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt):
     """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
     not one of them (``out[k]``; NaN when there is none), each from all of its terms (the
     cross-entropy's, its bin's ``cd * (h_b - q_b * sum h)``, the one-hot; the label's outside the
     support as the dense write's ``a * exp((s - ref) / tau) + b * exp(s - ref) + c``; ``vinvt`` the
-    values' scale ``T_gen / tau``). Read before the dense write: the gradient may be the student itself."""
+    values' scale ``T_gen / tau``; ``ref_n``, ``lzn``: the bins' log-probabilities are
+    ``(s_j - ref_n) / tau - lzn``). Read before the dense write: the gradient may be the student itself."""
     k = ids.shape[0]
     out[k] = np.nan
     lab_in_support = False
@@ -608,7 +621,7 @@ def _support_values(out, s_row, ids, vr, ms, invt, lzn, vmax, lacc, a_ce, b_ce, 
             continue
         sj = as_type_of(0.0, s_row[j])
         dj = (sj - ms) * invt
-        lq = dj - lzn
+        lq = (sj - ref_n) * invt - lzn  # (dj - lzn where ref_n is ms)
         lp = _bin_logprob(vr[slot], vinvt, vmax, lacc, tail)
         qb = math.exp(lq)
         _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)

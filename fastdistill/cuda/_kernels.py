@@ -44,6 +44,7 @@ except ImportError:  # older numba-cuda
 from .. import _cache
 from .._scalar import (
     REST_FLOOR,
+    SUPPORT_GAP,
     bin_logprob,
     ce_term,
     logaddexp,
@@ -1250,19 +1251,28 @@ _SPARSE: dict = {}
 
 @cuda.jit(device=True)
 def _support_lse(s, r, ids, M, invt64):  # type: ignore[no-untyped-def]
-    """``log sum_S exp((s_j - M) / tau)`` over the support's columns of row ``r``, relative to their own
-    maximum (``-inf`` when every one of them is ``-inf``): ``cpu._sparse._support_lse``."""
+    """``(ref, log sum_S exp((s_j - ref) / tau))`` over the support's columns of row ``r``, the sum relative
+    to their own maximum (``-inf`` when every one of them is ``-inf``); ``ref`` the row's maximum ``M``, or
+    the support's own maximum logit where the support lies more than ``SUPPORT_GAP`` temperatures below
+    it: ``cpu._sparse._support_lse``."""
     top = NEG_INF
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
             top = max(top, (float64(load(s[r, ids[b]])) - M) * invt64)
     if top == NEG_INF:
-        return top
+        return M, top
+    ref = M
+    if top < -SUPPORT_GAP:
+        ref = NEG_INF
+        for b in range(ids.shape[0]):
+            if ids[b] >= 0:
+                ref = max(ref, float64(load(s[r, ids[b]])))
+        top = 0.0
     acc = 0.0
     for b in range(ids.shape[0]):
         if ids[b] >= 0:
-            acc += math.exp((float64(load(s[r, ids[b]])) - M) * invt64 - top)
-    return top + math.log(acc)
+            acc += math.exp((float64(load(s[r, ids[b]])) - ref) * invt64 - top)
+    return ref, top + math.log(acc)
 
 
 def _make_sparse(F32):  # type: ignore[no-untyped-def]
@@ -1395,14 +1405,17 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                 else:
                     lz = math.log(Z)
                     count, vmax, lacc, bad_v = _teacher_weights(idx[r], vals[r], vinvt)
-                    lzn = _support_lse(s, r, idx[r], M, invt64) if tail == TAIL_SUPPORT else lz
+                    ref_n = M
+                    lzn = lz
+                    if tail == TAIL_SUPPORT:  # (the bins' log-probabilities: (s_j - ref_n) / tau - lzn)
+                        ref_n, lzn = _support_lse(s, r, idx[r], M, invt64)
                     # a NaN or +inf value, or no mass on the support: the teacher's distribution is undefined
                     undefined = div != DIV_NONE and (bad_v or (tail != TAIL_BUCKET and vmax == NEG_INF))
                     d = 0.0
                     h_sum = 0.0
                     for b in range(kk if not undefined else 0):
                         if idx[r, b] >= 0:
-                            lq = (float64(load(s[r, idx[r, b]])) - M) * invt64 - lzn
+                            lq = (float64(load(s[r, idx[r, b]])) - ref_n) * invt64 - lzn
                             lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
                             db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
                                                  cq)
@@ -1474,7 +1487,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                             if j >= 0:
                                 sj = float64(load(s[r, j]))
                                 dj = (sj - M) * invt64
-                                lq = dj - lzn
+                                lq = (sj - ref_n) * invt64 - lzn  # (dj - lzn where ref_n is M)
                                 lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
                                 qb = math.exp(lq)
                                 _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
