@@ -28,10 +28,11 @@ from .functional import (
     mse,
     set_num_threads,
     softmax,
+    top_k,
 )
 from ._warmup import warmup
 from .losses import DistilLoss
-from .sparse import SparseTeacher, SparseTeacherIndexError, top_k
+from .sparse import SparseTeacher, SparseTeacherIndexError
 
 
 __all__ = [

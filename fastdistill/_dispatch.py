@@ -324,10 +324,6 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None 
                          kind="logprobs", temperature=tau)
 
 
-# fastdistill.sparse.top_k runs the function above: installed here because this module imports that one
-# (for SparseTeacher), never the other way round; importing fastdistill imports this module first
-sparse._OPS["top_k"] = top_k
-
 
 def shard_run(call: ResponseCall, student: Any, teacher: Any, labels: Any, lab: np.ndarray | None,
               glob: np.ndarray | None, n_counted: int, classes: int, grad_out: Any, tail: Callable,

@@ -289,7 +289,8 @@ def capture(teacher: Any, ids: Any, context: int, k: int, path: Any, *, windows_
 
     from . import teachers
     from .errors import InvalidParameterError
-    from .sparse import SparseTeacher, top_k
+    from .functional import top_k
+    from .sparse import SparseTeacher
 
     if not (callable(getattr(teacher, "hidden", None)) and isinstance(getattr(teacher, "head_weight", None),
                                                                        torch.Tensor)):

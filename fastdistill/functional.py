@@ -8,6 +8,7 @@ from . import _dispatch
 from . import _validate as V
 from ._spec import Terms
 from .losses import DistilLoss
+from .sparse import SparseTeacher
 
 
 def softmax(x: Any, temperature: float = 1.0, *, backend: str = "auto") -> Any:
@@ -51,6 +52,23 @@ def cosine_distance(student: Any, teacher: Any, *, reduction: str = "mean", num_
     """``1 - cos(student, teacher)`` per row (1.0 for a zero-norm row), reduced."""
     return DistilLoss.cosine().compute(student, teacher, reduction=reduction, num_items=num_items,
                                        backend=backend)
+
+
+def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None = None, min_k: int = 1,
+          backend: str = "auto") -> SparseTeacher:
+    """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
+    their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
+    as a ``SparseTeacher(kind="logprobs", temperature=temperature)``: int32 ids and float32 values
+    (float64 for float64 logits),
+    NumPy arrays of the logits' leading shape. One pass over the logits (vectorized reductions per span
+    of columns), then the selection from cache. Device logits run on the GPU and give arrays of the caller's
+    kind (int64 ids, float64 values: the kernel's own).
+
+    ``top_p`` in (0, 1] (the nucleus, Megatron-LM's offline saver): each row keeps only its shortest
+    prefix, by decreasing probability under ``softmax(logits / temperature)``, whose probability reaches
+    ``top_p``, with at least ``min_k`` and at most ``k`` entries; the other slots get id ``-1`` and value
+    ``-inf``. The cut is a prefix scan over the sorted selection, in the same pass."""
+    return _dispatch.top_k(logits, k, temperature=temperature, top_p=top_p, min_k=min_k, backend=backend)
 
 
 def set_num_threads(n: int) -> None:

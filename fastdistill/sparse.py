@@ -19,9 +19,6 @@ from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
 from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
 
 KINDS = ("logprobs", "logits")
-# the operations behind this module's functions, installed by fastdistill._dispatch (the one place a
-# backend is chosen), which imports this module: "top_k"
-_OPS: dict = {}
 
 
 class SparseTeacherIndexError(FastDistillError, ValueError):
@@ -195,21 +192,4 @@ def host_arrays(teacher: SparseTeacher, s_shape: tuple[int, ...], n: int) -> tup
     return idx, vals
 
 
-def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None = None, min_k: int = 1,
-          backend: str = "auto") -> SparseTeacher:
-    """Per row the ``k`` largest logits' ids (sorted by decreasing value; ties: the lower id first) and
-    their exact log-probabilities ``log_softmax(logits / temperature)`` (normaliser over the full row),
-    as a ``SparseTeacher(kind="logprobs", temperature=temperature)``: int32 ids and float32 values
-    (float64 for float64 logits),
-    NumPy arrays of the logits' leading shape. One pass over the logits (vectorized reductions per span
-    of columns), then the selection from cache. Device logits run on the GPU and give arrays of the caller's
-    kind (int64 ids, float64 values: the kernel's own).
-
-    ``top_p`` in (0, 1] (the nucleus, Megatron-LM's offline saver): each row keeps only its shortest
-    prefix, by decreasing probability under ``softmax(logits / temperature)``, whose probability reaches
-    ``top_p``, with at least ``min_k`` and at most ``k`` entries; the other slots get id ``-1`` and value
-    ``-inf``. The cut is a prefix scan over the sorted selection, in the same pass."""
-    return _OPS["top_k"](logits, k, temperature=temperature, top_p=top_p, min_k=min_k, backend=backend)
-
-
-__all__ = ["SparseTeacher", "SparseTeacherIndexError", "top_k"]
+__all__ = ["SparseTeacher", "SparseTeacherIndexError"]

@@ -10,7 +10,8 @@ import pytest
 
 import fastdistill as fd
 from conftest import IGNORE, rel_err
-from fastdistill.sparse import SparseTeacher, SparseTeacherIndexError, top_k
+from fastdistill import top_k
+from fastdistill.sparse import SparseTeacher, SparseTeacherIndexError
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
