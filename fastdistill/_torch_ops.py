@@ -136,7 +136,7 @@ CALL_FIELDS = (
     "reduction", "num_items", "want_grad",  # the call (num_items: 0 when not given; it is > 0 when given)
 )
 _IGNORE_SPLIT = 1 << 32
-_KINDS = {code: kind for kind, code in LOSS_CODES.items()}
+_LOSS_KINDS = {code: kind for kind, code in LOSS_CODES.items()}
 _F = {name: i for i, name in enumerate(CALL_FIELDS)}
 _N_HEAD = _F["reduction"]  # the distiller's fields come first
 _CALLS: dict = {}  # a call list (as a tuple): (Resolved, reduction, num_items, want_grad)
@@ -199,7 +199,7 @@ def _of_head(head: tuple) -> Resolved:
     hit = _HEADS.get(head)
     if hit is None:
         f = dict(zip(CALL_FIELDS, head))
-        soft = DistilLoss(_KINDS[int(f["kind"])], f["temperature"], kl_weight=f["kl_weight"],
+        soft = DistilLoss(_LOSS_KINDS[int(f["kind"])], f["temperature"], kl_weight=f["kl_weight"],
                           mse_weight=f["mse_weight"], beta=f["beta"], alpha=f["alpha"], t2_scale=f["t2_scale"] != 0.0)
         distiller = ResponseDistiller(soft, f["hard_label_weight"], f["soft_label_weight"],
                                       ignore_index=int(f["ignore_index"]) * _IGNORE_SPLIT + int(f["ignore_index_low"]),

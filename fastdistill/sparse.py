@@ -18,7 +18,7 @@ from . import _validate as V
 from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
 from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
 
-KINDS = ("logprobs", "logits")
+VALUE_KINDS = ("logprobs", "logits")
 
 
 class SparseTeacherIndexError(FastDistillError, ValueError):
@@ -52,8 +52,8 @@ class SparseTeacher:
 
     def __init__(self, indices: Any, values: Any, *, kind: str = "logprobs", tail: str = "renormalize",
                  temperature: float = 1.0) -> None:
-        if kind not in KINDS:
-            raise InvalidParameterError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind not in VALUE_KINDS:
+            raise InvalidParameterError(f"kind must be one of {VALUE_KINDS}, got {kind!r}")
         if tail not in TAILS:
             raise InvalidParameterError(f"tail must be one of {TAILS}, got {tail!r}")
         t_gen = V.temperature(temperature, "SparseTeacher temperature")
@@ -98,18 +98,19 @@ class SparseTeacher:
 
 
 def codes(teacher: SparseTeacher) -> list[int]:
-    """``[kind, tail, mantissa, exponent]`` of ``teacher`` as integers (positions in ``KINDS`` and
+    """``[kind, tail, mantissa, exponent]`` of ``teacher`` as integers (positions in ``VALUE_KINDS`` and
     ``TAILS``; the temperature as ``mantissa * 2**(exponent - 53)``, exactly): how the custom ops of
     ``fastdistill.torch`` carry them (plain integer arithmetic: traced through by ``torch.compile``)."""
     m, e = math.frexp(float(teacher.temperature))
-    return [KINDS.index(teacher.kind), TAILS.index(teacher.tail), int(m * 9007199254740992.0), int(e)]
+    return [VALUE_KINDS.index(teacher.kind), TAILS.index(teacher.tail), int(m * 9007199254740992.0), int(e)]
 
 
 def from_codes(indices: Any, values: Any, kind_tail: list[int]) -> SparseTeacher:
     """The :class:`SparseTeacher` of ``indices``, ``values`` and :func:`codes`' numbers (a list of two,
     ``[kind, tail]``, is at temperature 1)."""
     t_gen = math.ldexp(float(kind_tail[2]), int(kind_tail[3]) - 53) if len(kind_tail) > 3 else 1.0
-    return SparseTeacher(indices, values, kind=KINDS[kind_tail[0]], tail=TAILS[kind_tail[1]], temperature=t_gen)
+    return SparseTeacher(indices, values, kind=VALUE_KINDS[kind_tail[0]], tail=TAILS[kind_tail[1]],
+                         temperature=t_gen)
 
 
 def check_terms(teacher: SparseTeacher, terms: Any) -> None:

@@ -298,7 +298,7 @@ def _plain_eager(*tensors: Any) -> bool:
 # ------------------------------------------------------------------ sparse (top-k) teachers
 #
 # ``fastdistill::sparse_response``: the same call description, the teacher as its ids and values, and
-# ``sparse = [kind, tail]`` (indices of ``sparse.KINDS`` and ``sparse.TAILS``). CPU and CUDA tensors.
+# ``sparse = [kind, tail]`` (indices of ``sparse.VALUE_KINDS`` and ``sparse.TAILS``). CPU and CUDA tensors.
 
 _SPARSE_OP = "fastdistill::sparse_response"
 

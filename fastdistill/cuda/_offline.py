@@ -30,7 +30,10 @@ from .._spec import (
 )
 
 
-class Variant(NamedTuple):
+class Compilation(NamedTuple):
+    """One kernel and signature to compile offline (not a ``_spec.Variant``: the softmax, sparse, top-k,
+    shard and reduction kernels are here too), with the register cap it is launched with."""
+
     name: str
     kernel: Any  # the numba-cuda dispatcher
     sig: tuple
@@ -77,7 +80,7 @@ def response_signature(storage: tuple[str, str, str]) -> tuple:
             T.float64, T.boolean, arr(T.float64), arr(gt, 2), T.int64, T.boolean)
 
 
-def variants(fused_all: bool = False) -> list[Variant]:
+def variants(fused_all: bool = False) -> list[Compilation]:
     """Every kernel the launchers can ask for, with the argument types they pass.
 
     Response kernels: every key of :func:`kernel_keys`, lean (large batches); the fused ones (small
@@ -105,7 +108,7 @@ def variants(fused_all: bool = False) -> list[Variant]:
             math = "" if arith == s_st else f" ({arith} math)"
             name = (f"response {DIV_NAMES[div]}, {CE_NAMES[ce]}{', mse/cos' if lin else ''}, {store}{math}"
                     f"{', fused' if fused else ''}")
-            out.append(Variant(name, k, response_signature(storage), cap))
+            out.append(Compilation(name, k, response_signature(storage), cap))
     from numba.cuda.np.numpy_support import from_dtype
 
     from ._device import DEVICE_DTYPES
@@ -113,15 +116,15 @@ def variants(fused_all: bool = False) -> list[Variant]:
     for log in (False, True):
         for storage in STORAGES:
             ft = from_dtype(DEVICE_DTYPES[storage])
-            out.append(Variant(f"{'log_' if log else ''}softmax {storage}", K.softmax_kernel(log, storage != FLOAT64),
+            out.append(Compilation(f"{'log_' if log else ''}softmax {storage}", K.softmax_kernel(log, storage != FLOAT64),
                                (arr(ft, 2), T.float64, arr(ft, 2), T.int64), None))
     for storage in STORAGES:  # sparse (top-k) teachers: float32 arithmetic but for float64 logits
         st = from_dtype(DEVICE_DTYPES[storage])
         sig = (arr(st, 2), arr(T.int64, 2), arr(T.float64, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64),
                T.int64, T.int64, T.int64, T.float64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64),
                arr(st, 2), arr(T.float64, 2), arr(T.int64, 2), T.int64)
-        out.append(Variant(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
-        out.append(Variant(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
+        out.append(Compilation(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
+        out.append(Compilation(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
                            (arr(st, 2), T.int64, T.float64, T.float64, T.int64, arr(T.int64, 2), arr(T.float64, 2),
                             T.int64), None))
     # vocabulary shards: the variants a tensor-parallel LLM run uses most (the others compile on a GPU's
@@ -132,14 +135,14 @@ def variants(fused_all: bool = False) -> list[Variant]:
         f64 = arr(T.float64, 2)
         sig = (arr(st, 2), arr(st, 2), arr(T.int64), T.boolean, arr(T.float64), T.int64, T.float64, T.int64,
                T.boolean, f64, f64, f64, f64, arr(T.float64), arr(st, 2), T.int64)
-        out.append(Variant(f"vocab shard {DIV_NAMES[div]}, {CE_NAMES[ce]}, {storage}",
+        out.append(Compilation(f"vocab shard {DIV_NAMES[div]}, {CE_NAMES[ce]}, {storage}",
                            K.shard_kernel(div, ce, False, True), sig, K.response_options(div, True).get("max_registers")))
-    out.append(Variant("vocab shard rescale", K.shard_rescale_kernel,
+    out.append(Compilation("vocab shard rescale", K.shard_rescale_kernel,
                        (arr(T.float64, 2), arr(T.float64, 2), arr(T.float64, 2), T.int64, T.int64, T.float64), None))
-    out.append(Variant("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
-    out.append(Variant("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
+    out.append(Compilation("labels int64", K.label_kernel, (arr(T.int64), T.int64, T.int64, arr(T.float64)), None))
+    out.append(Compilation("final sum", K.sum_kernel, (arr(T.float64), T.boolean, T.boolean, T.float64, arr(T.float64)),
                        None))
-    out.append(Variant("cast float64 -> float32", K.cast_kernel, (arr(T.float64), arr(T.float32)), None))
+    out.append(Compilation("cast float64 -> float32", K.cast_kernel, (arr(T.float64), arr(T.float32)), None))
     return out
 
 
@@ -165,7 +168,7 @@ def stand_in_device(cc: tuple[int, int]) -> Iterator[None]:
         dispatcher.get_current_device = saved  # type: ignore[assignment]
 
 
-def ptx(v: Variant, cc: tuple[int, int]) -> str:
+def ptx(v: Compilation, cc: tuple[int, int]) -> str:
     """The PTX numba-cuda generates for ``v`` on a device of compute capability ``cc``."""
     from numba import cuda
 

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..sparse import KINDS, SparseTeacher
+from ..sparse import VALUE_KINDS, SparseTeacher
 from ._errors import TeacherStoreError
 
 MANIFEST = "fastdistill-teachers.json"
@@ -202,7 +202,7 @@ def read_manifest(path: Any) -> dict | None:
 
 
 def _valid_meta(meta: dict) -> bool:
-    return (isinstance(meta.get("k"), int) and meta["k"] >= 1 and meta.get("kind") in KINDS
+    return (isinstance(meta.get("k"), int) and meta["k"] >= 1 and meta.get("kind") in VALUE_KINDS
             and meta.get("values_dtype") in VALUE_DTYPES)
 
 
@@ -262,7 +262,7 @@ def save(path: Any, teachers: Any, *, meta: dict | None = None, dtype: str = "fl
             if not _valid_meta(store_meta):
                 raise TeacherStoreError(
                     f"save(): meta k={store_meta.get('k')!r} kind={store_meta.get('kind')!r} is not valid "
-                    f"(k a positive integer, kind one of {KINDS})"
+                    f"(k a positive integer, kind one of {VALUE_KINDS})"
                 )
             man = {"format": FORMAT, "version": VERSION, "meta": store_meta, "shards": []}
         else:
