@@ -13,6 +13,12 @@ Rules every entry point follows (an exception inside a ``cfunc`` would print and
   ``FD_INTERNAL_ERROR``;
 * the thread count of the calling thread is set only for the call and restored afterwards.
 
+Each entry point writes these steps out (check, set the threads, run, restore) rather than calling one
+shared guard: a ``cfunc`` needs its parameters listed (``*args`` is refused against an explicit
+signature), and an ``njit`` guard that takes the check and the body as function arguments compiles again
+in every process (numba 0.68: a new on-disk cache entry per process, never a hit), which would undo the
+point of ``cache=True`` here.
+
 The loss kinds' terms and the choice of compiled code are the façade's own functions
 (:func:`fastdistill._spec.soft_terms`, :func:`fastdistill._spec.variant_fields`), compiled here; the
 entry points call the same workers (one per kernel variant, :func:`fastdistill.cpu._kernels.worker`)
