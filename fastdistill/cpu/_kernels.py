@@ -1,8 +1,9 @@
 """Numba CPU kernels: row-wise softmax and the fused response loss with its gradient.
 
-Private module. Every loss of the library runs through :func:`response_kernel`, one compiled kernel per
-:class:`~fastdistill._spec.Variant`. A row is processed in at most four streaming passes over its
-logits, each one a branch-free, vectorizable loop:
+Private module. Every loss of the library runs through :func:`worker`, one compiled C function per
+:class:`~fastdistill._spec.Variant` (and one more for a gradient written over the student), called by the
+parallel drivers :func:`drive` and :func:`drive_shard`. A row is processed in at most four streaming passes
+over its logits, each one a branch-free, vectorizable loop:
 
 1. maxima of ``t`` and ``s`` (and a NaN flag);
 2. sums of exponentials and the cross terms of the forward/reverse KL (float64 totals); cross-entropy
