@@ -892,23 +892,12 @@ def known_defect(case: Any, door: str = "") -> str | None:
     if case.sparse is None and case.effective_soft_w() and case.t is not None:
         t = _round_trip(_round_trip(case.t, case.t_dtype), read_storage(case.s_dtype, case.t_dtype))
         t = t.reshape(-1, n)[counted]
-        if ((s == np.inf) & (t == np.inf)).any():
-            return "plus_inf_at_the_same_class_in_both"
-        if ((t == -np.inf) & np.isfinite(s)).any() or ((s == -np.inf) & np.isfinite(t)).any():
-            return "kl_of_a_mask_against_an_underflowing_probability_nan"
-        if case.kind in ("mse", "combined") and (np.isinf(s) | np.isinf(t)).any():
-            return "mse_of_infinite_logits_nan"
         if case.kind == "cosine":
             ns = np.linalg.norm(s, axis=-1)
             if ((ns > 1e18) | ((ns > 0) & (ns < 1e-18))).any():
                 return "cosine_gradient_of_extreme_norms"
     if door == "vocab-shards" and (not np.isfinite(s).all() or (case.t is not None and not np.isfinite(case.t).all())):
         return "vocab_shard_nan_row_finite_gradient"
-    if case.sparse is None and (s == np.inf).any():
-        return "plus_inf_logit_row_zero_gradient"
-    if case.sparse is not None and case.sparse.tail == "support" and \
-            (np.abs(np.where(np.isfinite(s), s, 0.0)) >= 1e6).any():
-        return "sparse_support_of_a_huge_student_logit_outside"
     if door == "cuda-sim" and case.sparse is not None and (np.abs(s) >= 1e6).any():
         return "cuda_sparse_exponential_overflow"
     if door == "cuda-sim" and case.kind in ("mse", "cosine", "combined") and case.s_dtype != "float64" and \
