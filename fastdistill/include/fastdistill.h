@@ -123,7 +123,9 @@ typedef int32_t (*fd_softmax_h16_fn)(const uint16_t *x, int64_t rows, int64_t n,
  *   reduction         enum fd_reduction
  *   loss_out          1 double (FD_MEAN, FD_SUM) or rows doubles (FD_NONE)
  *   grad              NULL (loss only) or rows x n: the gradient of the reduced loss with respect to
- *                     the student logits; it may be the student array itself (in-place update)
+ *                     the student logits; it may be the student array itself (in-place update:
+ *                     the same bits, and the same speed once fastdistill.capi.symbols(in_place=True)
+ *                     has built the in-place workers; without them it runs the slower scalar loop)
  *   nthreads          0 = default
  *
  * Checks, in this order: shape (FD_BAD_SHAPE, FD_EMPTY_INPUT), pointers (FD_NULL_POINTER,
