@@ -167,6 +167,21 @@ def c_cases():
         lambda c: (c.t2 or c.kind in ("tvd", "mse", "cosine")) and c.num_items is None)
 
 
+def _build_c_in_place_worker(kind: int, case: Case, param: float, has_labels: bool) -> None:
+    """Put the in-place worker of the variant the C ABI runs for ``case`` in its table (what
+    ``capi.symbols(in_place=True)`` does for every variant): with it, ``grad == student`` runs the code the
+    NumPy API runs in place; without it the worker's scalar fallback, whose elements may round apart (FMA
+    contraction differs between the vector and the scalar loop)."""
+    from fastdistill import _spec
+    from fastdistill.capi import _cfuncs
+
+    P = np.zeros(_spec.N_PARAMS)
+    div = _cfuncs.loss_terms(np.int32(kind), case.tau, case.hard_w, case.effective_soft_w(), param, case.eps, P)
+    idx, _ = _cfuncs.kernel_variant(div, P, has_labels, np.int64(_spec.STORAGES.index(case.s_dtype)))
+    if div >= 0 and idx >= 0:
+        _cfuncs.build_workers(case.s_dtype, True, [_cfuncs.VARIANTS[idx]])
+
+
 def check_capi(case: Case) -> None:
     from fastdistill import capi
 
@@ -196,6 +211,8 @@ def check_capi(case: Case) -> None:
             sp.values.shape), "float32", sp.kind, sp.tail)})
     else:
         t2 = np.ascontiguousarray(case.teacher().reshape(rows, n))
+        if case.grad == "inplace":
+            _build_c_in_place_worker(kind, case, param, labels is not None)
         status = c_entry(f"fd_response_{suffix}")(
             ptr(s_c), ptr(t2), ptr(labels), rows, n, kind, case.tau, case.hard_w, case.effective_soft_w(), param,
             case.eps, case.ignore_index, red, ptr(loss), ptr(grad), 0)
@@ -667,6 +684,31 @@ def test_skew_reverse_kl_of_a_tiny_alpha_with_a_renormalized_teacher():
                 t_dtype="float64", sparse=spec, labels=None, grad="new")
     loss, grad = fz.run_numpy(case)
     fz.check_against_reference(case, loss, grad, fz.references(case), "skew_reverse_kl")
+
+
+def test_c_abi_gradient_in_place_runs_the_numpy_api_s_in_place_code():
+    # found by the long profile: Case(kind='mse', hard_w=2.5, soft_w=2.0, float64, a NaN teacher logit,
+    # grad='inplace') through fd_response_f64 gave 0.28264441809726787 for the NumPy API's 0.2826444180972679:
+    # without its in-place worker the C entry runs the scalar fallback, which contracts its multiply-adds
+    # differently; check_capi builds the worker (as symbols(in_place=True) does) and wants the same bits
+    s = np.array([-4.287503399244169, -4.365172332621971, 10.426005812646451, -0.6937795473194104,
+        0.23508037025686124, 2.040605531016043, -0.15547077510396118, 3.3203946433018, 8.460169652764886,
+        6.5249040006836765, -2.7294909058348207, 8.156021281230078, -3.8269065254728925, 3.6628765022859167,
+        3.7976096856968438, 0.47949876358171417, 4.35350969671419, -6.248470002082772, 9.84725832616028,
+        -6.701112112245098, 4.231111245232037, -7.3290356727660075, 3.4079631486556554, -1.3671528257755523,
+        2.3239197475186497, -6.8794207132640945, -1.3124473732933355, 4.350790796830607, -0.2737617637352121,
+        -1.4302843348266234, -8.808418911445546, 7.042460112139526, 2.9967921077931865])
+    t = np.array([3.901050892562999, -5.847395530069671, -2.111117772872955, -0.6205582763058869,
+        -0.7305564891819237, -0.862925921610469, 1.643984354256469, -0.02703507703877605, -1.49782177628182, nan,
+        1.6338379144721946, 6.96355091355731, 1.6160230161489766, 4.844077104872029, 4.2984620805936355,
+        -8.4138435970892, -3.1951445949526414, 0.0776250732738431, -9.10252113428912, 7.377977548553465,
+        0.8738265338326052, 4.370567123790377, -3.6422007507309635, 0.7712706688001019, 0.953261628618155,
+        -1.5597137225859008, -0.42250109159215643, 2.2685534352909773, 1.999850845330883, -1.8166214306229334,
+        2.1960231008026403, 8.566992610551011, -6.415099554772247])
+    case = Case(kind="mse", param=0.0, tau=1.0, t2=True, hard_w=2.5, soft_w=2.0, eps=0.0, ignore_index=-100,
+                reduction="mean", num_items=None, s=s, s_dtype="float64", t=t, t_dtype="float64", sparse=None,
+                labels=np.array(17, dtype=np.int64), grad="inplace")
+    check_capi(case)
 
 
 def test_c_abi_sparse_gradient_in_place():

@@ -140,8 +140,9 @@ def symbols(precision: str | None = None, jobs: int | None = None, in_place: boo
 
     ``in_place``: also compile each variant's in-place worker, which the entry points run when the
     gradient buffer is the student itself (``grad == student``): such a call then runs as fast as one into
-    a separate buffer. Without it an in-place call gives the same numbers (the same bits) but its vector
-    loops' run-time overlap check sends it to their scalar fallback, 3-8x slower. It doubles the compile
+    a separate buffer, with its bits. Without it an in-place call runs the vector loops' scalar fallback
+    (their run-time overlap check fails when the two pointers are equal): 3-8x slower, and an element
+    may round 1 ulp apart (the scalar loop contracts its multiply-adds differently). It doubles the compile
     on a cold cache; the addresses returned are the same either way (the table the entry points read is
     filled in place), so it may be asked for in a later call.
     """

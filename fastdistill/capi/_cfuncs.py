@@ -526,8 +526,9 @@ def _worker_address(typingctx, i):  # type: ignore[no-untyped-def]
 @njit(**JIT)
 def _worker_for(idx, in_place):  # type: ignore[no-untyped-def]
     """The worker to run variant ``idx`` (0: none; callers check ``idx``): its in-place worker when the
-    gradient is the student (``in_place``) and that worker was built, else its own (the same bits, but its
-    vector loops' run-time overlap check sends an in-place call to their scalar fallback)."""
+    gradient is the student (``in_place``) and that worker was built, else its own (whose vector loops'
+    run-time overlap check sends an in-place call to their scalar fallback: slower, and an element may
+    round 1 ulp apart)."""
     if in_place:
         w = _worker_address(idx + _N_VARIANTS)
         if w != 0:

@@ -124,8 +124,9 @@ typedef int32_t (*fd_softmax_h16_fn)(const uint16_t *x, int64_t rows, int64_t n,
  *   loss_out          1 double (FD_MEAN, FD_SUM) or rows doubles (FD_NONE)
  *   grad              NULL (loss only) or rows x n: the gradient of the reduced loss with respect to
  *                     the student logits; it may be the student array itself (in-place update:
- *                     the same bits, and the same speed once fastdistill.capi.symbols(in_place=True)
- *                     has built the in-place workers; without them it runs the slower scalar loop)
+ *                     the speed and the bits of a separate buffer once fastdistill.capi.symbols(
+ *                     in_place=True) has built the in-place workers; without them the slower scalar
+ *                     loop, which may round an element 1 ulp apart)
  *   nthreads          0 = default
  *
  * Checks, in this order: shape (FD_BAD_SHAPE, FD_EMPTY_INPUT), pointers (FD_NULL_POINTER,
