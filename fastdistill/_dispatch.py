@@ -324,7 +324,6 @@ def top_k(logits: Any, k: int, *, temperature: float = 1.0, top_p: float | None 
                          kind="logprobs", temperature=tau)
 
 
-
 def shard_run(call: ResponseCall, student: Any, teacher: Any, labels: Any, lab: np.ndarray | None,
               glob: np.ndarray | None, n_counted: int, classes: int, grad_out: Any, tail: Callable,
               backend: str) -> tuple[Any, float]:
