@@ -11,6 +11,7 @@ only when a GPU path is taken). Backends never import this module.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -245,31 +246,16 @@ def caller_grad(call: ResponseCall, grad: np.ndarray, student: Any, grad_out: An
     return _storage.like_caller(grad, student) if call.variant.dtype in HALF else grad
 
 
-_VARIANTS: dict = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _variant(terms: Terms, has_labels: bool, storages: tuple[str, str, str]) -> Variant:
     """``resolve(terms, has_labels, *storages)``, kept for the losses and argument kinds a process uses."""
-    key = (terms, has_labels, storages)
-    v = _VARIANTS.get(key)
-    if v is None:
-        if len(_VARIANTS) > 256:
-            _VARIANTS.clear()
-        v = _VARIANTS[key] = resolve(terms, has_labels, *storages)
-    return v
+    return resolve(terms, has_labels, *storages)
 
 
-_PACKED: dict = {}
-
-
+@functools.lru_cache(maxsize=256)
 def packed(terms: Terms) -> np.ndarray:
     """``terms.pack()``, kept for the losses a process uses (read only by the kernels)."""
-    p = _PACKED.get(terms)
-    if p is None:
-        if len(_PACKED) > 256:
-            _PACKED.clear()
-        p = _PACKED[terms] = terms.pack()
-    return p
+    return terms.pack()
 
 
 def reduce_rows(rows: np.ndarray, red: str, scale: float, s_shape: tuple[int, ...], storage: str) -> Any:
