@@ -1,71 +1,13 @@
-"""Scalar formulas both backends compile: plain Python, jitted by ``fastdistill.cpu._kernels`` with
+"""Scalar code both backends compile, besides the divergences' own (``fastdistill._formulas``): a sparse
+teacher's weights and bins, the cross-entropy term. Plain Python, jitted by ``fastdistill.cpu`` with
 ``numba.njit`` and by ``fastdistill.cuda._kernels`` as CUDA device functions (one source for both)."""
 from __future__ import annotations
 
 import math
 
-from ._spec import DIV_FORWARD_KL, DIV_MIXTURE, DIV_NAMES, DIV_NONE, DIV_REVERSE_KL, DIV_TVD, TAIL_BUCKET, TAIL_SUPPORT
+from ._spec import DIV_FORWARD_KL, DIV_NONE, TAIL_BUCKET, TAIL_SUPPORT
 
 NEG_INF = -math.inf
-
-
-def logaddexp(x, y):  # type: ignore[no-untyped-def]
-    """``log(exp(x) + exp(y))`` without overflow; ``-inf`` when both are."""
-    m = x if x > y else y
-    if m == NEG_INF:
-        return m
-    return m + math.log(math.exp(x - m) + math.exp(y - m))
-
-
-def mix_ratio(lp, lq, lm, cp, cq):  # type: ignore[no-untyped-def]
-    """``(cp * p + cq * q) / m`` from the logs of ``p``, ``q`` and the mixture ``m``: each ratio with a
-    non-zero weight is bounded (``m`` holds that distribution with a positive weight), so nothing
-    overflows or underflows, however small ``p`` and ``q`` (the product form overflowed for subnormal
-    ones)."""
-    r = 0.0
-    if cp != 0.0:
-        r += cp * math.exp(lp - lm)
-    if cq != 0.0:
-        r += cq * math.exp(lq - lm)
-    return r
-
-
-def sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq):  # type: ignore[no-untyped-def]
-    """One bin of a sparse teacher's divergence: (its term, ``h = q * dD/dq``) for teacher and student
-    probabilities ``p``, ``q`` (``lp``, ``lq`` their logarithms, 0 * log 0 = 0; ``lm`` the log of the
-    mixture ``lam * p + (1 - lam) * q``, read by ``DIV_MIXTURE`` only)."""
-    if div == DIV_NONE:
-        return 0.0, 0.0
-    if div == DIV_FORWARD_KL:
-        return (p * (lp - lq) if p > 0.0 else 0.0), -p
-    if div == DIV_REVERSE_KL:
-        if q > 0.0:
-            return q * (lq - lp), q * (lq - lp + 1.0)
-        return 0.0, 0.0
-    if div == DIV_MIXTURE:
-        # (a term of weight 0 is skipped, not 0 * inf: skew_kl at alpha = 1 mixes m = p, which is 0 off a
-        # renormalized support while q is not)
-        d = (cp * p * (lp - lm) if cp != 0.0 and p > 0.0 else 0.0) + (cq * q * (lq - lm) if cq != 0.0 and q > 0.0
-                                                                       else 0.0)
-        h = 0.0
-        if q > 0.0:
-            # (1 - lam) q / m, finite where lam < 1 (m >= (1 - lam) q); 0 where m does not hold q
-            w_ratio = (1.0 - lam) * math.exp(lq - lm) if lam != 1.0 else 0.0
-            if cp != 0.0:
-                h -= cp * p * w_ratio
-            if cq != 0.0:
-                h += cq * q * (lq - lm + 1.0 - w_ratio)
-        return d, h
-    if div == DIV_TVD:
-        return 0.5 * abs(p - q), q * (0.5 if q > p else (-0.5 if q < p else 0.0))
-    return math.nan, math.nan  # (unreachable: the divergences are checked below, at import)
-
-
-# sparse_bin has a branch for each of these divergence codes: a new code must add its own (and to this set)
-# before the package imports, rather than fall through to another divergence's bin
-if set(DIV_NAMES) != {DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD}:
-    raise ImportError(f"fastdistill._scalar.sparse_bin has no bin for divergence codes "
-                      f"{sorted(set(DIV_NAMES) - {DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD})}")
 
 
 def teacher_weights(ids, vals, invt):  # type: ignore[no-untyped-def]

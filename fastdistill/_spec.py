@@ -23,15 +23,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-# divergence kinds (compile-time constants of the kernels)
+from . import _formulas as _f
+
+# divergence kinds (compile-time constants of the kernels): 0 for none, else a code of the formulas'
+# table (fastdistill._formulas: one module per divergence, the only place its mathematics is written)
 DIV_NONE = 0
-DIV_FORWARD_KL = 1  # KL(p || q)
-DIV_REVERSE_KL = 2  # KL(q || p)
-DIV_MIXTURE = 3  # c_p * KL(p || m) + c_q * KL(q || m),  m = lam * p + (1 - lam) * q
-DIV_TVD = 4  # 0.5 * sum |p - q|
-DIVERGENCES = (DIV_NONE, DIV_FORWARD_KL, DIV_REVERSE_KL, DIV_MIXTURE, DIV_TVD)
-DIV_NAMES = {DIV_NONE: "none", DIV_FORWARD_KL: "kl", DIV_REVERSE_KL: "reverse_kl", DIV_MIXTURE: "mixture",
-             DIV_TVD: "tvd"}
+DIV_FORWARD_KL = _f.forward_kl.CODE  # KL(p || q)
+DIV_REVERSE_KL = _f.reverse_kl.CODE  # KL(q || p)
+DIV_MIXTURE = _f.mixture.CODE  # c_p * KL(p || m) + c_q * KL(q || m),  m = lam * p + (1 - lam) * q
+DIV_TVD = _f.tvd.CODE  # 0.5 * sum |p - q|
+DIVERGENCES = (DIV_NONE, *sorted(_f.FORMULAS))
+DIV_NAMES = {DIV_NONE: "none", **{code: m.NAME for code, m in _f.FORMULAS.items()}}
+# IS_TWO_PASS[div]: the divergence needs a pass over normalised probabilities (an array: compiled code
+# indexes it with a run-time code)
+IS_TWO_PASS = np.array([div != DIV_NONE and _f.FORMULAS[div].TWO_PASS for div in DIVERGENCES], dtype=np.bool_)
 
 # cross-entropy (hard-label) modes
 CE_NONE = 0  # no hard-label term
@@ -145,7 +150,7 @@ class Variant(NamedTuple):
     @property
     def two_pass(self) -> bool:
         """Whether the loss needs a pass over normalised probabilities (mixtures, TVD)."""
-        return self.div in (DIV_MIXTURE, DIV_TVD)
+        return bool(IS_TWO_PASS[self.div])
 
     @property
     def name(self) -> str:
@@ -160,11 +165,18 @@ class Variant(NamedTuple):
         return ", ".join(parts)
 
 
-# loss kinds: the names of DistilLoss (and of the C ABI's enum fd_loss_kind, whose values these are)
-LOSS_CODES = {
-    "kl_divergence": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5, "mse": 6,
-    "cosine": 7, "ce_only": 8, "combined": 9,
-}
+# loss kinds: (the name of DistilLoss, the name in the C ABI's enum fd_loss_kind, whether its parameter
+# is a weight in [0, 1]); a kind's code is its position (the enum's value: new kinds go last)
+LOSS_TABLE = (
+    ("kl_divergence", "FD_KL", False), ("reverse_kl", "FD_REVERSE_KL", False), ("jsd", "FD_JSD", True),
+    ("skew_kl", "FD_SKEW_KL", True), ("skew_reverse_kl", "FD_SKEW_REVERSE_KL", True), ("tvd", "FD_TVD", False),
+    ("mse", "FD_MSE", False), ("cosine", "FD_COSINE", False), ("ce_only", "FD_CE_ONLY", False),
+    ("combined", "FD_COMBINED", False),
+)
+LOSS_CODES = {name: code for code, (name, _, _) in enumerate(LOSS_TABLE)}
+LOSS_ENUM = {c_name: code for code, (_, c_name, _) in enumerate(LOSS_TABLE)}
+# UNIT_PARAMETER[code]: the kind's parameter (the C ABI's ``param``) must lie in [0, 1]
+UNIT_PARAMETER = np.array([unit for _, _, unit in LOSS_TABLE], dtype=np.bool_)
 (K_KL, K_REVERSE_KL, K_JSD, K_SKEW_KL, K_SKEW_REVERSE_KL, K_TVD, K_MSE, K_COSINE, K_CE_ONLY,
  K_COMBINED) = range(10)
 
@@ -226,6 +238,13 @@ def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, al
     else:
         div = -1
     return div, div_w, out_mse, cos_w, lam, c_p, c_q
+
+
+def infinite_off_support(div: int, lam: float, c_q: float) -> bool:
+    """Whether this divergence is infinite against a teacher with no mass outside a sparse support
+    (``tail="renormalize"``), the student having some: the reverse KL, and mixtures whose ``KL(q || m)``
+    has ``m = p`` (plain scalar code: the façade and the C ABI both run it)."""
+    return div == DIV_REVERSE_KL or (div == DIV_MIXTURE and c_q != 0.0 and lam >= 1.0)
 
 
 def variant_fields(div_kind: int, hard_w: float, has_labels: bool, tau: float, lin: bool, f32: bool) -> tuple:

@@ -18,10 +18,11 @@ import sys
 import sysconfig
 from typing import Sequence
 
-from .._spec import LOSS_CODES
+from .._spec import LOSS_CODES, LOSS_ENUM
 
-ABI_VERSION = 4  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points; 3: vocab shards;
-# 4: the vocab shards' check entries (FD_SHARD_WORK 31 -> 35, a few more doubles per exchange)
+ABI_VERSION = 5  # 2: the float16 and bfloat16 entry points, the sparse-teacher entry points; 3: vocab shards;
+# 4: the vocab shards' check entries (FD_SHARD_WORK 31 -> 35, a few more doubles per exchange); 5: a
+# two-pass divergence's row statistics are its two sums (FD_SHARD_WORK 35 -> 32)
 
 # status codes (fastdistill.h: enum fd_status)
 FD_OK = 0
@@ -46,19 +47,14 @@ FD_TAIL_BUCKET = 2
 FD_SHARD_MAX = 0  # combine request[0] doubles at the start of work with an element-wise max
 FD_SHARD_SUM = 1  # ... with an element-wise sum
 FD_SHARD_DONE = 2  # nothing: the loss and the shard's gradient are written
-FD_SHARD_WORK = 35  # doubles per row of the work buffer (12 exchanged + 19 row statistics + 4 check entries)
+FD_SHARD_WORK = 32  # doubles per row of the work buffer (12 exchanged + 16 row statistics + 4 check entries)
 
-# loss kinds (enum fd_loss_kind)
-FD_KL = 0
-FD_REVERSE_KL = 1
-FD_JSD = 2
-FD_SKEW_KL = 3
-FD_SKEW_REVERSE_KL = 4
-FD_TVD = 5
-FD_MSE = 6
-FD_COSINE = 7
-FD_CE_ONLY = 8
-FD_COMBINED = 9
+# loss kinds (enum fd_loss_kind): FD_KL, FD_REVERSE_KL, ..., the library's own table (_spec.LOSS_KINDS)
+globals().update(LOSS_ENUM)
+FD_MSE: int  # (the ones this package's code names)
+FD_COSINE: int
+FD_CE_ONLY: int
+FD_COMBINED: int
 
 # reductions (enum fd_reduction)
 FD_MEAN = 0

@@ -42,11 +42,11 @@ from .. import cpu as _cpu  # noqa: F401  (sets the thread-safe threading layer 
 from .. import _spec
 from .._spec import (
     BFLOAT16,
-    DIV_MIXTURE,
-    DIV_TVD,
     FLOAT16,
     FLOAT32,
     FLOAT64,
+    IS_TWO_PASS,
+    LOSS_TABLE,
     MAX_TEMPERATURE,
     N_PARAMS,
     P_COS_W,
@@ -59,6 +59,7 @@ from .._spec import (
     P_SMOOTH,
     P_TAU,
     SHARD_LABEL_IGNORED,
+    UNIT_PARAMETER,
 )
 from ..cpu import _kernels as K
 from . import (
@@ -73,8 +74,6 @@ from . import (
     FD_COSINE,
     FD_EMPTY_INPUT,
     FD_INTERNAL_ERROR,
-    FD_JSD,
-    FD_KL,
     FD_LABEL_OUT_OF_RANGE,
     FD_MEAN,
     FD_MISSING_LABELS,
@@ -83,17 +82,13 @@ from . import (
     FD_NULL_POINTER,
     FD_OK,
     FD_OVERLAP,
-    FD_REVERSE_KL,
     FD_SHARD_DONE,
     FD_SHARD_MAX,
     FD_SHARD_SUM,
     FD_SHARD_WORK,
-    FD_SKEW_KL,
-    FD_SKEW_REVERSE_KL,
     FD_SUM,
     FD_TAIL_BUCKET,
     FD_TAIL_RENORMALIZE,
-    FD_TVD,
 )
 from .. import _shard_check as SC
 from ..cpu import _sparse as S
@@ -161,6 +156,8 @@ CJIT = dict(cache=True, error_model="numpy")
 # ---------------------------------------------------------------- the loss and its variant (the façade's own code)
 
 _soft_terms = njit(**JIT)(_spec.soft_terms)
+_infinite_off_support = njit(**JIT)(_spec.infinite_off_support)
+N_LOSS_KINDS = len(LOSS_TABLE)
 _variant_fields = njit(**JIT)(_spec.variant_fields)
 
 
@@ -202,12 +199,12 @@ _F64_STORAGE = _spec.STORAGES.index(FLOAT64)
 @njit(**JIT)
 def kernel_variant(div, P, has_labels, storage):  # type: ignore[no-untyped-def]
     """The position in :data:`VARIANTS` of the variant the Python API runs for these terms on logits of
-    ``STORAGES[storage]`` (student, teacher and gradient), and whether it has a mixture/TVD pass."""
+    ``STORAGES[storage]`` (student, teacher and gradient), and whether it has a second pass (a two-pass divergence)."""
     div_kind = div if P[P_DIV_W] != 0.0 else 0
     lin = P[P_MSE_W] != 0.0 or P[P_COS_W] != 0.0
     d, ce, ln, pw, f64_math = _variant_fields(div_kind, P[P_HARD_W], has_labels, P[P_TAU], lin,
                                               storage != _F64_STORAGE)
-    return VARIANT_INDEX[d, ce, int(ln), pw, storage, int(f64_math)], d == DIV_MIXTURE or d == DIV_TVD
+    return VARIANT_INDEX[d, ce, int(ln), pw, storage, int(f64_math)], IS_TWO_PASS[d]
 
 
 
@@ -274,7 +271,7 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
             lab = lp[r]
             if (lab < 0 or lab >= n) and lab != ignore_index:
                 return FD_LABEL_OUT_OF_RANGE
-    if kind < 0 or kind > FD_COMBINED:
+    if kind < 0 or kind >= N_LOSS_KINDS:
         return FD_BAD_KIND
     if reduction != FD_MEAN and reduction != FD_SUM and reduction != FD_NONE:
         return FD_BAD_REDUCTION
@@ -283,9 +280,8 @@ def _check_response(sp, tp, lp, rows, n, kind, tau, hard_w, soft_w, param, smoot
         return FD_BAD_PARAM
     if not (math.isfinite(hard_w) and math.isfinite(soft_w)):
         return FD_BAD_PARAM
-    if kind == FD_JSD or kind == FD_SKEW_KL or kind == FD_SKEW_REVERSE_KL:
-        if not (param >= 0.0 and param <= 1.0):
-            return FD_BAD_PARAM
+    if UNIT_PARAMETER[kind] and not (param >= 0.0 and param <= 1.0):
+        return FD_BAD_PARAM
     if kind == FD_COMBINED and not math.isfinite(param):
         return FD_BAD_PARAM
     if not (smoothing >= 0.0 and smoothing < 1.0):
@@ -327,10 +323,10 @@ def _check_sparse(sp, ip, vp, k, lp, rows, n, kind, tau, hard_w, soft_w, param, 
         return FD_BAD_PARAM
     if tail == FD_TAIL_BUCKET and kind != FD_CE_ONLY and tau != t_gen:
         return FD_BAD_PARAM
-    renorm = tail == FD_TAIL_RENORMALIZE and kind != FD_CE_ONLY
-    if renorm and (kind == FD_REVERSE_KL or (kind == FD_JSD and param == 1.0)
-                   or (kind == FD_SKEW_REVERSE_KL and param == 0.0)):
-        return FD_BAD_PARAM
+    if tail == FD_TAIL_RENORMALIZE and kind != FD_CE_ONLY:
+        div, _, _, _, lam, _, c_q = _soft_terms(kind, tau, 1.0, 1.0, param, param, True)
+        if _infinite_off_support(div, lam, c_q):
+            return FD_BAD_PARAM
     for r in range(rows):
         base = r * k
         for b in range(k):
@@ -392,8 +388,8 @@ def _check_shard(step, sp, tp, lp, rows, n, offset, classes, kind, tau, hard_w, 
 
 # a label the shard kernels never confuse with a column (as fastdistill.sharded's)
 _SHARD_IGNORED = np.int64(SHARD_LABEL_IGNORED)
-_N_SUM1 = K.S_KP - K.N_MAX  # the first round of sums
-_N_SUM2 = K.N_STATS - K.S_KP  # the mixtures' and TVD's second pass
+_N_SUM1 = K.S_DSUM - K.N_MAX  # the first round of sums
+_N_SUM2 = K.N_STATS - K.S_DSUM  # a two-pass divergence's second pass
 # each round's check entries after its rows' numbers (fastdistill._shard_check); the exchanged values
 # take rows * _N_SUM1 + _N_CHECK1 doubles at most, FD_SHARD_WORK's 4 doubles per row beyond the
 # exchanged and statistics ones cover the check entries for any rows >= 1
@@ -451,25 +447,25 @@ def _shard_run(worker, two_pass, step, layout, lp, rows, n, offset, classes, has
         if not SC.combined_ok(SC.ROUND_MAX, check0, classes):
             return FD_BAD_SHAPE
         K.rescale_shard_sums(stats, local_max, P[P_TAU])
-        sums[:, :] = stats[:, K.N_MAX:K.S_KP]
+        sums[:, :] = stats[:, K.N_MAX:K.S_DSUM]
         SC.check_entries(SC.ROUND_SUM, offset, n, classes, check1)
         qp[0], qp[1] = rows * _N_SUM1 + _N_CHECK1, FD_SHARD_SUM
         return FD_OK
     if step == 2:
         if not SC.combined_ok(SC.ROUND_SUM, check1, classes):
             return FD_BAD_SHAPE
-        stats[:, K.N_MAX:K.S_KP] = sums
+        stats[:, K.N_MAX:K.S_DSUM] = sums
         if two_pass:  # the second pass's sums
             K.drive_shard(worker, K.SHARD_DIV2, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad,
                           out, stats, local_max, classes)
-            mix[:, :] = stats[:, K.S_KP:]
+            mix[:, :] = stats[:, K.S_DSUM:]
             SC.check_entries(SC.ROUND_MIX, offset, n, classes, check2)
             qp[0], qp[1] = rows * _N_SUM2 + _N_CHECK2, FD_SHARD_SUM
             return FD_OK
     if step == 3:
         if not SC.combined_ok(SC.ROUND_MIX, check2, classes):
             return FD_BAD_SHAPE
-        stats[:, K.S_KP:] = mix
+        stats[:, K.S_DSUM:] = mix
     # the row losses (the same on every shard) and this shard's gradient
     K.drive_shard(worker, K.SHARD_FINISH, layout, labels, has_labels, _SHARD_IGNORED, P, scale, want_grad, out,
                   stats, local_max, classes)

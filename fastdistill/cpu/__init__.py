@@ -189,7 +189,7 @@ def shard_step(variant: Variant, step: int, s: np.ndarray, t: np.ndarray, labels
 # a shard's steps as ``drive_shard`` numbers them
 _SHARD_STEPS = {"stats": K.SHARD_STATS, "div2": K.SHARD_DIV2, "finish": K.SHARD_FINISH}
 # the rounds of sums: (round, the statistics [k0, k1) a row exchanges in it); the maxima are [0, N_MAX)
-_SHARD_SUMS = {"sum": (ROUND_SUM, K.N_MAX, K.S_KP), "mix": (ROUND_MIX, K.S_KP, K.N_STATS)}
+_SHARD_SUMS = {"sum": (ROUND_SUM, K.N_MAX, K.S_DSUM), "mix": (ROUND_MIX, K.S_DSUM, K.N_STATS)}
 
 
 class ShardRun:

@@ -8,7 +8,8 @@ over its logits, each one a branch-free, vectorizable loop:
 1. maxima of ``t`` and ``s`` (and a NaN flag);
 2. sums of exponentials and the cross terms of the forward/reverse KL (float64 totals); cross-entropy
    normaliser, label-smoothing sum, MSE/cosine dot products when present;
-3. (mixture divergences and TVD only) the loss terms that need normalised probabilities;
+3. (two-pass divergences only: mixtures, TVD) the terms of ``fastdistill._formulas`` that need
+   normalised probabilities;
 4. (gradient only) one fused write of the gradient of every term.
 
 Rows are spread over threads with ``prange``; when there are fewer rows than threads, each pass of a
@@ -37,16 +38,16 @@ from numba import carray, cfunc, njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from .._scalar import logaddexp, mix_ratio
+from .._formulas import FORMULAS
+from .._formulas import compiled as _compiled_formulas
 from .._spec import (
     CE_NONE,
     CE_OWN,
     CE_SHARED,
     DIV_FORWARD_KL,
-    DIV_MIXTURE,
     DIV_NONE,
     DIV_REVERSE_KL,
-    DIV_TVD,
+    IS_TWO_PASS,
     N_PARAMS,
     P_COS_W,
     P_CP,
@@ -101,11 +102,11 @@ def _literal_values(*tys):  # type: ignore[no-untyped-def]
 
 
 # statistics of one row (float64 vector), filled by the passes
-S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_LAB, S_KP, S_KQ, S_R, S_T, S_G = (
-    range(19))
-N_STATS = 19
+S_MT, S_MS, S_NAN, S_SA, S_SB, S_SX, S_SY, S_S1, S_SSUM, S_D2, S_ST, S_SS, S_TT, S_LAB, S_DSUM, S_HSUM = range(16)
+N_STATS = 16
 # (S_LAB: the student's logit at the row's label, summed over the chunks or shards of a split row; only
-# the one holding the label adds it)
+# the one holding the label adds it. S_DSUM, S_HSUM: a two-pass divergence's sums of its terms and of
+# h = q dD/dq, see fastdistill._formulas)
 # statistics that are maxima (merged with max) and those that are sums (merged with +)
 N_MAX = 2
 
@@ -431,66 +432,55 @@ def _pass_linear(s, t, st):  # type: ignore[no-untyped-def]
     st[S_TT] += dtt
 
 
-# ---------------------------------------------------------------- pass 3: mixture / TVD terms
+# ---------------------------------------------------------------- pass 3: two-pass divergences' terms
 
 
-_logaddexp = njit(**JIT_INNER)(logaddexp)
-_mix_ratio = njit(**JIT_INNER)(mix_ratio)
+# each divergence's constants and bins (fastdistill._formulas), compiled for the CPU
+_BIN = _compiled_formulas(njit(**JIT_STRICT), "bin")
+_CONSTANTS = _compiled_formulas(njit(**JIT_STRICT), "constants")
+# the one-pass divergences' row values (their per-element sums are this module's vectorised loops)
+_FORWARD_ROW = njit(**JIT_STRICT)(FORMULAS[DIV_FORWARD_KL].row_value)
+_REVERSE_ROW = njit(**JIT_STRICT)(FORMULAS[DIV_REVERSE_KL].row_value)
 
 
 @njit(**JIT_INNER)
-def _mix_logs(sj, tj, mt, ms, invt, lsa, lsb, loglam, log1mlam):  # type: ignore[no-untyped-def]
-    """(log p, log q, log m) of one class, ``m = lam * p + (1 - lam) * q``."""
+def _log_probs(sj, tj, mt, ms, invt, lsa, lsb):  # type: ignore[no-untyped-def]
+    """(log p, log q) of one class from the row's maxima and log-normalisers (float64)."""
     inline_into_callers()
-    lp = (tj - mt) * invt - lsa
-    lq = (sj - ms) * invt - lsb
-    lm = _logaddexp(loglam + lp, log1mlam + lq)
-    return lp, lq, lm
+    return (tj - mt) * invt - lsa, (sj - ms) * invt - lsb
 
 
-@njit(**JIT_INNER)
-def _log_weights(lam):  # type: ignore[no-untyped-def]
-    """(log lam, log(1 - lam)), -inf for a zero weight."""
-    inline_into_callers()
-    return (math.log(lam) if lam > 0.0 else -np.inf), (math.log(1.0 - lam) if lam < 1.0 else -np.inf)
+def _pass_div2(s, t, st, P, DIV):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
+    """The sums of a two-pass divergence's terms and ``h`` (:mod:`fastdistill._formulas`) over a row or
+    chunk, in float64 (the loop does not vectorize: a call per class costs nothing more)."""
 
 
-@njit(**JIT_INNER)
-def _pass_div2(s, t, st, P, div):  # type: ignore[no-untyped-def]
-    """Loss terms of divergences that need normalised probabilities (float64 math; ``div`` is a run-time
-    argument: the loops do not vectorize, and a test outside them costs nothing)."""
-    mt = st[S_MT]
-    ms = st[S_MS]
-    invt = 1.0 / P[P_TAU]
-    lsa = math.log(st[S_SA])
-    lsb = math.log(st[S_SB])
-    if div == DIV_MIXTURE:
-        cp = P[P_CP]
-        cq = P[P_CQ]
-        loglam, log1mlam = _log_weights(P[P_LAM])
-        kp = 0.0
-        kq = 0.0
-        r = 0.0
+@overload(_pass_div2, prefer_literal=True, jit_options=JIT_INNER)
+def _pass_div2_specialised(s, t, st, P, DIV):  # type: ignore[no-untyped-def]
+    values = _literal_values(DIV)
+    if values is None:
+        return None
+    (div,) = values
+    bin_, constants = _BIN[div], _CONSTANTS[div]
+
+    def impl(s, t, st, P, DIV):  # type: ignore[no-untyped-def]
+        mt = st[S_MT]
+        ms = st[S_MS]
+        invt = 1.0 / P[P_TAU]
+        lsa = math.log(st[S_SA])
+        lsb = math.log(st[S_SB])
+        k = constants(P[P_LAM], P[P_CP], P[P_CQ])
+        dsum = 0.0
+        hsum = 0.0
         for j in range(s.shape[0]):
-            lp, lq, lm = _mix_logs(as_type_of(0.0, s[j]), as_type_of(0.0, t[j]), mt, ms, invt, lsa, lsb, loglam, log1mlam)
-            p = math.exp(lp)
-            q = math.exp(lq)
-            kp += masked(p, lp - lm)
-            kq += masked(q, lq - lm)
-            r += masked(q, _mix_ratio(lp, lq, lm, cp, cq))
-        st[S_KP] += kp
-        st[S_KQ] += kq
-        st[S_R] += r
-    elif div == DIV_TVD:
-        tv = 0.0
-        g = 0.0
-        for j in range(s.shape[0]):
-            p = math.exp((as_type_of(0.0, t[j]) - mt) * invt - lsa)
-            q = math.exp((as_type_of(0.0, s[j]) - ms) * invt - lsb)
-            tv += abs(p - q)
-            g += q * 0.5 * np.sign(q - p)
-        st[S_T] += tv
-        st[S_G] += g
+            lp, lq = _log_probs(as_type_of(0.0, s[j]), as_type_of(0.0, t[j]), mt, ms, invt, lsa, lsb)
+            d, h = bin_(lp, lq, math.exp(lp), math.exp(lq), k)
+            dsum += d
+            hsum += h
+        st[S_DSUM] += dsum
+        st[S_HSUM] += hsum
+
+    return impl
 
 
 # ---------------------------------------------------------------- row loss from the statistics
@@ -557,14 +547,13 @@ def _row_loss(st, P, div, ce, lin, hard, s_label, n):  # type: ignore[no-untyped
     invt = 1.0 / P[P_TAU]
     loss = 0.0
     dw = P[P_DIV_W]
+    # (the sums relative to the maxima: no shift)
     if div == DIV_FORWARD_KL:
-        loss += dw * _non_negative(invt * st[S_SX] / st[S_SA] - math.log(st[S_SA] / st[S_SB]))
+        loss += dw * _non_negative(_FORWARD_ROW(invt, st[S_SA], st[S_SB], st[S_SX], 0.0))
     elif div == DIV_REVERSE_KL:
-        loss += dw * _non_negative(invt * st[S_SY] / st[S_SB] - math.log(st[S_SB] / st[S_SA]))
-    elif div == DIV_MIXTURE:
-        loss += dw * (P[P_CP] * _non_negative(st[S_KP]) + P[P_CQ] * _non_negative(st[S_KQ]))
-    elif div == DIV_TVD:
-        loss += dw * 0.5 * st[S_T]
+        loss += dw * _non_negative(_REVERSE_ROW(invt, st[S_SA], st[S_SB], st[S_SY], 0.0))
+    elif IS_TWO_PASS[div]:
+        loss += dw * _non_negative(st[S_DSUM])
     if ce != CE_NONE and hard:
         # (max - s_label) + log sum: the maximum cancels first (max + log sum rounds log sum away for
         # logits of 1e15 and beyond)
@@ -626,6 +615,9 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
     if values is None:
         return None
     div, ce, lin, pw = values
+    two_pass = bool(IS_TWO_PASS[div])
+    bin_ = _BIN[div] if two_pass else None
+    constants = _CONSTANTS[div] if two_pass else None
 
     def impl(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE, LIN, PW):  # type: ignore[no-untyped-def]
         inline_into_callers()
@@ -649,15 +641,8 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
         if div == DIV_REVERSE_KL:
             d = invt64 * st[S_SY] / st[S_SB] - (lsb - lsa)
             roff = as_type_of(ct, lsa - lsb - d)
-        lam = P[P_LAM]
-        cp = P[P_CP]
-        cq = P[P_CQ]
-        loglam, log1mlam = _log_weights(lam)
-        big_g = 0.0
-        if div == DIV_MIXTURE:
-            big_g = cq * st[S_KQ] - (1.0 - lam) * st[S_R]
-        elif div == DIV_TVD:
-            big_g = st[S_G]
+        k = constants(P[P_LAM], P[P_CP], P[P_CQ]) if two_pass else (0.0, 0.0, 0.0, 0.0)
+        big_h = st[S_HSUM]  # (two-pass: the sum of h over the row)
         # cross-entropy: softmax(s) - eps / n (the one-hot part is the caller's)
         counted_ce = ce != CE_NONE and hard
         ch = as_type_of(ct, scale * P[P_HARD_W] if counted_ce else 0.0)
@@ -701,15 +686,12 @@ def _pass_grad_specialised(s, t, g, st, P, ct, hard, scale, n, lab_col, DIV, CE,
                     acc += cd * (q - fexp((tj - mt) * invt) * isa)
                 elif div == DIV_REVERSE_KL:
                     acc += cd * masked(q, (sj - ms) * invt - (tj - mt) * invt + roff)
-                elif div == DIV_MIXTURE:
-                    lp, lq, lm = _mix_logs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb, loglam, log1mlam)
+                elif two_pass:
+                    # d D / d s_j = (h_j - q_j sum h) / tau (fastdistill._formulas); 0 where q_j is
+                    lp, lq = _log_probs(np.float64(sj), np.float64(tj), mt64, ms64, invt64, lsa, lsb)
                     q64 = math.exp(lq)
-                    gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
-                    acc += as_type_of(ct, cd64 * masked(q64, gk - big_g))
-                elif div == DIV_TVD:
-                    p64 = math.exp((np.float64(tj) - mt64) * invt64 - lsa)
-                    q64 = math.exp((np.float64(sj) - ms64) * invt64 - lsb)
-                    acc += as_type_of(ct, cd64 * q64 * (0.5 * np.sign(q64 - p64) - big_g))
+                    _, h = bin_(lp, lq, math.exp(lp), q64, k)
+                    acc += as_type_of(ct, cd64 * (h - q64 * big_h) if q64 > 0.0 else 0.0)
                 if ce == CE_SHARED:
                     acc += ch * q - ceps
                 elif ce == CE_OWN:
@@ -757,12 +739,12 @@ PHASE_ROW = 0  # rows [r, c): statistics, loss into out_loss, gradient
 ROW_TASKS_PER_THREAD = 4
 PHASE_MAX = 1  # chunk c of row r: partial maxima into part[c]
 PHASE_STATS = 2  # chunk c: partial sums into part[c] (the merged maxima in st)
-PHASE_DIV2 = 3  # chunk c: partial mixture / TVD terms into part[c] (the merged sums in st)
+PHASE_DIV2 = 3  # chunk c: partial two-pass divergence terms into part[c] (the merged sums in st)
 PHASE_LOSS = 4  # row r: its loss from the merged statistics in st
 PHASE_GRAD = 5  # chunk c: its part of the gradient (the one-hot part where the label lies)
 # the statistics a chunk phase fills: [first, last); the earlier ones come merged in st
-PHASE_FIRST = (0, 0, S_SA, S_KP)
-PHASE_LAST = (0, S_SA, S_KP, N_STATS)
+PHASE_FIRST = (0, 0, S_SA, S_DSUM)
+PHASE_LAST = (0, S_SA, S_DSUM, N_STATS)
 
 
 
@@ -852,6 +834,7 @@ def _make_worker(div, ce, lin, pw, ST, TT, GT, ct, inplace=False):  # type: igno
     """
     DIV, CE, LIN, PW = div, ce, lin, pw  # (the passes' literal arguments)
     INPLACE = inplace  # (a constant: Numba prunes the other call of the gradient pass)
+    TWO_PASS = bool(IS_TWO_PASS[div])
 
     @cfunc(WORKER_SIG, **JIT_C)
     def work(phase, sp, tp, gp, lp, pp, stp, partp, outp, rows, n, lds, ldt, ldg, classes, r, c, has_lab,  # type: ignore[no-untyped-def]  # noqa: E501
@@ -915,8 +898,8 @@ def _make_worker(div, ce, lin, pw, ST, TT, GT, ct, inplace=False):  # type: igno
                 if not whole and lo <= lab < hi:
                     stats[S_LAB] += as_type_of(0.0, s[ri, lab])
             if whole or phase == PHASE_DIV2:
-                if div == DIV_MIXTURE or div == DIV_TVD:
-                    _pass_div2(sr, tr, stats, P, kdiv)
+                if TWO_PASS:
+                    _pass_div2(sr, tr, stats, P, DIV)
             if whole or phase == PHASE_LOSS:
                 _finish_stats(stats, kdiv, kce)
                 hard = lab >= 0 or lab == LABEL_ELSEWHERE
@@ -1029,8 +1012,8 @@ def drive(worker, layout, labels, has_labels, ignore_index, P, scale, want_grad,
 
 # steps of a vocabulary shard (``drive_shard``). SHARD_STATS: the shard's maxima and, relative to them,
 # its sums (one pass over memory); the caller combines the maxima over the shards with max,
-# ``rescale_shard_sums`` moves the sums to the combined maxima, the caller combines [N_MAX, S_KP) with +.
-# SHARD_DIV2 (mixtures and TVD): the second pass's sums, combined with +. SHARD_FINISH: loss, gradient.
+# ``rescale_shard_sums`` moves the sums to the combined maxima, the caller combines [N_MAX, S_DSUM) with +.
+# SHARD_DIV2 (two-pass divergences): the second pass's sums, combined with +. SHARD_FINISH: loss, gradient.
 SHARD_STATS = PHASE_MAX
 SHARD_DIV2 = PHASE_DIV2
 SHARD_FINISH = PHASE_LOSS

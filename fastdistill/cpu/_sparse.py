@@ -33,18 +33,14 @@ from .._scalar import (
     SUPPORT_GAP,
     bin_logprob,
     ce_term,
-    logaddexp,
     reads_rest_bin,
     sorted_used_ids,
-    sparse_bin,
     teacher_weights,
 )
 from .._spec import (
     CE_NONE,
     CE_SHARED,
-    DIV_MIXTURE,
     DIV_NONE,
-    DIV_TVD,
     P_CP,
     P_CQ,
     P_DIV_W,
@@ -56,7 +52,8 @@ from .._spec import (
     TAIL_SUPPORT,
     TAU_FLOAT64_MATH,
 )
-from ._kernels import JIT, JIT_INNER, LINE, _expsum, _max_nan, arithmetic_zero, as_type_of, grad_target, stored
+from .._formulas import run_time_dispatch
+from ._kernels import JIT, JIT_INNER, JIT_STRICT, LINE, _expsum, _max_nan, arithmetic_zero, as_type_of, grad_target, stored
 from ._math import (
     borrowed,
     fexp2,
@@ -71,7 +68,6 @@ from ._math import (
     wide_vectors,
 )
 
-_logaddexp = njit(**JIT_INNER)(logaddexp)
 
 
 def _is_float64(a):  # type: ignore[no-untyped-def]  # pragma: no cover - jitted code only
@@ -85,7 +81,6 @@ def _is_float64_impl(a):  # type: ignore[no-untyped-def]
     return lambda a: f64
 
 
-_sparse_bin = njit(**JIT_INNER)(sparse_bin)
 _teacher_weights = njit(**JIT_INNER)(teacher_weights)
 # scalar formulas whose order of operations matters: compiled without fastmath (its reassociation would
 # turn (ms - s) + log Z back into (ms + log Z) - s)
@@ -96,12 +91,10 @@ _sorted_used_ids = njit(**JIT_INNER)(sorted_used_ids)
 _reads_rest_bin = njit(**JIT_INNER)(reads_rest_bin)
 
 
-@njit(**JIT_INNER)
-def _bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
-    """``_scalar.sparse_bin`` (its mixture's log computed here when the divergence needs it)."""
-    inline_into_callers()
-    lm = _logaddexp(loglam + lp, log1mlam + lq) if div == DIV_MIXTURE else 0.0
-    return _sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
+# a divergence's bin and row constants (fastdistill._formulas) by its run-time code: this kernel serves
+# every divergence
+_bin = run_time_dispatch(njit(**JIT_STRICT), "bin", 5, (0.0, 0.0))
+_constants = run_time_dispatch(njit(**JIT_STRICT), "constants", 3, (0.0, 0.0, 0.0, 0.0))
 
 
 # columns of a row read at a time by the statistics pass: a span's maximum and then its exponential
@@ -379,8 +372,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
     lam = P[P_LAM]
     cp = P[P_CP]
     cq = P[P_CQ]
-    loglam = math.log(lam) if lam > 0.0 else -np.inf
-    log1mlam = math.log(1.0 - lam) if lam < 1.0 else -np.inf
+    kd = _constants(div, lam, cp, cq)
     f64_math = _is_float64(s) or tau > TAU_FLOAT64_MATH
     # the power trick (as the dense kernels' pw variants): the cross-entropy's exp(s - max) is the
     # divergence's exp((s - max) / tau) to the power tau, for tau 2 and 4 in float32 arithmetic
@@ -432,7 +424,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
             if ids[b] >= 0:
                 lq = (as_type_of(0.0, s_row[ids[b]]) - ref_n) * invt - lzn
                 lp = _bin_logprob(vr[b], vinvt, vmax, lacc, tail)
-                db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp, cq)
+                db, hb = _bin(div, lp, lq, math.exp(lp), math.exp(lq), kd)
                 d += db
                 h_sum += hb
         # the bin outside the support: the student's mass there summed directly, relative to its own
@@ -455,11 +447,11 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
                         p_s += math.exp(vr[b])
             p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
             lp_out = math.log(p_out) if p_out > 0.0 else -np.inf
-            d_out, h_out = _bin(div, lp_out, lq_out, p_out, math.exp(lq_out), loglam, log1mlam, lam, cp, cq)
+            d_out, h_out = _bin(div, lp_out, lq_out, p_out, math.exp(lq_out), kd)
             d += d_out
             h_sum += h_out
-        if div != DIV_TVD and d < 0.0:
-            d = 0.0  # a divergence rounded below 0
+        if d < 0.0:
+            d = 0.0  # a divergence rounded below 0 (its terms are not negative)
         if undefined:
             d = np.nan
         loss = dw * d
@@ -501,7 +493,7 @@ def sparse_response(s, idx, vals, labels, has_labels, ignore_index, P, div, ce, 
         lab_c = lab if counted_ce else np.int64(-1)
         sup = np.empty(k + 1, np.float64)
         _support_values(sup, s_row, ids, vr, ms, invt, ref_n, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,
-                        lab_c, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt)
+                        lab_c, tail, div, kd, ref, a, b, vinvt)
         _write_dense_row(g_row, s_row, ref, invt, a, b, c, b != 0.0, pw, buf, reuse and ref == ms, e_row, refs,
                          inplace)
         _scatter_support(g_row, ids, sup, lab_c)
@@ -605,7 +597,7 @@ def _rest_sums(s_row, srt, m, ms, invt, kept, e_row, refs):  # type: ignore[no-u
 
 @njit(**JIT_INNER)
 def _support_values(out, s_row, ids, vr, ms, invt, ref_n, lzn, vmax, lacc, a_ce, b_ce, c, cd, h_sum, one_hot,  # type: ignore[no-untyped-def]  # noqa: E501
-                    lab, tail, div, loglam, log1mlam, lam, cp, cq, ref, a, b, vinvt):
+                    lab, tail, div, kd, ref, a, b, vinvt):
     """The gradient at the support's columns (``out[b]`` for slot ``b``) and at the label's when it is
     not one of them (``out[k]``; NaN when there is none), each from all of its terms (the
     cross-entropy's, its bin's ``cd * (h_b - q_b * sum h)``, the one-hot; the label's outside the
@@ -624,7 +616,7 @@ def _support_values(out, s_row, ids, vr, ms, invt, ref_n, lzn, vmax, lacc, a_ce,
         lq = (sj - ref_n) * invt - lzn  # (dj - lzn where ref_n is ms)
         lp = _bin_logprob(vr[slot], vinvt, vmax, lacc, tail)
         qb = math.exp(lq)
-        _, hb = _bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
+        _, hb = _bin(div, lp, lq, math.exp(lp), qb, kd)
         val = a_ce * math.exp(dj) + b_ce * math.exp(sj - ms) + c + cd * (hb - qb * h_sum)
         if j == lab:
             val -= one_hot

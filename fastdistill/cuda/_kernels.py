@@ -42,16 +42,16 @@ except ImportError:  # older numba-cuda
     from numba.core import config as _config
 
 from .. import _cache
+from .._formulas import FORMULAS
+from .._formulas import compiled as _compiled_formulas
+from .._formulas import run_time_dispatch
 from .._scalar import (
     REST_FLOOR,
     SUPPORT_GAP,
     bin_logprob,
     ce_term,
-    logaddexp,
-    mix_ratio,
     reads_rest_bin,
     sorted_used_ids,
-    sparse_bin,
     teacher_weights,
 )
 from .._spec import (
@@ -59,10 +59,9 @@ from .._spec import (
     CE_OWN,
     CE_SHARED,
     DIV_FORWARD_KL,
-    DIV_MIXTURE,
     DIV_NONE,
     DIV_REVERSE_KL,
-    DIV_TVD,
+    IS_TWO_PASS,
     P_COS_W,
     P_CP,
     P_CQ,
@@ -104,7 +103,7 @@ _JIT_RESPONSE64 = {} if SIM else {"cache": True, "max_registers": 128}
 def response_options(div: int, f32: bool) -> dict:
     """The ``cuda.jit`` options of one response kernel variant (its register cap; ``f32``: float32
     arithmetic)."""
-    two_pass = div == DIV_MIXTURE or div == DIV_TVD
+    two_pass = bool(IS_TWO_PASS[div])
     return _JIT_RESPONSE32 if f32 and not two_pass else _JIT_RESPONSE64
 
 
@@ -234,23 +233,24 @@ def _rescale_cross(x, c):  # type: ignore[no-untyped-def]
     return x * max(c, 1e-300)
 
 
-_logaddexp = cuda.jit(device=True, inline=True)(logaddexp)
-_mix_ratio = cuda.jit(device=True, inline=True)(mix_ratio)
+# each divergence's bins and row constants (fastdistill._formulas), compiled as device functions
+_BIN = _compiled_formulas(cuda.jit(device=True, inline=True), "bin")
+_CONSTANTS = _compiled_formulas(cuda.jit(device=True, inline=True), "constants")
+# the one-pass divergences' row values (their per-element sums are this module's)
+_FORWARD_ROW = cuda.jit(device=True, inline=True)(FORMULAS[DIV_FORWARD_KL].row_value)
+_REVERSE_ROW = cuda.jit(device=True, inline=True)(FORMULAS[DIV_REVERSE_KL].row_value)
+
+
+@cuda.jit(device=True, inline=True)
+def _no_constants(lam, cp, cq):  # type: ignore[no-untyped-def]
+    """The constants of a variant without a two-pass divergence (none read)."""
+    return 0.0, 0.0, 0.0, 0.0
 
 
 @cuda.jit(device=True, inline=True)
 def _non_negative(d):  # type: ignore[no-untyped-def]
     """A divergence rounded below 0 is 0 (NaN stays NaN)."""
     return 0.0 if d < 0.0 else d
-
-
-@cuda.jit(device=True, inline=True)
-def _sign(x):  # type: ignore[no-untyped-def]
-    if x > 0.0:
-        return 1.0
-    if x < 0.0:
-        return -1.0
-    return 0.0 * x
 
 
 @cuda.jit(device=True, inline=True)
@@ -491,46 +491,38 @@ def _make_row_sums(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
     return sums
 
 
-def _make_mixture_terms(DIV):  # type: ignore[no-untyped-def]
-    """``mixture(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq)``: pass 2 of
-    this thread's share of a row, for the divergences that need normalised probabilities (float64):
-    ``(KL(p||m) part, KL(q||m) part, sum q (cp p + cq q) / m)`` for mixtures, ``(sum |p - q|, sum q sign(q -
-    p) / 2, 0)`` for TVD."""
+def _make_div2_terms(DIV):  # type: ignore[no-untyped-def]
+    """``div2(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, kd)``: pass 2 of this thread's share of a row,
+    for the two-pass divergences (float64): the sums of the terms and of ``h`` of their bins
+    (:mod:`fastdistill._formulas`; ``kd`` the divergence's constants)."""
+    bin_ = _BIN[DIV]
 
     @cuda.jit(device=True, inline=True)
-    def mixture(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq):  # type: ignore[no-untyped-def]  # noqa: E501
-        kp = 0.0
-        kq = 0.0
-        rr = 0.0
+    def div2(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, kd):  # type: ignore[no-untyped-def]
+        dsum = 0.0
+        hsum = 0.0
         for j in range(lane, n, G):
             lp = (float64(load(t[r, j])) - MT) * invt64 - lsa
             lq = (float64(load(s[r, j])) - MS) * invt64 - lsb
-            p = math.exp(lp)
-            q = math.exp(lq)
-            if DIV == DIV_MIXTURE:
-                lm = _logaddexp(loglam + lp, log1mlam + lq)
-                if p > 0.0:
-                    kp += p * (lp - lm)
-                if q > 0.0:
-                    kq += q * (lq - lm)
-                    rr += q * _mix_ratio(lp, lq, lm, cp, cq)
-            else:
-                kp += abs(p - q)
-                kq += q * 0.5 * _sign(q - p)
-        return kp, kq, rr
+            d, h = bin_(lp, lq, math.exp(lp), math.exp(lq), kd)
+            dsum += d
+            hsum += h
+        return dsum, hsum
 
-    return mixture
+    return div2
 
 
 def _make_grad_element(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
     """``grad(sj, tj, j, lab, k, k64)``: one element of the gradient of the reduced loss, from the row's
     constants (built by :func:`_grad_constants`): ``k`` in the arithmetic precision, ``k64`` float64."""
     HAS_DIV = DIV != DIV_NONE
+    TWO_PASS = bool(IS_TWO_PASS[DIV])
+    bin_ = _BIN[DIV] if TWO_PASS else None
 
     @cuda.jit(device=True, inline=True)
     def grad(sj, tj, j, lab, k, k64):  # type: ignore[no-untyped-def]
         cd, mtf, msf, isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, invt = k
-        MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64, invt64 = k64
+        MT, MS, lsa, lsb, k0, k1, k2, k3, big_h, cd64, invt64 = k64
         zero = ft(0.0)
         acc = zero
         q = zero
@@ -543,20 +535,13 @@ def _make_grad_element(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
                 acc += cd * (q * ((sj - msf) * invt - (tj - mtf) * invt + roff))
             else:
                 acc += cd * (q * zero)
-        elif DIV == DIV_MIXTURE:
+        elif TWO_PASS:
+            # d D / d s_j = (h_j - q_j sum h) / tau (fastdistill._formulas); 0 where q_j is
             lp = (float64(tj) - MT) * invt64 - lsa
             lq = (float64(sj) - MS) * invt64 - lsb
-            lm = _logaddexp(loglam + lp, log1mlam + lq)
             q64 = math.exp(lq)
-            if q64 > 0.0:
-                gk = cq * (lq - lm) - (1.0 - lam) * _mix_ratio(lp, lq, lm, cp, cq)
-                acc += ft(cd64 * (q64 * (gk - big_g)))
-            else:
-                acc += ft(cd64 * (q64 * 0.0))
-        elif DIV == DIV_TVD:
-            p64 = math.exp((float64(tj) - MT) * invt64 - lsa)
-            q64 = math.exp((float64(sj) - MS) * invt64 - lsb)
-            acc += ft(cd64 * q64 * (0.5 * _sign(q64 - p64) - big_g))
+            _, h = bin_(lp, lq, math.exp(lp), q64, (k0, k1, k2, k3))
+            acc += ft(cd64 * (h - q64 * big_h) if q64 > 0.0 else 0.0)
         if CE == CE_SHARED:
             acc += ch * q - ceps
         elif CE == CE_OWN:
@@ -571,16 +556,15 @@ def _make_grad_element(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
 
 
 def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
-    """``constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1, KQ, R, DSS,
-    cos, den, lsa, lsb, loglam, log1mlam)``: the row constants of the gradient, as the two tuples
+    """``constants(P, scale, hard, nf, invt, invt64, eps, kd, MT, MS, SA, SB, SX, S1, HSUM, DSS, cos, den, lsa,
+    lsb)``: the row constants of the gradient, as the two tuples
     :func:`_make_grad_element` takes. (The kernel's own values come in rather than being read from
     ``P`` again: ptxas then allocates registers as for the code written in one piece, which spilled
     less.)"""
     HAS_DIV = DIV != DIV_NONE
 
     @cuda.jit(device=True, inline=True)
-    def constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1, KQ, R, DSS, cos, den,  # type: ignore[no-untyped-def]  # noqa: E501
-                  lsa, lsb, loglam, log1mlam):
+    def constants(P, scale, hard, nf, invt, invt64, eps, kd, MT, MS, SA, SB, SX, S1, HSUM, DSS, cos, den, lsa, lsb):  # type: ignore[no-untyped-def]  # noqa: E501
         zero = ft(0.0)
         cd64 = scale * P[P_DIV_W] * invt64
         isa = ft(1.0 / SA) if HAS_DIV else zero
@@ -589,11 +573,6 @@ def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
         if DIV == DIV_REVERSE_KL:
             dd = invt64 * SX / SB - ((MS - MT) * invt64 + lsb - lsa)
             roff = ft(lsa - lsb - dd)
-        big_g = 0.0
-        if DIV == DIV_MIXTURE:
-            big_g = cq * KQ - (1.0 - lam) * R
-        elif DIV == DIV_TVD:
-            big_g = KQ
         ch = ft(scale * P[P_HARD_W]) if hard else zero
         ceps = ft(scale * P[P_HARD_W] * eps / nf) if hard else zero
         c_lab = ft(scale * P[P_HARD_W] * (1.0 - eps)) if hard else zero
@@ -610,7 +589,7 @@ def _make_grad_constants(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
             a_s = ft(scale * a64)
             b_t = ft(scale * b64)
         k = (ft(cd64), ft(MT), ft(MS), isa, isb, roff, ch, ceps, c_lab, is1, a_s, b_t, invt)
-        k64 = (MT, MS, lsa, lsb, loglam, log1mlam, cp, cq, lam, big_g, cd64, invt64)
+        k64 = (MT, MS, lsa, lsb, kd[0], kd[1], kd[2], kd[3], HSUM, cd64, invt64)
         return k, k64
 
     return constants
@@ -665,47 +644,45 @@ def _make_pass1(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
 
 
 def _make_pass2(DIV):  # type: ignore[no-untyped-def]
-    """``pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq, v, sh)``:
-    the mixture / TVD terms of row ``r`` summed over its group (:func:`_make_mixture_terms`):
-    ``(KP, KQ, R)``."""
-    mixture_terms = _make_mixture_terms(DIV)
+    """``pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, kd, v, sh)``: a two-pass divergence's
+    sums over row ``r``, summed over its group (:func:`_make_div2_terms`): ``(DSUM, HSUM)``."""
+    div2_terms = _make_div2_terms(DIV)
 
     @cuda.jit(device=True, inline=True)
-    def pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq, v, sh):  # type: ignore[no-untyped-def]  # noqa: E501
-        kp = 0.0
-        kq = 0.0
-        rr = 0.0
+    def pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, kd, v, sh):  # type: ignore[no-untyped-def]
+        dsum = 0.0
+        hsum = 0.0
         if counted:
-            kp, kq, rr = mixture_terms(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq)
-        v[0] = kp
-        v[1] = kq
-        v[2] = rr
-        _group_reduce(v, 3, False, sh, G)
-        return v[0], v[1], v[2]
+            dsum, hsum = div2_terms(s, t, r, n, lane, G, MT, MS, invt64, lsa, lsb, kd)
+        v[0] = dsum
+        v[1] = hsum
+        _group_reduce(v, 2, False, sh, G)
+        return v[0], v[1]
 
     return pass2
 
 
 def _make_row_loss(DIV, CE, LIN, LAB_GIVEN):  # type: ignore[no-untyped-def]
-    """``row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, cp, cq, MT, MS, SA, SB, SX, S1, SSUM, D2,
-    DST, DSS, DTT, NAN, KP, KQ)``: a counted row's loss (float64) from its totals, and the cosine terms
+    """``row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS,
+    DTT, NAN, DSUM)``: a counted row's loss (float64) from its totals, and the cosine terms
     ``(cos, den)`` the gradient needs. The student's logit at the label is ``lab_logit`` with
     ``LAB_GIVEN``, else read from ``s[r, lab]``, only when ``hard`` (read late: loading it before the
     divergence costs ptxas 24 more bytes of spills in the forward-KL variants)."""
 
+    TWO_PASS = bool(IS_TWO_PASS[DIV])
+
     @cuda.jit(device=True, inline=True)
-    def row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, cp, cq, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS,  # type: ignore[no-untyped-def]  # noqa: E501
-                 DTT, NAN, KP, KQ):
+    def row_loss(P, invt64, eps, nf, hard, s, r, lab, lab_logit, MT, MS, SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN,  # type: ignore[no-untyped-def]  # noqa: E501
+                 DSUM):
         loss = 0.0
         dw = P[P_DIV_W]
+        # (the cross term of raw differences: shifted by the maxima)
         if DIV == DIV_FORWARD_KL:
-            loss += dw * _non_negative(invt64 * SX / SA - ((MT - MS) * invt64 + math.log(SA / SB)))
+            loss += dw * _non_negative(_FORWARD_ROW(invt64, SA, SB, SX, (MT - MS) * invt64))
         elif DIV == DIV_REVERSE_KL:
-            loss += dw * _non_negative(invt64 * SX / SB - ((MS - MT) * invt64 + math.log(SB / SA)))
-        elif DIV == DIV_MIXTURE:
-            loss += dw * (cp * _non_negative(KP) + cq * _non_negative(KQ))
-        elif DIV == DIV_TVD:
-            loss += dw * 0.5 * KP
+            loss += dw * _non_negative(_REVERSE_ROW(invt64, SA, SB, SX, (MS - MT) * invt64))
+        elif TWO_PASS:
+            loss += dw * _non_negative(DSUM)
         if CE != CE_NONE and hard:
             ls1 = math.log(S1)  # (max - s_label) + log sum: the maximum cancels first
             h = (1.0 - eps) * ((MS - (lab_logit if LAB_GIVEN else float64(load(s[r, lab])))) + ls1)
@@ -751,12 +728,6 @@ def _make_grad_pass(DIV, CE, LIN, ft):  # type: ignore[no-untyped-def]
     return grad_pass
 
 
-@cuda.jit(device=True, inline=True)
-def _log_weights(lam):  # type: ignore[no-untyped-def]
-    """(log lam, log(1 - lam)), -inf at the ends."""
-    return (math.log(lam) if lam > 0.0 else NEG_INF), (math.log(1.0 - lam) if lam < 1.0 else NEG_INF)
-
-
 def _make_undefined_rows(DIV, CE):  # type: ignore[no-untyped-def]
     """``undefined_rows(MT, MS, SA, SB, S1, NAN)``: ``(SA, SB, S1, NAN)`` of a row after pass 1, as on the CPU
     (``cpu._kernels._finish_stats``). A row masked entirely (a maximum of -inf) has no distribution, nor
@@ -785,10 +756,11 @@ def _make_undefined_rows(DIV, CE):  # type: ignore[no-untyped-def]
 def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
-    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    TWO_PASS = bool(IS_TWO_PASS[DIV])
+    constants = _CONSTANTS[DIV] if TWO_PASS else _no_constants
     undefined_rows = _make_undefined_rows(DIV, CE)
     pass1 = _make_pass1(DIV, CE, LIN, ft)
-    pass2 = _make_pass2(DIV)
+    pass2 = _make_pass2(DIV) if TWO_PASS else None
     row_loss = _make_row_loss(DIV, CE, LIN, False)
     grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
     grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
@@ -822,6 +794,7 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
         invt = ft(invt64)
         eps = P[P_SMOOTH]
         nf = float64(n)
+        kd = constants(P[P_LAM], P[P_CP], P[P_CQ])
         step = int64(cuda.gridDim.x) * gpb
         for base in range(int64(cuda.blockIdx.x) * gpb, rows, step):  # uniform across the block
             r = base + tid // G
@@ -839,27 +812,21 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
                 S1 = SB
             lsa = math.log(SA) if HAS_DIV else 0.0
             lsb = math.log(SB) if HAS_DIV else 0.0
-            # ---- pass 2: mixture / TVD terms (float64)
-            cp = P[P_CP]
-            cq = P[P_CQ]
-            lam = P[P_LAM]
-            loglam, log1mlam = _log_weights(lam)
-            KP = 0.0
-            KQ = 0.0
-            R = 0.0
+            # ---- pass 2: a two-pass divergence's sums (float64)
+            DSUM = 0.0
+            HSUM = 0.0
             if TWO_PASS:
-                KP, KQ, R = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp, cq,
-                                  v, sh)
+                DSUM, HSUM = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, kd, v, sh)
             # ---- row loss (float64)
             if counted:
-                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, 0.0, cp, cq, MT, MS, SA, SB, SX, S1,
-                                          SSUM, D2, DST, DSS, DTT, NAN, KP, KQ)
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, 0.0, MT, MS, SA, SB, SX, S1, SSUM, D2,
+                                          DST, DSS, DTT, NAN, DSUM)
                 if lane == 0:
                     out_loss[r] = loss
                 # ---- pass 3: gradient, U elements per thread and step: all loads before the stores
                 if want_grad:
-                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1,
-                                            KQ, R, DSS, cos, den, lsa, lsb, loglam, log1mlam)
+                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, kd, MT, MS, SA, SB, SX, S1, HSUM,
+                                            DSS, cos, den, lsa, lsb)
                     grad_pass(s, t, grad, r, n, lane, G, lab, k, k64)
             elif r < rows:
                 if lane == 0:
@@ -880,7 +847,7 @@ def _make_response(DIV, CE, LIN, F32, FUSED):  # type: ignore[no-untyped-def]
 # shard, the caller combining the shards' numbers between the steps. SHARD_STATS: pass 1 over the
 # shard's columns, its maxima into ``xmax`` and its sums relative to them into ``xsum``; the caller
 # takes the maxima's max, :func:`shard_rescale_kernel` moves the sums to the combined maxima, the caller
-# sums them; SHARD_DIV2 (mixtures and TVD): pass 2's sums into ``xmix``, summed by the caller;
+# sums them; SHARD_DIV2 (two-pass divergences): pass 2's sums into ``xmix``, summed by the caller;
 # SHARD_FINISH: the row losses (the same on every shard) and this shard's gradient.
 
 SHARD_STATS = 0
@@ -888,7 +855,7 @@ SHARD_DIV2 = 1
 SHARD_FINISH = 2
 N_SHARD_MAX = 2  # MT, MS: combined with max
 N_SHARD_SUM = 11  # SA, SB, SX, S1, SSUM, D2, DST, DSS, DTT, NAN, the label's logit: summed
-N_SHARD_MIX = 3  # KP, KQ, R: summed
+N_SHARD_MIX = 2  # DSUM, HSUM: summed
 
 _SHARD: dict = {}
 
@@ -909,10 +876,11 @@ def shard_kernel(div: int, ce: int, lin: bool, f32: bool):  # type: ignore[no-un
 def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
     ft = float32 if F32 else float64
     HAS_DIV = DIV != DIV_NONE
-    TWO_PASS = DIV == DIV_MIXTURE or DIV == DIV_TVD
+    TWO_PASS = bool(IS_TWO_PASS[DIV])
+    constants = _CONSTANTS[DIV] if TWO_PASS else _no_constants
     undefined_rows = _make_undefined_rows(DIV, CE)
     pass1 = _make_pass1(DIV, CE, LIN, ft)
-    pass2 = _make_pass2(DIV)
+    pass2 = _make_pass2(DIV) if TWO_PASS else None
     row_loss = _make_row_loss(DIV, CE, LIN, True)
     grad_constants = _make_grad_constants(DIV, CE, LIN, ft)
     grad_pass = _make_grad_pass(DIV, CE, LIN, ft)
@@ -948,10 +916,7 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
         invt = ft(invt64)
         eps = P[P_SMOOTH]
         nf = float64(classes)
-        cp = P[P_CP]
-        cq = P[P_CQ]
-        lam = P[P_LAM]
-        loglam, log1mlam = _log_weights(lam)
+        kd = constants(P[P_LAM], P[P_CP], P[P_CQ])
         stride = int64(cuda.gridDim.x) * gpb
         for base in range(int64(cuda.blockIdx.x) * gpb, rows, stride):  # uniform across the block
             r = base + tid // G
@@ -986,31 +951,27 @@ def _make_shard(DIV, CE, LIN, F32):  # type: ignore[no-untyped-def]
                     MT = MS = lsa = lsb = 0.0
                     if counted:
                         MT, MS, SA, SB, S1, lsa, lsb, NAN = totals(xmax, xsum, r)
-                    KP, KQ, R = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, loglam, log1mlam, cp,
-                                      cq, v, sh)
+                    DSUM, HSUM = pass2(s, t, r, n, lane, G, counted, MT, MS, invt64, lsa, lsb, kd, v, sh)
                     if lane == 0 and r < rows:
-                        xmix[r, 0] = KP
-                        xmix[r, 1] = KQ
-                        xmix[r, 2] = R
+                        xmix[r, 0] = DSUM
+                        xmix[r, 1] = HSUM
             elif counted:  # SHARD_FINISH
                 MT, MS, SA, SB, S1, lsa, lsb, NAN = totals(xmax, xsum, r)
-                KP = 0.0
-                KQ = 0.0
-                R = 0.0
+                DSUM = 0.0
+                HSUM = 0.0
                 if TWO_PASS:
-                    KP = xmix[r, 0]
-                    KQ = xmix[r, 1]
-                    R = xmix[r, 2]
+                    DSUM = xmix[r, 0]
+                    HSUM = xmix[r, 1]
                 hard = has_labels and CE != CE_NONE
                 SX = xsum[r, 2]
                 DSS = xsum[r, 7]
-                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, xsum[r, 10], cp, cq, MT, MS, SA, SB, SX,
-                                          S1, xsum[r, 4], xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], NAN, KP, KQ)
+                loss, cos, den = row_loss(P, invt64, eps, nf, hard, s, r, lab, xsum[r, 10], MT, MS, SA, SB, SX, S1,
+                                          xsum[r, 4], xsum[r, 5], xsum[r, 6], DSS, xsum[r, 8], NAN, DSUM)
                 if lane == 0:
                     out_loss[r] = loss
                 if want_grad:
-                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, lam, cp, cq, MT, MS, SA, SB, SX, S1,
-                                            KQ, R, DSS, cos, den, lsa, lsb, loglam, log1mlam)
+                    k, k64 = grad_constants(P, scale, hard, nf, invt, invt64, eps, kd, MT, MS, SA, SB, SX, S1, HSUM,
+                                            DSS, cos, den, lsa, lsb)
                     grad_pass(s, t, grad, r, n, lane, G, lab, k, k64)
             elif r < rows:
                 if lane == 0:
@@ -1214,14 +1175,10 @@ NC = 6
 MAX_GROUPS = 64
 
 
-_scalar_sparse_bin = cuda.jit(device=True, inline=True)(sparse_bin)
-
-
-@cuda.jit(device=True, inline=True)
-def _sparse_bin(div, lp, lq, p, q, loglam, log1mlam, lam, cp, cq):  # type: ignore[no-untyped-def]
-    """``_scalar.sparse_bin`` (its mixture's log computed here when the divergence needs it)."""
-    lm = _logaddexp(loglam + lp, log1mlam + lq) if div == DIV_MIXTURE else 0.0
-    return _scalar_sparse_bin(div, lp, lq, p, q, lm, lam, cp, cq)
+# a divergence's bin and row constants (fastdistill._formulas) by its run-time code: the sparse kernel
+# serves every divergence
+_sparse_bin = run_time_dispatch(cuda.jit(device=True, inline=True), "bin", 5, (0.0, 0.0))
+_sparse_constants = run_time_dispatch(cuda.jit(device=True, inline=True), "constants", 3, (0.0, 0.0, 0.0, 0.0))
 
 
 _teacher_weights = cuda.jit(device=True, inline=True)(teacher_weights)
@@ -1312,11 +1269,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
         dw = P[P_DIV_W]
         hw = P[P_HARD_W]
         eps = P[P_SMOOTH]
-        lam = P[P_LAM]
-        cp = P[P_CP]
-        cq = P[P_CQ]
-        loglam = math.log(lam) if lam > 0.0 else NEG_INF
-        log1mlam = math.log(1.0 - lam) if lam < 1.0 else NEG_INF
+        kd = _sparse_constants(div, P[P_LAM], P[P_CP], P[P_CQ])
         own_ce = ce != CE_NONE and ce != CE_SHARED
         rest = _reads_rest_bin(tail, div)
         scale = _scale_info(has_labels, info, rows, red_mean, n_items)
@@ -1417,8 +1370,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                         if idx[r, b] >= 0:
                             lq = (float64(load(s[r, idx[r, b]])) - ref_n) * invt64 - lzn
                             lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
-                            db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), loglam, log1mlam, lam, cp,
-                                                 cq)
+                            db, hb = _sparse_bin(div, lp, lq, math.exp(lp), math.exp(lq), kd)
                             d += db
                             h_sum += hb
                     ref = M
@@ -1435,13 +1387,12 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                                     p_s += math.exp(vals[r, b])
                         p_out = max(0.0, 1.0 - p_s) if tail == TAIL_BUCKET else 0.0
                         lp_out = math.log(p_out) if p_out > 0.0 else NEG_INF
-                        d_out, h_out = _sparse_bin(div, lp_out, lq_out, p_out, math.exp(lq_out), loglam, log1mlam,
-                                                   lam, cp, cq)
+                        d_out, h_out = _sparse_bin(div, lp_out, lq_out, p_out, math.exp(lq_out), kd)
                         d += d_out
                         h_sum += h_out
                     else:
                         rest_sum = 0.0
-                    if div != DIV_TVD and d < 0.0:
+                    if d < 0.0:  # (a divergence's terms are not negative)
                         d = 0.0
                     if undefined:
                         d = np.nan
@@ -1490,7 +1441,7 @@ def _make_sparse(F32):  # type: ignore[no-untyped-def]
                                 lq = (sj - ref_n) * invt64 - lzn  # (dj - lzn where ref_n is M)
                                 lp = _bin_logprob(vals[r, b], vinvt, vmax, lacc, tail)
                                 qb = math.exp(lq)
-                                _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, loglam, log1mlam, lam, cp, cq)
+                                _, hb = _sparse_bin(div, lp, lq, math.exp(lp), qb, kd)
                                 val = a_ce * math.exp(dj) + b_ce * math.exp(sj - M) + c + cd * (hb - qb * h_sum)
                                 if j == lab:
                                     val -= one_hot

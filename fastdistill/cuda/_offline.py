@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-assemble", action="store_true", help="PTX only (no nvJitLink needed)")
     ap.add_argument("--shard", default="0/1", help="K/N: compile every N-th variant from the K-th (processes "
                     "that compile the table side by side)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT", help="only the kernels whose name "
+                    "contains TEXT (repeatable: any of them), e.g. --only mixture --only sparse")
     args = ap.parse_args(argv)
     cc = tuple(int(x) for x in args.cc.split("."))
     why = toolchain_missing()
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
               "| smem bytes |")
         print("|---|---|---|---|---|")
     k, n = (int(x) for x in args.shard.split("/"))
-    for v in variants(args.fused_all)[k::n]:
+    chosen = [v for v in variants(args.fused_all) if not args.only or any(x in v.name for x in args.only)]
+    for v in chosen[k::n]:
         code = ptx(v, cc)  # type: ignore[arg-type]
         r = None if args.no_assemble else assemble(code, cc, v.max_registers)  # type: ignore[arg-type]
         if args.json:

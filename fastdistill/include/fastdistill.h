@@ -34,7 +34,7 @@
 extern "C" {
 #endif
 
-#define FD_ABI_VERSION 4
+#define FD_ABI_VERSION 5
 
 /* Status codes returned by every entry point. */
 enum fd_status {
@@ -72,7 +72,7 @@ enum fd_shard_op {
 
 /* doubles per row of fd_vocab_shard_*'s work buffer (the exchanged numbers, the row statistics, and 4
  * per row that cover a round's check entries) */
-#define FD_SHARD_WORK 35
+#define FD_SHARD_WORK 32
 
 /* Soft (teacher-matching) loss of fd_response_*: p = softmax(teacher / T), q = softmax(student / T). */
 enum fd_loss_kind {
