@@ -32,6 +32,12 @@ def _K():  # type: ignore[no-untyped-def]
     return _kernels
 
 
+def _S():  # type: ignore[no-untyped-def]
+    from . import _sparse
+
+    return _sparse
+
+
 def _info(kind: str, like: Any, stream: Any):  # type: ignore[no-untyped-def]
     """The kernel view of a zeroed float64 ``[counted rows, bad labels, loss, blocks done]`` buffer."""
     return D.alloc(kind, like, (4,), np.float64, stream, zeros=True)[1]
@@ -194,6 +200,7 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     host arrays, checked: copied over, ``rows x k``; produced at temperature ``t_gen``): ``(loss, grad or
     None)`` as :func:`response`."""
     K = _K()
+    S = _S()
     v = call.variant
     rows, n = call.rows, call.n
     s_store = v.storage()[0]
@@ -217,13 +224,13 @@ def sparse_response(call: ResponseCall, student: Any, idx: np.ndarray, vals: np.
     red_mean = call.reduction == "mean"
     nit = float(call.num_items) if call.num_items is not None else 0.0
     grid, block, G = L.geometry(rows, n)
-    G = max(G, block // K.MAX_GROUPS)  # (at most MAX_GROUPS rows a block: their coefficients' shared memory)
+    G = max(G, block // S.MAX_GROUPS)  # (at most MAX_GROUPS rows a block: their coefficients' shared memory)
     params = D.device_params(call.terms, stream, dev)
     sup = cuda.device_array((rows, idx.shape[1] + 1), dtype=np.float64, stream=stream) if call.want_grad else vals_d
     # each row's used ids, sorted, where the divergence reads the student's mass outside the support
     srt_shape = (rows, idx.shape[1] + 1) if reads_rest_bin(tail, v.div) else (1, 1)
     srt = cuda.device_array(srt_shape, dtype=np.int64, stream=stream)
-    L.launch(K.sparse_kernel(v.math == FLOAT32), grid, block, stream,
+    L.launch(S.sparse_kernel(v.math == FLOAT32), grid, block, stream,
              (s, idx_d, vals_d, lab, has_labels, call.ignore_index, params, v.div, v.ce, tail, float(t_gen), info,
               red_mean, nit,
               call.want_grad, row_buf, g, sup, srt, G))
@@ -349,6 +356,7 @@ def top_k(x: Any, k: int, tau: float, storage: str, top_p: float = 2.0, min_k: i
     shape plus ``(k,)``, in the caller's array kind; ``top_p`` at most 1: the nucleus cut (at least
     ``min_k`` entries)."""
     K = _K()
+    S = _S()
     shape, _ = A.shape_dtype(x)
     n = int(shape[-1])
     rows = int(np.prod(shape[:-1], dtype=np.int64))
@@ -358,7 +366,7 @@ def top_k(x: Any, k: int, tau: float, storage: str, top_p: float = 2.0, min_k: i
     idx_native, idx = D.alloc(kind, x, (rows, k), np.int64, stream)
     val_native, val = D.alloc(kind, x, (rows, k), np.float64, stream)
     grid, block, G = L.geometry(rows, n)
-    L.launch(K.top_k_kernel(storage != FLOAT64), grid, block, stream,
+    L.launch(S.top_k_kernel(storage != FLOAT64), grid, block, stream,
              (xv, int(k), float(1.0 / tau), float(top_p), int(min_k), idx, val, G))
     out = tuple(D.result(a, kind, tuple(shape[:-1]) + (k,), stream) for a in (idx_native, val_native))
     if kind == "host":

@@ -91,6 +91,7 @@ def variants(fused_all: bool = False) -> list[Compilation]:
     from numba.cuda import types as T
 
     from . import _kernels as K
+    from . import _sparse as S
 
     def arr(t: Any, nd: int = 1) -> Any:
         return T.Array(t, nd, "C")
@@ -123,8 +124,8 @@ def variants(fused_all: bool = False) -> list[Compilation]:
         sig = (arr(st, 2), arr(T.int64, 2), arr(T.float64, 2), arr(T.int64), T.boolean, T.int64, arr(T.float64),
                T.int64, T.int64, T.int64, T.float64, arr(T.float64), T.boolean, T.float64, T.boolean, arr(T.float64),
                arr(st, 2), arr(T.float64, 2), arr(T.int64, 2), T.int64)
-        out.append(Compilation(f"sparse {storage}", K.sparse_kernel(storage != FLOAT64), sig, 128))
-        out.append(Compilation(f"top_k {storage}", K.top_k_kernel(storage != FLOAT64),
+        out.append(Compilation(f"sparse {storage}", S.sparse_kernel(storage != FLOAT64), sig, 128))
+        out.append(Compilation(f"top_k {storage}", S.top_k_kernel(storage != FLOAT64),
                            (arr(st, 2), T.int64, T.float64, T.float64, T.int64, arr(T.int64, 2), arr(T.float64, 2),
                             T.int64), None))
     # vocabulary shards: the variants a tensor-parallel LLM run uses most (the others compile on a GPU's
