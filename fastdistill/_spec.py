@@ -32,6 +32,7 @@ DIV_FORWARD_KL = _f.forward_kl.CODE  # KL(p || q)
 DIV_REVERSE_KL = _f.reverse_kl.CODE  # KL(q || p)
 DIV_MIXTURE = _f.mixture.CODE  # c_p * KL(p || m) + c_q * KL(q || m),  m = lam * p + (1 - lam) * q
 DIV_TVD = _f.tvd.CODE  # 0.5 * sum |p - q|
+DIV_ALPHA = _f.alpha.CODE  # Amari's alpha-divergence, alpha = lam
 DIVERGENCES = (DIV_NONE, *sorted(_f.FORMULAS))
 DIV_NAMES = {DIV_NONE: "none", **{code: m.NAME for code, m in _f.FORMULAS.items()}}
 # IS_TWO_PASS[div]: the divergence needs a pass over normalised probabilities (an array: compiled code
@@ -171,14 +172,14 @@ LOSS_TABLE = (
     ("kl_divergence", "FD_KL", False), ("reverse_kl", "FD_REVERSE_KL", False), ("jsd", "FD_JSD", True),
     ("skew_kl", "FD_SKEW_KL", True), ("skew_reverse_kl", "FD_SKEW_REVERSE_KL", True), ("tvd", "FD_TVD", False),
     ("mse", "FD_MSE", False), ("cosine", "FD_COSINE", False), ("ce_only", "FD_CE_ONLY", False),
-    ("combined", "FD_COMBINED", False),
+    ("combined", "FD_COMBINED", False), ("alpha_divergence", "FD_ALPHA", True),
 )
 LOSS_CODES = {name: code for code, (name, _, _) in enumerate(LOSS_TABLE)}
 LOSS_ENUM = {c_name: code for code, (_, c_name, _) in enumerate(LOSS_TABLE)}
 # UNIT_PARAMETER[code]: the kind's parameter (the C ABI's ``param``) must lie in [0, 1]
 UNIT_PARAMETER = np.array([unit for _, _, unit in LOSS_TABLE], dtype=np.bool_)
-(K_KL, K_REVERSE_KL, K_JSD, K_SKEW_KL, K_SKEW_REVERSE_KL, K_TVD, K_MSE, K_COSINE, K_CE_ONLY,
- K_COMBINED) = range(10)
+(K_KL, K_REVERSE_KL, K_JSD, K_SKEW_KL, K_SKEW_REVERSE_KL, K_TVD, K_MSE, K_COSINE, K_CE_ONLY, K_COMBINED,
+ K_ALPHA) = range(11)
 
 
 def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, alpha: float,
@@ -235,6 +236,11 @@ def soft_terms(code: int, tau: float, kl_w: float, mse_w: float, beta: float, al
     elif code == K_TVD:
         div = DIV_TVD
         div_w = kl_w
+    elif code == K_ALPHA:
+        # (its limits are the KLs: reverse at alpha = 0, forward at 1)
+        div = DIV_REVERSE_KL if alpha == 0.0 else (DIV_FORWARD_KL if alpha == 1.0 else DIV_ALPHA)
+        div_w = kl_w * t2
+        lam = alpha
     else:
         div = -1
     return div, div_w, out_mse, cos_w, lam, c_p, c_q

@@ -12,7 +12,7 @@ from ._spec import LOSS_CODES, Terms, soft_terms
 
 KINDS = (
     "kl_divergence", "mse", "cosine", "combined",
-    "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd",
+    "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "alpha_divergence",
 )
 
 
@@ -109,6 +109,13 @@ class DistilLoss:
         return cls("skew_reverse_kl", temperature, kl_weight=1.0, alpha=alpha, t2_scale=t2_scale)
 
     @classmethod
+    def alpha_divergence(cls, alpha: float, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
+        """Amari's alpha-divergence, ``T**2 * (1 - sum p**alpha q**(1 - alpha)) / (alpha (1 - alpha))``, alpha in
+        [0, 1]: ``alpha = 1`` is ``kl_divergence``, ``alpha = 0`` ``reverse_kl`` (its limits), ``alpha = 0.5`` four
+        times the squared Hellinger distance."""
+        return cls("alpha_divergence", temperature, kl_weight=1.0, alpha=alpha, t2_scale=t2_scale)
+
+    @classmethod
     def tvd(cls, temperature: float = 1.0, *, t2_scale: bool = True) -> DistilLoss:
         """Total variation distance ``0.5 * sum |p - q|`` (never scaled by T**2: ``t2_scale`` is accepted
         for symmetry and changes nothing)."""
@@ -143,13 +150,14 @@ class DistilLoss:
                                   num_items=num_items, want_grad=True, grad_out=grad_out, backend=backend)
 
 
-SOFT_LOSSES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse", "cosine")
+SOFT_LOSSES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "alpha_divergence", "mse",
+               "cosine")
 
 
 def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float | None = None,
                       alpha: float | None = None, t2_scale: bool = True) -> DistilLoss:
     """The ``DistilLoss`` of a kind name (one of :data:`SOFT_LOSSES`): ``temperature`` defaults to 1.0,
-    ``beta`` (jsd) to 0.5, ``alpha`` (skew KLs) to 0.1."""
+    ``beta`` (jsd) to 0.5, ``alpha`` to 0.1 (skew KLs) and 0.5 (``alpha_divergence``)."""
     if kind not in SOFT_LOSSES:
         raise V.InvalidParameterError(f"soft_loss must be a DistilLoss or one of {SOFT_LOSSES}, got {kind!r}")
     tau = 1.0 if temperature is None else V.loss_temperature(temperature)
@@ -165,4 +173,6 @@ def soft_loss_by_name(kind: str, temperature: float | None = None, beta: float |
         return DistilLoss.skew_kl(alpha=a, temperature=tau, t2_scale=t2_scale)
     if kind == "skew_reverse_kl":
         return DistilLoss.skew_reverse_kl(alpha=a, temperature=tau, t2_scale=t2_scale)
+    if kind == "alpha_divergence":
+        return DistilLoss.alpha_divergence(0.5 if alpha is None else alpha, tau, t2_scale=t2_scale)
     return getattr(DistilLoss, kind)(tau, t2_scale=t2_scale)  # kl_divergence, reverse_kl, tvd

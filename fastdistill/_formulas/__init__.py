@@ -32,9 +32,9 @@ from __future__ import annotations
 import math
 from types import ModuleType
 
-from . import forward_kl, mixture, reverse_kl, tvd
+from . import alpha, forward_kl, mixture, reverse_kl, tvd
 
-MODULES = (forward_kl, reverse_kl, mixture, tvd)
+MODULES = (forward_kl, reverse_kl, mixture, tvd, alpha)
 N_CONSTANTS = 4
 # what a divergence module must define
 PIECES = ("CODE", "NAME", "TWO_PASS", "constants", "bin")

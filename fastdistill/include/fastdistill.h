@@ -85,7 +85,9 @@ enum fd_loss_kind {
     FD_MSE = 6,             /* mean over classes of (t - s)^2, raw logits    DistilLoss.mse() */
     FD_COSINE = 7,          /* 1 - cos(s, t), raw logits; zero norm -> 1     DistilLoss.cosine() */
     FD_CE_ONLY = 8,         /* no soft term: hard_weight * CE only (soft_weight ignored) */
-    FD_COMBINED = 9         /* T^2 * KL + param * MSE                        DistilLoss.combined(1, param, T) */
+    FD_COMBINED = 9,        /* T^2 * KL + param * MSE                        DistilLoss.combined(1, param, T) */
+    FD_ALPHA = 10           /* T^2 * (1 - sum p^a q^(1-a)) / (a (1-a)), param = a in [0,1]
+                                                                             DistilLoss.alpha_divergence(a, T) */
 };
 
 /* How row losses are reduced. */
