@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover
 from hypothesis import strategies as st
 
 IGNORE = -100
-DIVERGENCES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+DIVERGENCES = ("kl_divergence", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "alpha_divergence")
 KINDS = DIVERGENCES + ("mse", "cosine", "combined", "ce_only")
 STORAGES = ("float32", "float64", "bfloat16", "float16")
 HALF = ("bfloat16", "float16")
@@ -163,6 +163,8 @@ class Case:
             return fd.DistilLoss.skew_reverse_kl(p, tau, t2_scale=t2)
         if k == "tvd":
             return fd.DistilLoss.tvd(tau, t2_scale=t2)
+        if k == "alpha_divergence":
+            return fd.DistilLoss.alpha_divergence(p, tau, t2_scale=t2)
         if k == "mse":
             return fd.DistilLoss.mse()
         if k == "cosine":
@@ -239,6 +241,9 @@ def loss_config(draw: Any, sparse: bool = False) -> dict:
         param = draw(st.sampled_from([0.5, 0.0, 1.0, 0.1, 0.9]) | st.floats(0.0, 1.0))
     elif kind in ("skew_kl", "skew_reverse_kl"):
         param = draw(st.sampled_from([0.1, 0.0, 1.0, 0.5]) | st.floats(0.0, 1.0))
+    elif kind == "alpha_divergence":
+        # (its precision near 0 and 1, where the float64 reference below cancels, is tests/test_formulas.py's)
+        param = draw(st.sampled_from([0.5, 0.0, 1.0, 0.1, 0.9]) | st.floats(0.01, 0.99))
     elif kind == "combined":
         param = draw(st.sampled_from([0.5, 1.0, 0.0, 2.0]))
     tau = 1.0 if kind in ("mse", "cosine") else draw(st.sampled_from(TAUS) | st.floats(1e-3, 1e4))
@@ -340,7 +345,8 @@ def sparse_teacher(draw: Any, s: np.ndarray, shape: tuple[int, ...], cfg: dict) 
     tails = list(TAILS)
     # the contract's refusals (reverse KL and jsd(beta=1) are infinite with "renormalize"; "bucket" needs
     # log-probabilities at temperature 1)
-    if kind == "reverse_kl" or (kind == "jsd" and param == 1.0) or (kind == "skew_reverse_kl" and param == 0.0):
+    if kind == "reverse_kl" or (kind == "jsd" and param == 1.0) or (kind == "skew_reverse_kl" and param == 0.0) \
+            or (kind == "alpha_divergence" and param == 0.0):
         tails.remove("renormalize")
     tail = draw(st.sampled_from(tails))
     if tail == "bucket" and kind != "ce_only":
@@ -468,6 +474,18 @@ def _divergence(kind: str, param: float, lp, lq):
     if kind == "tvd":
         d = (lp.exp() - lq.exp()).abs()
         return 0.5 * d.sum(-1), 0.5 * d.sum(-1)
+    if kind == "alpha_divergence":
+        if param == 0.0:
+            return _kl(lq, lp)
+        if param == 1.0:
+            return _kl(lp, lq)
+        # Amari's, sum (a p + (1 - a) q - p^a q^(1-a)) / (a (1 - a)): each term is >= 0; its condition counts
+        # the parts whose difference it is
+        a = param
+        p, q = lp.exp(), lq.exp()
+        w = torch.exp(a * _stand_in(lp) + (1 - a) * _stand_in(lq))
+        c = a * (1 - a)
+        return ((a * p + (1 - a) * q - w) / c).sum(-1), ((a * p + (1 - a) * q + w) / c).sum(-1)
     raise ValueError(kind)
 
 

@@ -51,6 +51,14 @@ def divergence(kind: str, s: np.ndarray, t: np.ndarray, tau: float = 1.0, param:
         return t2 * (_xlogy_ratio(p, lp, lm) if kind == "skew_kl" else _xlogy_ratio(q, lq, lm))
     if kind == "tvd":
         return 0.5 * np.abs(p - q).sum(-1)
+    if kind == "alpha_divergence":
+        a = param
+        if a == 0.0:
+            return t2 * _xlogy_ratio(q, lq, lp)
+        if a == 1.0:
+            return t2 * _xlogy_ratio(p, lp, lq)
+        # sum p^a q^(1 - a), from the logs (a class of no mass on either side adds exp(-inf) = 0)
+        return t2 * (1.0 - np.exp(a * lp + (1 - a) * lq).sum(-1)) / (a * (1 - a))
     if kind == "mse":
         return ((t - s) ** 2).mean(-1)
     if kind == "cosine":
@@ -152,6 +160,14 @@ def torch_response(s, t, y, hard_w, soft_w, kind, tau, param=0.5, eps=0.0, ignor
         soft = t2 * (kl(p, lp, lm) if kind == "skew_kl" else kl(q, lq, lm))
     elif kind == "tvd":
         soft = 0.5 * (p - q).abs().sum(-1)
+    elif kind == "alpha_divergence":
+        a = param
+        if a == 0:
+            soft = t2 * kl(q, lq, lp)
+        elif a == 1:
+            soft = t2 * kl(p, lp, lq)
+        else:
+            soft = t2 * (1 - torch.exp(a * lps + (1 - a) * lqs).sum(-1)) / (a * (1 - a))
     elif kind == "mse":
         soft = ((tt - st) ** 2).mean(-1)
     elif kind == "cosine":

@@ -216,6 +216,7 @@ KINDS = {
     "cosine": (capi.FD_COSINE, lambda p, T: fd.DistilLoss.cosine(), False),
     "ce_only": (capi.FD_CE_ONLY, None, True),
     "combined": (capi.FD_COMBINED, lambda p, T: fd.DistilLoss.combined(1.0, p, T), False),
+    "alpha_divergence": (capi.FD_ALPHA, lambda p, T: fd.DistilLoss.alpha_divergence(p, T), True),
 }
 RED = capi.REDUCTIONS
 PREC = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}  # the harness's precision codes
@@ -452,6 +453,7 @@ CASES = [
     ("cosine", 1.0, 0.25, 1.0, 0.0, 0.0),
     ("ce_only", 1.0, 1.0, 0.0, 0.0, 0.1),
     ("combined", 2.0, 0.0, 1.0, 0.5, 0.0),
+    ("alpha_divergence", 2.0, 0.5, 0.5, 0.3, 0.0),
 ]
 
 

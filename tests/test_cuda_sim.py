@@ -108,6 +108,7 @@ LOSSES = {
     "skew_kl": (lambda: fd.DistilLoss.skew_kl(0.1, 2.0), "skew_kl", 2.0, 0.1),
     "skew_reverse_kl": (lambda: fd.DistilLoss.skew_reverse_kl(0.1, 2.0), "skew_reverse_kl", 2.0, 0.1),
     "tvd": (lambda: fd.DistilLoss.tvd(2.0), "tvd", 2.0, 0.5),
+    "alpha": (lambda: fd.DistilLoss.alpha_divergence(0.3, 2.0), "alpha_divergence", 2.0, 0.3),
     "mse": (lambda: fd.DistilLoss.mse(), "mse", 1.0, 0.5),
     "cosine": (lambda: fd.DistilLoss.cosine(), "cosine", 1.0, 0.5),
 }
@@ -799,6 +800,7 @@ SHARD_LOSSES = [
     ("jsd", lambda: fd.DistilLoss.jsd(0.3, 2.0)),
     ("skew_reverse_kl", lambda: fd.DistilLoss.skew_reverse_kl(0.2, 2.0)),
     ("tvd", lambda: fd.DistilLoss.tvd(2.0)),
+    ("alpha", lambda: fd.DistilLoss.alpha_divergence(0.3, 2.0)),
     ("mse", lambda: fd.DistilLoss.mse()),
     ("cosine", lambda: fd.DistilLoss.cosine()),
 ]
@@ -848,7 +850,7 @@ def test_vocab_shards_on_the_gpu_equal_the_whole_rows(name, make, cuts, rows):
                                 None if linear else y, class_offset=a, classes=classes, backend="cuda", reduction=red)
                   for a, b in zip(cuts, cuts[1:])]
         results, widths = _combine_shards(shards)
-        assert widths == ([2, 11, 2] if name in ("jsd", "skew_reverse_kl", "tvd") else [2, 11])
+        assert widths == ([2, 11, 2] if name in ("jsd", "skew_reverse_kl", "tvd", "alpha") else [2, 11])
         for loss, _ in results:
             np.testing.assert_allclose(loss, want, rtol=1e-10, atol=1e-13)
         got = np.concatenate([g for _, g in results], axis=1)

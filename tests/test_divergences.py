@@ -20,10 +20,13 @@ LOSSES = [
     (lambda tau: fd.DistilLoss.skew_reverse_kl(0.1, tau), "skew_reverse_kl", 0.1),
     (lambda tau: fd.DistilLoss.skew_reverse_kl(1.0, tau), "skew_reverse_kl", 1.0),
     (lambda tau: fd.DistilLoss.tvd(tau), "tvd", None),
+    (lambda tau: fd.DistilLoss.alpha_divergence(0.3, tau), "alpha_divergence", 0.3),
+    (lambda tau: fd.DistilLoss.alpha_divergence(0.9, tau), "alpha_divergence", 0.9),
     (lambda tau: fd.DistilLoss.mse(), "mse", None),
     (lambda tau: fd.DistilLoss.cosine(), "cosine", None),
 ]
-IDS = ["kl", "rkl", "jsd0", "jsd.01", "jsd.5", "jsd.99", "jsd1", "skl.1", "skl0", "srkl.1", "srkl1", "tvd", "mse", "cos"]
+IDS = ["kl", "rkl", "jsd0", "jsd.01", "jsd.5", "jsd.99", "jsd1", "skl.1", "skl0", "srkl.1", "srkl1", "tvd", "alpha.3", "alpha.9", "mse",
+       "cos"]
 LINEAR = ("mse", "cosine")
 
 

@@ -15,7 +15,7 @@ from reference import divergence, log_softmax, numeric_grad
 CASES = [
     ("kl_divergence", None), ("reverse_kl", None), ("tvd", None),
     ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("skew_kl", 0.1), ("skew_kl", 1.0), ("skew_reverse_kl", 0.1),
-    ("skew_reverse_kl", 1.0),
+    ("skew_reverse_kl", 1.0), ("alpha_divergence", 0.3), ("alpha_divergence", 0.5), ("alpha_divergence", 0.8),
 ]
 
 
@@ -78,7 +78,8 @@ def test_classes_of_no_mass_add_their_limits(kind, param):
     assert np.all(g[s == -np.inf] == 0.0)
 
 
-@pytest.mark.parametrize("kind,param", [("tvd", None)])
+@pytest.mark.parametrize("kind,param", [("tvd", None), ("alpha_divergence", 1e-6), ("alpha_divergence", 0.3),
+                                        ("alpha_divergence", 0.5), ("alpha_divergence", 0.9)])
 def test_the_terms_are_never_negative(kind, param):
     """Divergences whose every term is >= 0 (a row's sum never cancels; a KL term p log(p / q) is negative
     where q > p, only a row's sum is not)."""
@@ -145,3 +146,66 @@ def test_a_one_pass_divergence_from_its_sums_with_either_backends_shift(kind, ta
     relative = m.row_value(1 / tau, *sums, float((wa * ((a - ma) - (b - mb))).sum()), 0.0)
     raw = m.row_value(1 / tau, *sums, float((wa * (a - b)).sum()), (ma - mb) / tau)
     assert relative == pytest.approx(want, rel=1e-12) and raw == pytest.approx(want, rel=1e-10)
+
+
+def _alpha_exact(a, lp, lq):
+    """Amari's alpha-divergence of one row to 40 digits (mpmath), from its definition, summed as
+    ``sum (a p + (1 - a) q - p^a q^(1-a)) / (a (1 - a))``: the same number for distributions, and not
+    amplifying the float64 rounding of the inputs' own sums (1 - sum p is ~1e-16, which 1 / (a (1 - a))
+    would make 1e-4 at a = 1e-12)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        a = mpmath.mpf(a)
+        total = mpmath.fsum(a * mpmath.exp(x) + (1 - a) * mpmath.exp(y) - mpmath.exp(a * x + (1 - a) * y)
+                            for x, y in zip((mpmath.mpf(v) for v in lp), (mpmath.mpf(v) for v in lq)))
+        return float(total / (a * (1 - a)))
+
+
+@pytest.mark.parametrize("a", [1e-12, 1e-6, 1e-3, 0.3, 0.5, 0.7, 1 - 1e-3, 1 - 1e-6])
+@pytest.mark.parametrize("spread", [0.01, 3.0, 30.0])
+def test_alpha_divergence_keeps_its_digits_near_its_limits(a, spread):
+    """The form through expm1 keeps full precision where 1 - sum p^a q^(1-a) cancels: alpha near 0 or 1,
+    or p near q (the plain form loses about log10(1 / (a (1 - a))) digits more)."""
+    rng = np.random.default_rng(int(spread * 10))
+    lp = log_softmax(rng.normal(0, spread, 40))
+    lq = log_softmax(rng.normal(0, spread, 40))
+    m = F.FORMULAS[F.alpha.CODE]
+    k = m.constants(a, 0.0, 0.0)
+    got = math.fsum(m.bin(float(x), float(y), math.exp(x), math.exp(y), k)[0] for x, y in zip(lp, lq))
+    assert got == pytest.approx(_alpha_exact(a, lp, lq), rel=1e-12)
+
+
+def test_alpha_divergence_tends_to_the_kls_at_its_ends():
+    """alpha -> 0 is KL(q || p), alpha -> 1 KL(p || q), and soft_terms maps the ends to those losses."""
+    rng = np.random.default_rng(11)
+    s, t = rng.normal(0, 2, 30), rng.normal(0, 2, 30)
+    m = F.FORMULAS[F.alpha.CODE]
+    for a, kind in ((1e-9, "reverse_kl"), (1 - 1e-9, "kl_divergence")):
+        d, _ = _row(m, m.constants(a, 0.0, 0.0), s, t, 1.0)
+        assert d == pytest.approx(divergence(kind, s[None], t[None])[0], rel=1e-7)
+    for a, div in ((0.0, F.reverse_kl.CODE), (1.0, F.forward_kl.CODE), (0.5, F.alpha.CODE)):
+        assert soft_terms(LOSS_CODES["alpha_divergence"], 2.0, 1.0, 0.0, 0.5, a, True)[0] == div
+
+
+def test_alpha_divergence_at_one_half_is_four_squared_hellinger_distances():
+    rng = np.random.default_rng(12)
+    s, t = rng.normal(0, 2, 30), rng.normal(0, 2, 30)
+    p, q = np.exp(log_softmax(t)), np.exp(log_softmax(s))
+    m = F.FORMULAS[F.alpha.CODE]
+    d, _ = _row(m, m.constants(0.5, 0.0, 0.0), s, t, 1.0)
+    assert d == pytest.approx(4 * 0.5 * ((np.sqrt(p) - np.sqrt(q)) ** 2).sum(), rel=1e-12)
+
+
+def test_alpha_divergence_of_extreme_bins_is_finite():
+    """A teacher's bin of no mass against the student's and the reverse (p or q 0, and subnormal):
+    the exact limits, no overflow of expm1."""
+    m = F.FORMULAS[F.alpha.CODE]
+    for a in (0.2, 0.8):
+        k = m.constants(a, 0.0, 0.0)
+        assert m.bin(math.log(0.5), -math.inf, 0.5, 0.0, k) == (0.5 / (1 - a), 0.0)
+        assert m.bin(-math.inf, math.log(0.5), 0.0, 0.5, k) == (0.5 / a, 0.5 / a)
+        lp, lq = math.log(0.7), -745.0  # q = 5e-324
+        d, h = m.bin(lp, lq, 0.7, math.exp(lq), k)
+        assert d == pytest.approx(0.7 / (1 - a), rel=1e-12) and math.isfinite(h)
+        d, h = m.bin(lq, lp, math.exp(lq), 0.7, k)
+        assert d == pytest.approx(0.7 / a, rel=1e-12) and h == pytest.approx(0.7 / a, rel=1e-12)

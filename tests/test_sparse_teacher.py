@@ -23,6 +23,7 @@ SOFT = {
     "skew_kl": lambda tau: fd.DistilLoss.skew_kl(0.2, tau),
     "skew_reverse_kl": lambda tau: fd.DistilLoss.skew_reverse_kl(0.2, tau),
     "tvd": lambda tau: fd.DistilLoss.tvd(tau),
+    "alpha_divergence": lambda tau: fd.DistilLoss.alpha_divergence(0.4, tau),
 }
 
 
@@ -43,7 +44,7 @@ def batch(rows, n, k, seed, pad=False):
     return s, idx, vals, y
 
 
-def divergence(kind, p, q, lp, lq, beta=0.3, alpha=0.2):
+def divergence(kind, p, q, lp, lq, beta=0.3, alpha=0.2, amari=0.4):
     """A divergence between distributions over the last axis (float64 torch; 0 log 0 = 0)."""
     def kl(a, la, lb):
         return (a * torch.where(a > 0, la - lb, torch.zeros_like(a))).sum(-1)
@@ -67,6 +68,9 @@ def divergence(kind, p, q, lp, lq, beta=0.3, alpha=0.2):
         return kl(p, lp, mix_log(alpha, 1 - alpha))
     if kind == "skew_reverse_kl":
         return kl(q, lq, mix_log(1 - alpha, alpha))
+    if kind == "alpha_divergence":  # (1 - sum p^a q^(1-a)) / (a (1 - a)); log 0 stand-ins of -1e30 give 0
+        return (1 - torch.exp(amari * lp.clamp(min=-1e30) + (1 - amari) * lq.clamp(min=-1e30)).sum(-1)) / \
+            (amari * (1 - amari))
     return 0.5 * (p - q).abs().sum(-1)
 
 

@@ -53,6 +53,8 @@ def soft_rows(kind, s, t, tau=1.0, beta=0.5, alpha=0.1):
         return t2 * kl(lq, log_mix(1.0 - alpha, alpha))
     if kind == "tvd":
         return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    if kind == "alpha_divergence":  # Amari's, from its definition
+        return t2 * (1.0 - torch.exp(alpha * lp + (1.0 - alpha) * lq).sum(-1)) / (alpha * (1.0 - alpha))
     if kind == "mse":
         return F.mse_loss(s, t, reduction="none").mean(-1)
     if kind == "cosine":
@@ -205,6 +207,7 @@ SOFT_CASES = [
     ("skew_kl", {"alpha": 0.1}),
     ("skew_reverse_kl", {"alpha": 0.3}),
     ("tvd", {}),
+    ("alpha_divergence", {"alpha": 0.3}),
 ]
 
 

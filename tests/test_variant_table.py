@@ -70,8 +70,10 @@ def _loss_for(v: _spec.Variant):
         soft, soft_w, kind, param = fd.DistilLoss.reverse_kl(tau), 0.6, "reverse_kl", None
     elif v.div == DIV_MIXTURE:
         soft, soft_w, kind, param = fd.DistilLoss.jsd(0.3, tau), 0.6, "jsd", 0.3
-    else:
+    elif v.div == DIV_TVD:
         soft, soft_w, kind, param = fd.DistilLoss.tvd(tau), 0.6, "tvd", None
+    else:
+        soft, soft_w, kind, param = fd.DistilLoss.alpha_divergence(0.3, tau), 0.6, "alpha_divergence", 0.3
     d = fd.ResponseDistiller(soft, hard_w, soft_w, ignore_index=IGNORE, label_smoothing=0.1 if hard_w else 0.0)
     return d, v.ce != CE_NONE, (kind, tau, hard_w, soft_w, param)
 

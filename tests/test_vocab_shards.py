@@ -26,6 +26,7 @@ LOSSES = [
     ("skew_kl", lambda: fd.DistilLoss.skew_kl(0.2, 2.0), {"param": 0.2}),
     ("skew_reverse_kl", lambda: fd.DistilLoss.skew_reverse_kl(0.2, 2.0), {"param": 0.2}),
     ("tvd", lambda: fd.DistilLoss.tvd(2.0), {}),
+    ("alpha_divergence", lambda: fd.DistilLoss.alpha_divergence(0.3, 2.0), {"param": 0.3}),
     ("mse", lambda: fd.DistilLoss.mse(), {}),
     ("cosine", lambda: fd.DistilLoss.cosine(), {}),
 ]
@@ -65,7 +66,7 @@ def test_shards_equal_the_whole_rows(kind, make, extra, cuts):
     whole_loss, whole_grad = d.loss_and_grad(s, t, y)
     assert whole_loss == pytest.approx(ref_rows[keep].sum() / keep.sum(), rel=1e-10)
     shards = [d.vocab_shard(s[:, a:b], t[:, a:b], y, class_offset=a, classes=50) for a, b in zip(cuts, cuts[1:])]
-    assert shards[0].rounds == (3 if kind in ("jsd", "skew_kl", "skew_reverse_kl", "tvd") else 2)
+    assert shards[0].rounds == (3 if kind in ("jsd", "skew_kl", "skew_reverse_kl", "tvd", "alpha_divergence") else 2)
     results = combine_in_process(shards)
     for loss, _ in results:
         assert loss == pytest.approx(whole_loss, rel=1e-12, abs=1e-15)
