@@ -623,7 +623,7 @@ def bad_cases():
         ("label < 0", dict(label=(0, -3)), capi.FD_LABEL_OUT_OF_RANGE),
         ("label >= n, ignore_index beside it", dict(label=(1, 9), ignore_index=10), capi.FD_LABEL_OUT_OF_RANGE),
         ("kind -1", dict(kind=-1), capi.FD_BAD_KIND),
-        ("kind 10", dict(kind=10), capi.FD_BAD_KIND),
+        (f"kind {len(capi.LOSS_KINDS)}", dict(kind=len(capi.LOSS_KINDS)), capi.FD_BAD_KIND),  # (past the last)
         ("reduction 3", dict(reduction=3), capi.FD_BAD_REDUCTION),
         ("T 0", dict(T=0.0), capi.FD_BAD_PARAM),
         ("T -1", dict(T=-1.0), capi.FD_BAD_PARAM),
@@ -634,6 +634,7 @@ def bad_cases():
         ("soft_w inf", dict(soft_w=float("inf")), capi.FD_BAD_PARAM),
         ("beta > 1", dict(kind=capi.FD_JSD, param=1.5), capi.FD_BAD_PARAM),
         ("alpha < 0", dict(kind=capi.FD_SKEW_KL, param=-0.1), capi.FD_BAD_PARAM),
+        ("alpha-divergence's alpha > 1", dict(kind=capi.FD_ALPHA, param=1.5), capi.FD_BAD_PARAM),
         ("alpha nan", dict(kind=capi.FD_SKEW_REVERSE_KL, param=float("nan")), capi.FD_BAD_PARAM),
         ("mse weight inf", dict(kind=capi.FD_COMBINED, param=float("inf")), capi.FD_BAD_PARAM),
         ("smoothing 1", dict(eps=1.0), capi.FD_BAD_PARAM),
@@ -872,6 +873,9 @@ def test_sparse_teacher_entry_points(lib, prec, tail):
     if tail == "renormalize":
         assert call(kind=capi.FD_REVERSE_KL)[0] == capi.FD_BAD_PARAM
         assert call(kind=capi.FD_JSD, param=1.0)[0] == capi.FD_BAD_PARAM
+        assert call(kind=capi.FD_SKEW_REVERSE_KL, param=0.0)[0] == capi.FD_BAD_PARAM
+        assert call(kind=capi.FD_ALPHA, param=0.0)[0] == capi.FD_BAD_PARAM  # (the reverse KL, its limit)
+        assert call(kind=capi.FD_ALPHA, param=0.3)[0] == capi.FD_OK  # (finite: q_out / alpha off the support)
 
 
 def c_vocab_shards(lib, s, t, y, bounds, kind, T, hard_w, soft_w, param, eps=0.0, reduction="mean",
@@ -898,7 +902,7 @@ def c_vocab_shards(lib, s, t, y, bounds, kind, T, hard_w, soft_w, param, eps=0.0
         if op == capi.FD_SHARD_DONE:
             break
         rounds += 1
-        assert count in (2 * rows + 6, 12 * rows + 4, 5 * rows + 1)  # a few numbers per row (and a few check
+        assert count in (2 * rows + 6, 12 * rows + 4, 2 * rows + 1)  # a few numbers per row (and a few check
         # entries), never rows x classes
         combine = np.maximum.reduce if op == capi.FD_SHARD_MAX else np.add.reduce
         both = combine([w[:count] for w in works])
