@@ -175,13 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``fastdistill warmup``: compile kernel variants into the on-disk cache, with progress."""
     import argparse
 
+    from .losses import SOFT_LOSSES
+
     ap = argparse.ArgumentParser(prog="fastdistill warmup", description=(
         "Compile fastdistill's kernel variants into Numba's on-disk cache, so that a later job loads them "
         "in milliseconds instead of compiling them on its first call."))
     ap.add_argument("--dtype", choices=DTYPES + ("all",), default="all", help="logits dtype (default: all)")
     ap.add_argument("--loss", action="append", default=[], metavar="KIND",
-                    help="only the variants of this soft loss (repeatable): kl_divergence, reverse_kl, jsd, "
-                         "skew_kl, skew_reverse_kl, tvd, mse, cosine; default: every variant")
+                    help=f"only the variants of this soft loss (repeatable): {', '.join(SOFT_LOSSES)}; default: "
+                         "every variant")
     ap.add_argument("--temperature", type=float, default=1.0, help="temperature of --loss (default 1)")
     ap.add_argument("--hard-label-weight", type=float, default=0.0,
                     help="weight of the hard-label term next to --loss (default 0)")
