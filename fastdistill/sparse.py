@@ -15,7 +15,7 @@ import numpy as np
 from . import _arrays as A
 from . import _storage
 from . import _validate as V
-from ._spec import DIV_MIXTURE, DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS
+from ._spec import DIV_NONE, DIV_REVERSE_KL, FLOAT64, TAILS, infinite_off_support
 from .errors import DimensionMismatchError, FastDistillError, InvalidParameterError
 
 VALUE_KINDS = ("logprobs", "logits")
@@ -120,12 +120,13 @@ def check_terms(teacher: SparseTeacher, terms: Any) -> None:
             "MSE, cosine and combined losses need dense teacher logits, not a SparseTeacher"
         )
     div = terms.div_kind
-    if teacher.tail == "renormalize" and div == DIV_REVERSE_KL:
-        raise InvalidParameterError(
-            "reverse KL (and jsd with beta=1, skew_reverse_kl with alpha=0) is infinite with "
-            "tail='renormalize': the teacher has no mass outside its support; use tail='support' or 'bucket'"
-        )
-    if teacher.tail == "renormalize" and div == DIV_MIXTURE and terms.c_q != 0.0 and terms.lam >= 1.0:
+    if teacher.tail == "renormalize" and infinite_off_support(div, terms.lam, terms.c_q):  # (the C ABI's rule)
+        if div == DIV_REVERSE_KL:
+            raise InvalidParameterError(
+                "reverse KL (and jsd with beta=1, skew_reverse_kl and alpha_divergence with alpha=0) is infinite "
+                "with tail='renormalize': the teacher has no mass outside its support; use tail='support' or "
+                "'bucket'"
+            )
         raise InvalidParameterError("this mixture is infinite with tail='renormalize'")
     if teacher.tail == "bucket" and (teacher.kind != "logprobs" or terms.tau != teacher.temperature) \
             and div != DIV_NONE:

@@ -310,6 +310,8 @@ def test_bad_sparse_teachers_are_refused_with_clear_errors():
         fd.DistilLoss.reverse_kl(1.0).compute(s, SparseTeacher(idx, vals))
     with pytest.raises(fd.InvalidParameterError, match="infinite with tail='renormalize'"):
         fd.DistilLoss.jsd(1.0, 1.0).compute(s, SparseTeacher(idx, vals))
+    with pytest.raises(fd.InvalidParameterError, match="infinite with tail='renormalize'"):
+        fd.DistilLoss.alpha_divergence(0.0, 1.0).compute(s, SparseTeacher(idx, vals))
     with pytest.raises(fd.InvalidParameterError, match="bucket' needs kind='logprobs' and the loss's temperature"):
         fd.DistilLoss.kl_divergence(2.0).compute(s, SparseTeacher(idx, vals, tail="bucket"))
     with pytest.raises(fd.InvalidParameterError, match="bucket' needs kind='logprobs'"):
