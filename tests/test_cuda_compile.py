@@ -33,7 +33,7 @@ def compiled():
                               stderr=subprocess.PIPE, text=True) for k in range(SHARDS)]
     rows = []
     for p in procs:
-        out, err = p.communicate(timeout=1800)
+        out, err = p.communicate(timeout=3600)
         if p.returncode == 3:
             pytest.skip(out.strip())
         assert p.returncode == 0, out[-3000:] + err[-5000:]

@@ -126,18 +126,21 @@ def test_in_tree_cache_follows_an_edited_helper(tmp_path):
 def test_stamp_follows_the_modules_kernels_import(tmp_path):
     pkg = _copy(tmp_path) / "fastdistill"
     kernels = str(pkg / "cpu" / "_kernels.py")
-    assert {"cpu/_kernels.py", "cpu/_math.py", "_scalar.py", "_spec.py"} <= set(_cache.kernel_sources(kernels, str(pkg)))
+    assert {"cpu/_kernels.py", "cpu/_math.py", "_formulas/__init__.py", "_formulas/mixture.py", "_spec.py"} <= \
+        set(_cache.kernel_sources(kernels, str(pkg)))
+    assert "_scalar.py" in _cache.kernel_sources(str(pkg / "cpu" / "_sparse.py"), str(pkg))
     assert "demo.py" not in _cache.kernel_sources(kernels, str(pkg))
     before = _cache.source_stamp(kernels, str(pkg))
     stamps = set()
-    for name in ("_spec.py", "_scalar.py", "cpu/_math.py", "demo.py"):
+    for name in ("_spec.py", "_formulas/mixture.py", "cpu/_math.py", "demo.py"):
         p = pkg / name
         text = p.read_text()
         p.write_text(text + "\n# edited\n")
         _cache._graphs.pop(os.path.realpath(pkg), None)  # a new process: read again
         stamps.add((name, _cache.source_stamp(kernels, str(pkg)) == before))
         p.write_text(text)
-    assert stamps == {("_spec.py", False), ("_scalar.py", False), ("cpu/_math.py", False), ("demo.py", True)}
+    assert stamps == {("_spec.py", False), ("_formulas/mixture.py", False), ("cpu/_math.py", False),
+                      ("demo.py", True)}
     _cache._graphs.pop(os.path.realpath(pkg), None)
 
 

@@ -149,7 +149,8 @@ def test_the_table_is_what_resolve_returns():
     kinds = [fd.DistilLoss.kl_divergence, fd.DistilLoss.reverse_kl, lambda tau: fd.DistilLoss.jsd(0.5, tau),
              lambda tau: fd.DistilLoss.jsd(0.0, tau), lambda tau: fd.DistilLoss.jsd(1.0, tau),
              lambda tau: fd.DistilLoss.skew_kl(0.1, tau), lambda tau: fd.DistilLoss.skew_reverse_kl(0.1, tau),
-             fd.DistilLoss.tvd, lambda tau: fd.DistilLoss.mse(), lambda tau: fd.DistilLoss.cosine(),
+             fd.DistilLoss.tvd, lambda tau: fd.DistilLoss.alpha_divergence(0.3, tau), lambda tau: fd.DistilLoss.mse(),
+             lambda tau: fd.DistilLoss.cosine(),
              lambda tau: fd.DistilLoss.combined(0.5, 0.5, tau)]
     for make, tau, hard_w, soft_w, labels, dtype in itertools.product(
             kinds, [0.5, 1.0, 2.0, 3.0, 4.0, 32.0, 33.0, 1e4], [0.0, 0.5], [0.0, 1.0], [False, True],
